@@ -1,0 +1,478 @@
+"""StreamingKVCache: a preallocated ring-buffer KV cache on any torch device, with attention
+sinks, grouped-query attention and float32/float16/bfloat16/int8/float8_e4m3fn storage.
+
+    from kvcore import StreamingKVCache
+    cache = StreamingKVCache(num_layers=32, max_positions=16384, num_heads=32, head_dim=128,
+                             dtype="float16", device="cuda:0", sink_positions=4)
+    for layer in range(32):
+        cache.append(layer, key, value)      # [num_kv_heads, head_dim] each
+        out = cache.attend(layer, query)     # [num_heads, head_dim]
+
+Layout (the contract other kvcore code relies on):
+- `k_store`, `v_store`: [num_layers, max_positions, num_kv_heads, head_dim] of the storage
+  dtype, preallocated and written in place. They are the two halves of one allocation
+  [2, L, P, Hkv, D], so a position's K and V of many layers go in with one copy.
+- `k_scale`, `v_scale`: float32 [num_layers, max_positions, num_kv_heads] for int8/float8
+  (dequantized = store.to(float32) * scale[..., None], see kvcore/storage.py), else None;
+  also halves of one allocation.
+- Absolute position p lives in slot `kvcore.slots.slot_of(p)`; a layer holding c positions
+  occupies slots [0, min(c, P)). `attend` reads that prefix in place; `get_range`/`get_valid`
+  return positions in the order they were written: sinks first, then the ring from its head.
+
+Key decisions:
+- `append(layer, ...)` is cheap (a few attribute checks): it only records the key/value
+  references of the position in progress. They are written in one batch (one stack and one
+  indexed copy for K and V together, quantized in the same batch) when the last layer arrives,
+  or earlier when a read of a layer that has a pending write needs them. So `append` keeps
+  references to the tensors it is given until the position is written: callers must not
+  modify them in place before the position is complete (or that layer is read).
+- Positions in progress: each layer has its own count. After layers 0..k of position p are
+  appended, those layers hold p (their window has slid by one, so the token attends to itself
+  as a decode step needs) and layers k+1.. do not. `len(cache)`, `total_appended` and
+  `positions()` count complete positions only; `attend`, `get_valid`, `get_range` and
+  `positions(layer)` use that layer's own window.
+- No torch.cat, reallocation or rolling on the write path. `extend` writes only the positions
+  that survive (at most three copies per K/V: free sinks, then the ring split where it wraps).
+- Every caller mistake raises ValueError naming expected and received values, before any
+  state changes, so a failed call leaves the cache as it was.
+
+Run the tests: `python -m pytest tests/kvcore -q` (GPU machine: `python -m pytest tests/kvcore -m gpu`).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+
+import torch
+
+from kvcore import attention
+from kvcore.slots import check_geometry, ordered_runs, slot_of, window_ranges, write_runs
+from kvcore.storage import (
+    FLOAT_DTYPES,
+    STORAGE_DTYPES,
+    dequantize,
+    is_quantized,
+    parse_dtype,
+    quantize,
+)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def select_decode_attention(device: torch.device) -> Callable[..., torch.Tensor]:
+    """The single dispatch point of `attend`: the Triton kernel on CUDA when it imports, else
+    the torch reference path. Both share the signature of `kvcore.attention.decode_attention`."""
+    if device.type == "cuda":
+        try:
+            from kvcore.triton_decode import decode_attention
+        except ImportError:
+            pass
+        else:
+            return decode_attention
+    return attention.decode_attention
+
+
+class StreamingKVCache:
+    """A streaming KV cache of `max_positions` slots per layer; see the module docstring.
+
+    Args:
+        num_layers, max_positions, num_heads, head_dim: positive ints.
+        num_kv_heads: KV heads (GQA/MQA); defaults to num_heads; must divide num_heads.
+        dtype: storage, one of float32, float16, bfloat16, int8, float8_e4m3fn.
+        device: any torch device string, e.g. "cpu", "cuda:0".
+        sink_positions: the first positions ever appended, kept forever (0 <= s < max_positions).
+        out_dtype: float32, float16 or bfloat16: what reads and `attend` return for quantized
+            storage, and the dtype keys, values and queries must have then. Ignored for float
+            storage, where everything is the storage dtype (`cache.out_dtype` says which).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        max_positions: int,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        sink_positions: int = 0,
+        out_dtype: str = "float16",
+    ) -> None:
+        self.num_layers = _positive_int("num_layers", num_layers)
+        self.max_positions = _positive_int("max_positions", max_positions)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        self.head_dim = _positive_int("head_dim", head_dim)
+        self.num_kv_heads = (
+            self.num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+        )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads} and "
+                f"num_kv_heads={num_kv_heads}; pick num_kv_heads among the divisors of num_heads"
+            )
+        if isinstance(sink_positions, bool) or not isinstance(sink_positions, int):
+            raise ValueError(f"sink_positions must be an int, got {sink_positions!r}")
+        check_geometry(self.max_positions, sink_positions)
+        self.sink_positions = sink_positions
+        self.dtype = parse_dtype(dtype, STORAGE_DTYPES, "dtype")
+        out = parse_dtype(out_dtype, FLOAT_DTYPES, "out_dtype")
+        self.quantized = is_quantized(self.dtype)
+        # The dtype reads and attend return, which is also what appends and queries must have.
+        self.out_dtype = out if self.quantized else self.dtype
+        try:
+            requested = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}"
+            ) from error
+
+        L, P, H, D = self.num_layers, self.max_positions, self.num_kv_heads, self.head_dim
+        self._kv = torch.empty((2, L, P, H, D), dtype=self.dtype, device=requested)
+        self.k_store, self.v_store = self._kv.unbind(0)  # [L, P, Hkv, D] each
+        self._kv_scale: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        if self.quantized:
+            self._kv_scale = torch.empty((2, L, P, H), dtype=torch.float32, device=requested)
+            self.k_scale, self.v_scale = self._kv_scale.unbind(0)  # [L, P, Hkv] each
+        self.device = self._kv.device  # resolved: "cuda" becomes "cuda:0"
+        self.sm_scale = 1.0 / math.sqrt(self.head_dim)
+
+        self._kv_shape = torch.Size((H, D))
+        self._flat_shape = torch.Size((H * D,))
+        self._query_shape = torch.Size((self.num_heads, D))
+        self._decode_attention: Callable[..., torch.Tensor] | None = None
+        self._total = 0  # complete positions ever appended
+        self._pending = 0  # layers already given the position in progress
+        self._written = 0  # of those, layers already written to storage
+        self._pending_k: list[torch.Tensor | None] = [None] * L
+        self._pending_v: list[torch.Tensor | None] = [None] * L
+
+    # ------------------------------------------------------------------ size and bookkeeping
+
+    def __len__(self) -> int:
+        """Valid complete positions: min(total_appended, max_positions)."""
+        return min(self._total, self.max_positions)
+
+    @property
+    def total_appended(self) -> int:
+        """Complete positions ever appended (all layers given), including those slid out."""
+        return self._total
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamingKVCache(num_layers={self.num_layers}, max_positions={self.max_positions}, "
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"num_kv_heads={self.num_kv_heads}, dtype={str(self.dtype)[6:]!r}, "
+            f"device={str(self.device)!r}, sink_positions={self.sink_positions}, "
+            f"out_dtype={str(self.out_dtype)[6:]!r}; {len(self)} valid)"
+        )
+
+    def memory_bytes(self) -> int:
+        """Exact bytes of the device storage the cache holds: K/V stores and their scales."""
+        scales = 0 if self._kv_scale is None else self._kv_scale.nbytes
+        return self._kv.nbytes + scales
+
+    def clear(self) -> None:
+        """Forget every position (including one in progress); keep the memory."""
+        self._total = self._pending = self._written = 0
+        self._pending_k = [None] * self.num_layers
+        self._pending_v = [None] * self.num_layers
+
+    def positions(self, layer: int | None = None) -> torch.Tensor:
+        """Absolute positions of get_valid's rows, oldest first, as a CPU LongTensor.
+
+        Without `layer`: the complete positions (len(cache) of them). With `layer`: that layer's
+        own window, which includes the position in progress once the layer has been given it.
+        """
+        count = self._total if layer is None else self._layer_count(self._check_layer(layer))
+        ranges = window_ranges(count, self.max_positions, self.sink_positions)
+        if not ranges:
+            return torch.empty(0, dtype=torch.long)
+        return torch.cat([torch.arange(a, b, dtype=torch.long) for a, b in ranges])
+
+    @property
+    def attention_backend(self) -> str:
+        """"triton" or "torch": which implementation `attend` dispatches to on this device."""
+        fn = self._attention_fn()
+        return "torch" if fn is attention.decode_attention else "triton"
+
+    # ------------------------------------------------------------------ writes
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Append one position of one layer. key/value: [num_kv_heads, head_dim] or a flat
+        [num_kv_heads * head_dim], of dtype `out_dtype`, on the cache's device.
+
+        Layers go 0..num_layers-1 for each position; the position is complete (counted in
+        len/total_appended) after the last layer. Keeps references to key and value until the
+        position is written: do not modify them in place before then.
+        """
+        kv_shape, dtype, device = self._kv_shape, self.out_dtype, self.device
+        try:
+            ok = (
+                layer == self._pending
+                and type(layer) is int
+                and key.shape == kv_shape
+                and value.shape == kv_shape
+                and key.dtype is dtype
+                and value.dtype is dtype
+                and key.device == device
+                and value.device == device
+            )
+        except AttributeError:
+            ok = False
+        if not ok:  # slow path: reshape a flat vector, or raise a precise ValueError
+            layer = self._check_next_layer(layer)
+            key = self._check_kv(key, "key")
+            value = self._check_kv(value, "value")
+        self._pending_k[layer] = key
+        self._pending_v[layer] = value
+        if layer + 1 == self.num_layers:
+            self._write_pending(self.num_layers)
+            self._total += 1
+            self._pending = self._written = 0
+        else:
+            self._pending = layer + 1
+
+    def append_all(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append one position in every layer: keys/values [num_layers, num_kv_heads, head_dim].
+
+        One copy for K and one for V (plus scales for 8-bit storage).
+        """
+        self._check_no_pending("append_all")
+        shape = (self.num_layers, self.num_kv_heads, self.head_dim)
+        self._check_tensor(keys, "keys", shape)
+        self._check_tensor(values, "values", shape)
+        slot = slot_of(self._total, self.max_positions, self.sink_positions)
+        with torch.no_grad():
+            self._store(0, slice(None), slot, keys)
+            self._store(1, slice(None), slot, values)
+        self._total += 1
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Bulk prefill of T positions: keys/values [num_layers, T, num_kv_heads, head_dim].
+
+        T may exceed capacity: only the positions that survive are written, and the result
+        equals T single appends (sinks included). At most two copies per K/V where the ring
+        wraps (three when the same call also fills the last free sinks).
+        """
+        self._check_no_pending("extend")
+        self._check_tensor(keys, "keys", None)
+        self._check_tensor(values, "values", tuple(keys.shape))
+        runs = write_runs(self._total, keys.shape[1], self.max_positions, self.sink_positions)
+        with torch.no_grad():
+            for offset, slot, n in runs:
+                self._store(0, slice(None), slice(slot, slot + n), keys[:, offset : offset + n])
+                self._store(1, slice(None), slice(slot, slot + n), values[:, offset : offset + n])
+        self._total += keys.shape[1]
+
+    def _store(self, half: int, layers: slice, slots: int | slice, src: torch.Tensor) -> None:
+        """Write src into K (half 0) or V (half 1) at [layers, slots], quantizing if needed."""
+        if self._kv_scale is None:
+            self._kv[half, layers, slots].copy_(src)
+        else:
+            q, scale = quantize(src, self.dtype)
+            self._kv[half, layers, slots].copy_(q)
+            self._kv_scale[half, layers, slots].copy_(scale)
+
+    def _write_pending(self, upto: int) -> None:
+        """Write layers [_written, upto) of the position in progress in one batch."""
+        lo = self._written
+        if lo >= upto:
+            return
+        slot = slot_of(self._total, self.max_positions, self.sink_positions)
+        n = upto - lo
+        with torch.no_grad():
+            kv = torch.stack(self._pending_k[lo:upto] + self._pending_v[lo:upto])  # [2n, Hkv, D]
+            kv = kv.view(2, n, self.num_kv_heads, self.head_dim)
+            if self._kv_scale is None:
+                self._kv[:, lo:upto, slot].copy_(kv)
+            else:
+                q, scale = quantize(kv, self.dtype)
+                self._kv[:, lo:upto, slot].copy_(q)
+                self._kv_scale[:, lo:upto, slot].copy_(scale)
+        self._pending_k[lo:upto] = [None] * n
+        self._pending_v[lo:upto] = [None] * n
+        self._written = upto
+
+    # ------------------------------------------------------------------ reads
+
+    def get_range(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of logical positions [start, end) of the layer's valid window,
+        oldest first (index 0 is the oldest sink): each [end - start, num_kv_heads, head_dim].
+
+        Float storage: views into the cache when the range is contiguous in slot order (no
+        wrap inside it), else a copy; views change when the cache is written. 8-bit storage:
+        always a dequantized copy in out_dtype.
+        """
+        layer = self._check_layer(layer)
+        count = self._layer_count(layer)
+        valid = min(count, self.max_positions)
+        for name, v in (("start", start), ("end", end)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an int, got {v!r}")
+        if start > end:
+            raise ValueError(f"start must be <= end, got start={start} > end={end}")
+        if start < 0 or end > valid:
+            raise ValueError(
+                f"range [{start}, {end}) is outside the valid window [0, {valid}) of layer "
+                f"{layer}; use 0 <= start <= end <= {valid}"
+            )
+        self._flush_for(layer)
+        runs = ordered_runs(count, self.max_positions, self.sink_positions, start, end)
+        k = self._gather(self.k_store[layer], runs, start)
+        v = self._gather(self.v_store[layer], runs, start)
+        if self._kv_scale is None:
+            return k, v
+        k_scale = self._gather(self.k_scale[layer], runs, start)
+        v_scale = self._gather(self.v_scale[layer], runs, start)
+        return dequantize(k, k_scale, self.out_dtype), dequantize(v, v_scale, self.out_dtype)
+
+    def get_valid(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every valid position of the layer, oldest first (sinks first): see get_range.
+
+        Views while the window is contiguous in slot order (before the first wrap, or when the
+        ring head sits at the first ring slot), else a copy; 8-bit storage: dequantized copy.
+        """
+        layer = self._check_layer(layer)
+        return self.get_range(layer, 0, min(self._layer_count(layer), self.max_positions))
+
+    @staticmethod
+    def _gather(store: torch.Tensor, runs: list[tuple[int, int]], start: int) -> torch.Tensor:
+        """Rows of `store` [P, ...] along the slot runs: a view for one run, else a copy."""
+        if len(runs) == 1:
+            a, b = runs[0]
+            return store[a:b]
+        if not runs:
+            return store[start:start]
+        return torch.cat([store[a:b] for a, b in runs])
+
+    def attend(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """Decode attention of one query [num_heads, head_dim] over every valid position of
+        the layer: softmax(q k^T / sqrt(head_dim)) v, query head h using KV head
+        h // (num_heads // num_kv_heads). Returns [num_heads, head_dim] of out_dtype.
+
+        Reads the valid slot prefix in place, never an ordered copy. On CUDA it runs the
+        Triton kernel of kvcore.triton_decode when that imports, else the torch path.
+        """
+        layer = self._check_layer(layer)
+        self._check_tensor(query, "query", tuple(self._query_shape))
+        count = self._layer_count(layer)
+        if count == 0:
+            raise ValueError(
+                f"layer {layer} holds no positions; append to it before attend"
+            )
+        self._flush_for(layer)
+        scales = (None, None) if self._kv_scale is None else (self.k_scale[layer], self.v_scale[layer])
+        return self._attention_fn()(
+            query,
+            self.k_store[layer],
+            self.v_store[layer],
+            scales[0],
+            scales[1],
+            min(count, self.max_positions),
+            self.sm_scale,
+            self.out_dtype,
+        )
+
+    def _attention_fn(self) -> Callable[..., torch.Tensor]:
+        if self._decode_attention is None:
+            self._decode_attention = select_decode_attention(self.device)
+        return self._decode_attention
+
+    # ------------------------------------------------------------------ per-layer counts
+
+    def _layer_count(self, layer: int) -> int:
+        """Positions the layer has been given (pure: no write)."""
+        return self._total + 1 if layer < self._pending else self._total
+
+    def _flush_for(self, layer: int) -> None:
+        """Write pending layers if `layer` is one of them and not yet written."""
+        if self._written <= layer < self._pending:
+            self._write_pending(self._pending)
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_layer(self, layer: object) -> int:
+        try:
+            index = operator.index(layer)
+        except TypeError:
+            index = None
+        if isinstance(layer, bool) or index is None or not 0 <= index < self.num_layers:
+            raise ValueError(
+                f"layer must be an int in [0, {self.num_layers}), got {layer!r}"
+            )
+        return index
+
+    def _check_next_layer(self, layer: object) -> int:
+        index = self._check_layer(layer)
+        if index != self._pending:
+            raise ValueError(
+                f"layers must be appended in order 0..{self.num_layers - 1} for each position: "
+                f"expected layer {self._pending}, got {index}"
+                + (
+                    f" (position {self._total} is in progress)"
+                    if self._pending
+                    else f" (position {self._total} starts at layer 0)"
+                )
+            )
+        return index
+
+    def _check_no_pending(self, what: str) -> None:
+        if self._pending:
+            raise ValueError(
+                f"{what} needs a complete position, but position {self._total} is in progress "
+                f"(layers 0..{self._pending - 1} appended); append layers "
+                f"{self._pending}..{self.num_layers - 1} first"
+            )
+
+    def _check_tensor(self, x: object, name: str, shape: tuple[int, ...] | None) -> None:
+        """Raise ValueError unless x is a tensor of out_dtype on the cache's device, of `shape`
+        (None: [num_layers, T, num_kv_heads, head_dim] for any T)."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if shape is None:
+            L, H, D = self.num_layers, self.num_kv_heads, self.head_dim
+            got = tuple(x.shape)
+            if len(got) != 4 or (got[0], got[2], got[3]) != (L, H, D):
+                raise ValueError(
+                    f"{name} must have shape [num_layers={L}, T, num_kv_heads={H}, "
+                    f"head_dim={D}], got {list(got)}"
+                )
+        elif tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
+        self._check_dtype_device(x, name)
+
+    def _check_dtype_device(self, x: torch.Tensor, name: str) -> None:
+        if x.dtype != self.out_dtype:
+            raise ValueError(
+                f"{name} must have dtype {self.out_dtype} (the cache's "
+                + ("out_dtype" if self.quantized else "storage dtype")
+                + f"), got {x.dtype}; convert with .to({self.out_dtype})"
+            )
+        if x.device != self.device:
+            raise ValueError(
+                f"{name} must be on device {self.device}, got {x.device}; move it with "
+                f".to('{self.device}')"
+            )
+
+    def _check_kv(self, x: object, name: str) -> torch.Tensor:
+        """Validate one appended key/value; return it as [num_kv_heads, head_dim]."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.shape == self._flat_shape:
+            x = x.view(self._kv_shape)
+        elif x.shape != self._kv_shape:
+            raise ValueError(
+                f"{name} must have shape [num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}] or [{self.num_kv_heads * self.head_dim}], "
+                f"got {list(x.shape)}"
+            )
+        self._check_dtype_device(x, name)
+        return x

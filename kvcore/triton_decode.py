@@ -1,0 +1,663 @@
+"""Flash-decoding attention over one layer of the KV cache, as Triton kernels.
+
+Run on a CUDA machine to check the kernel against float64 and time it at the M10 shape:
+    python -m kvcore.triton_decode            # check + timing table (< 60 s on an H100)
+    python -m kvcore.triton_decode --sweep    # also time block sizes, warps, stages, splits
+
+`decode_attention(query, k_layer, v_layer, k_scale, v_scale, n_valid)` computes, for one
+decode step, softmax(q k^T * sm_scale) v over the valid prefix [0, n_valid) of one layer of
+the cache store (layout in kvcore/cache.py: [max_positions, num_kv_heads, head_dim] per layer,
+float32, float16, bfloat16, int8 or float8_e4m3fn, with float32 [max_positions, num_kv_heads]
+scales for the quantized ones). Query head h attends with KV head h // (H / Hkv).
+
+Key decisions:
+- Flash-decoding: the grid is (KV heads, splits). Each program reads one contiguous chunk of
+  slots of one KV head, once, for all the query heads of its group, dequantizes int8/float8
+  in registers (the per-(slot, head) scale multiplies the score and the softmax weight, a
+  vector, instead of the tile), runs the online softmax in float32 and writes a partial
+  (output / sum, log2-sum-exp). A second small kernel merges the splits of each query head.
+- The split count is picked on the host so that KV heads x splits fills the GPU several
+  times over (`_WAVES` x SM count), with at least `_MIN_TILES` tiles per split.
+- Two inner loops, chosen by the group size G = H / Hkv:
+  * G == 1 (MHA, the M10 shape): elementwise products, and each of the BLOCK_N rows of a
+    tile keeps its own running max / sum / accumulator, so the loop has no reduction across
+    rows (no shared-memory round trip per tile); the rows are merged once at the end.
+    Exact float32 arithmetic.
+  * G > 1 (GQA, MQA): tl.dot with the group padded to 16 rows (masked). The tensor cores
+    make the padding free. K and V go in their own 16-bit type (int8 and float8 convert to
+    float16 exactly, bfloat16 stays bfloat16), and the float32 operands (query, softmax
+    weights) are split into a high and a low 16-bit part, two products each, so the result
+    keeps about 16 to 22 bits instead of a 16-bit operand's 8 to 11. float32 storage uses
+    input_precision="ieee" (no tf32).
+- `n_valid` may be a Python int or a 0-d int32/int64 tensor on the device, read inside the
+  kernel (clamped to [0, max_positions]), so a CUDA graph can capture a decode step while the
+  position count lives on the GPU. With a tensor the split count follows max_positions, and a
+  count of 0 gives zeros. An int must be in [1, max_positions].
+- Triton is imported lazily (kvcore imports only torch); `available(device)` says whether
+  this path can run. With TRITON_INTERPRET=1 the kernels also run on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from functools import cache
+from typing import NamedTuple
+
+import torch
+
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn)
+QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
+QUERY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_WAVES = 4  # programs per SM to aim for (KV heads x splits ~ _WAVES x SM count)
+_MIN_TILES = 4  # fewest BLOCK_N tiles a split should hold
+_MAX_SPLITS = 256
+_INTERPRETER_SMS = 4  # stands in for the SM count when kernels run in Triton's interpreter
+
+
+class KernelConfig(NamedTuple):
+    """Launch parameters of the split kernel (`default_config` picks them)."""
+
+    block_n: int  # slots per tile
+    num_warps: int
+    num_stages: int
+    use_dot: bool  # tl.dot on a padded group of query heads, else elementwise per row
+    waves: int = _WAVES
+    fp32_precision: str = "ieee"  # tl.dot input_precision for float32 storage: "ieee" or "tf32x3"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails while loading
+        return False
+    return True
+
+
+def available(device: torch.device | str, storage_dtype: torch.dtype | None = None) -> bool:
+    """Whether the Triton kernel can run on `device` (CUDA, Triton importable, dtype supported).
+
+    float8_e4m3fn needs compute capability 8.9 or newer, bfloat16 needs 8.0.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available() or not _triton_importable():
+        return False
+    if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
+        return False
+    capability = torch.cuda.get_device_capability(device)
+    if storage_dtype == torch.float8_e4m3fn and capability < (8, 9):
+        return False
+    if storage_dtype == torch.bfloat16 and capability < (8, 0):
+        return False
+    return capability >= (7, 0)
+
+
+@cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(storage_dtype: torch.dtype, group: int) -> KernelConfig:
+    """Block size, warps and stages for a storage dtype and a GQA group size."""
+    if group == 1:
+        block_n = 32 if storage_dtype == torch.float32 else 64
+        return KernelConfig(block_n=block_n, num_warps=4, num_stages=3, use_dot=False)
+    if storage_dtype == torch.float32:  # the ieee dot needs 8 warps at 32 slots to stay in registers
+        return KernelConfig(block_n=32, num_warps=8, num_stages=3, use_dot=True)
+    return KernelConfig(block_n=64, num_warps=4, num_stages=3, use_dot=True)
+
+
+def choose_splits(n_max: int, num_kv_heads: int, block_n: int, num_sms: int, waves: int = _WAVES) -> int:
+    """Splits per KV head: enough programs to fill `waves` x SMs, each with >= _MIN_TILES tiles."""
+    wanted = math.ceil(waves * num_sms / num_kv_heads)
+    most = max(1, math.ceil(n_max / (block_n * _MIN_TILES)))
+    return max(1, min(wanted, most, _MAX_SPLITS))
+
+
+@cache
+def _kernels():
+    """Compile-on-demand Triton kernels; triton is imported here, never at module import."""
+    global triton, tl  # the kernels below look these names up in the module's globals
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["n_arg", "capacity", "num_splits"])
+    def decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, n_arg,
+        mid_o_ptr, mid_lse_ptr,
+        qk_scale, capacity, num_splits,
+        stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+        stride_ksn, stride_ksh, stride_vsn, stride_vsh,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+        QUANTIZED: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
+        SPLIT_OPERANDS: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        FP32_PRECISION: tl.constexpr,
+    ):
+        kv_head = tl.program_id(0)
+        split = tl.program_id(1)
+        if N_ON_DEVICE:
+            n = tl.load(n_arg).to(tl.int32)
+        else:
+            n = n_arg
+        n = tl.minimum(tl.maximum(n, 0), capacity)
+        chunk = tl.cdiv(tl.cdiv(n, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, n)  # hi <= lo: empty split, the loop does not run
+
+        d = tl.arange(0, D_PAD)
+        d_mask = d < HEAD_DIM
+        rows = tl.arange(0, BLOCK_N)
+        k_base = k_ptr + kv_head * stride_kh
+        v_base = v_ptr + kv_head * stride_vh
+        neg_inf = float("-inf")
+
+        if USE_DOT:
+            g = tl.arange(0, GROUP_PAD)
+            g_mask = g < GROUP
+            heads = kv_head * GROUP + g  # [GROUP_PAD]
+            q = tl.load(q_ptr + heads[:, None] * stride_qh + d[None, :],
+                        mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * qk_scale
+            if SPLIT_OPERANDS:
+                q_hi = q.to(OP_DTYPE)
+                q_lo = (q - q_hi.to(tl.float32)).to(OP_DTYPE)
+            m_i = tl.full([GROUP_PAD], neg_inf, tl.float32)
+            l_i = tl.zeros([GROUP_PAD], tl.float32)
+            acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+            for start in range(lo, hi, BLOCK_N):
+                offs = start + rows  # [BLOCK_N] slots
+                n_mask = offs < hi
+                tile_mask = n_mask[:, None] & d_mask[None, :]
+                k = tl.load(k_base + offs[:, None] * stride_kn + d[None, :], mask=tile_mask, other=0.0)
+                if SPLIT_OPERANDS:
+                    kt = tl.trans(k.to(OP_DTYPE).to(DOT_DTYPE))  # [D_PAD, BLOCK_N]
+                    s = tl.dot(q_hi.to(DOT_DTYPE), kt)
+                    s = tl.dot(q_lo.to(DOT_DTYPE), kt, s)  # [GROUP_PAD, BLOCK_N]
+                else:
+                    s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=FP32_PRECISION)
+                if QUANTIZED:
+                    k_scale = tl.load(ks_ptr + offs * stride_ksn + kv_head * stride_ksh, mask=n_mask, other=0.0)
+                    s = s * k_scale[None, :]
+                s = tl.where(n_mask[None, :], s, neg_inf)
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: each tile has a valid slot
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if QUANTIZED:
+                    v_scale = tl.load(vs_ptr + offs * stride_vsn + kv_head * stride_vsh, mask=n_mask, other=0.0)
+                    p = p * v_scale[None, :]
+                acc = acc * alpha[:, None]
+                v = tl.load(v_base + offs[:, None] * stride_vn + d[None, :], mask=tile_mask, other=0.0)
+                if SPLIT_OPERANDS:
+                    v_op = v.to(OP_DTYPE).to(DOT_DTYPE)
+                    p_hi = p.to(OP_DTYPE)
+                    p_lo = (p - p_hi.to(tl.float32)).to(OP_DTYPE)
+                    acc = tl.dot(p_hi.to(DOT_DTYPE), v_op, acc)
+                    acc = tl.dot(p_lo.to(DOT_DTYPE), v_op, acc)
+                else:
+                    acc = tl.dot(p, v.to(tl.float32), acc, input_precision=FP32_PRECISION)
+                m_i = m_new
+            l_use = tl.where(l_i > 0, l_i, 1.0)
+            out = acc / l_use[:, None]
+            lse = m_i + tl.log2(l_i)  # -inf for an empty split
+            part = heads * num_splits + split  # [GROUP_PAD]
+            tl.store(mid_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out,
+                     mask=g_mask[:, None] & d_mask[None, :])
+            tl.store(mid_lse_ptr + part, lse, mask=g_mask)
+        else:
+            q = tl.load(q_ptr + kv_head * stride_qh + d, mask=d_mask, other=0.0).to(tl.float32) * qk_scale
+            # BLOCK_N independent softmax streams, one per tile row: no cross-row reduction in the loop
+            m_i = tl.full([BLOCK_N], neg_inf, tl.float32)
+            l_i = tl.zeros([BLOCK_N], tl.float32)
+            acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+            for start in range(lo, hi, BLOCK_N):
+                offs = start + rows
+                n_mask = offs < hi
+                tile_mask = n_mask[:, None] & d_mask[None, :]
+                k = tl.load(k_base + offs[:, None] * stride_kn + d[None, :], mask=tile_mask, other=0.0)
+                s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_N]
+                if QUANTIZED:
+                    s = s * tl.load(ks_ptr + offs * stride_ksn + kv_head * stride_ksh, mask=n_mask, other=0.0)
+                s = tl.where(n_mask, s, neg_inf)
+                m_new = tl.maximum(m_i, s)
+                m_use = tl.where(m_new == neg_inf, 0.0, m_new)  # a row with no valid slot yet
+                alpha = tl.exp2(m_i - m_use)
+                p = tl.exp2(s - m_use)
+                l_i = l_i * alpha + p
+                if QUANTIZED:
+                    p = p * tl.load(vs_ptr + offs * stride_vsn + kv_head * stride_vsh, mask=n_mask, other=0.0)
+                v = tl.load(v_base + offs[:, None] * stride_vn + d[None, :], mask=tile_mask, other=0.0)
+                acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+                m_i = m_new
+            m_max = tl.max(m_i, axis=0)
+            m_use = tl.where(m_max == neg_inf, 0.0, m_max)
+            w = tl.exp2(m_i - m_use)
+            l_sum = tl.sum(l_i * w, axis=0)
+            out = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0, l_sum, 1.0)  # [D_PAD]
+            lse = m_use + tl.log2(l_sum)
+            part = kv_head * num_splits + split
+            tl.store(mid_o_ptr + part * HEAD_DIM + d, out, mask=d_mask)
+            tl.store(mid_lse_ptr + part, lse)
+
+    @triton.jit(do_not_specialize=["num_splits"])
+    def decode_merge_kernel(
+        mid_o_ptr, mid_lse_ptr, out_ptr, stride_oh, num_splits,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    ):
+        head = tl.program_id(0)
+        sp = tl.arange(0, SPLITS_PAD)
+        s_mask = sp < num_splits
+        d = tl.arange(0, D_PAD)
+        d_mask = d < HEAD_DIM
+        lse = tl.load(mid_lse_ptr + head * num_splits + sp, mask=s_mask, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty splits
+        parts = tl.load(mid_o_ptr + (head * num_splits + sp)[:, None] * HEAD_DIM + d[None, :],
+                        mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        total = tl.sum(w, axis=0)
+        out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+    return decode_split_kernel, decode_merge_kernel
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _check_inputs(query, k_layer, v_layer, k_scale, v_scale, n_valid, out_dtype) -> None:
+    """Raise ValueError naming expected and received values for a caller's mistake."""
+    if query.dim() != 2:
+        raise ValueError(f"query must be [num_heads, head_dim], got shape {tuple(query.shape)}; "
+                         "pass one decode step's query without batch or sequence dims")
+    if query.dtype not in QUERY_DTYPES:
+        raise ValueError(f"query dtype must be one of {QUERY_DTYPES}, got {query.dtype}")
+    if out_dtype is not None and out_dtype not in QUERY_DTYPES:
+        raise ValueError(f"out_dtype must be one of {QUERY_DTYPES} or None, got {out_dtype}")
+    if k_layer.dim() != 3 or k_layer.shape != v_layer.shape:
+        raise ValueError("k_layer and v_layer must both be [max_positions, num_kv_heads, head_dim], "
+                         f"got {tuple(k_layer.shape)} and {tuple(v_layer.shape)}; pass k_store[layer], v_store[layer]")
+    if k_layer.dtype != v_layer.dtype or k_layer.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"k/v storage dtype must be one of {STORAGE_DTYPES} and equal, "
+                         f"got {k_layer.dtype} and {v_layer.dtype}")
+    capacity, num_kv_heads, head_dim = k_layer.shape
+    num_heads = query.shape[0]
+    if query.shape[1] != head_dim:
+        raise ValueError(f"query head_dim must equal the cache's {head_dim}, got {query.shape[1]}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if k_layer.stride(-1) != 1 or v_layer.stride(-1) != 1:
+        raise ValueError("k_layer / v_layer must have a contiguous last (head_dim) axis, got strides "
+                         f"{k_layer.stride()} and {v_layer.stride()}; pass slices of a contiguous store")
+    if capacity * k_layer.stride(0) >= 2**31 or capacity * v_layer.stride(0) >= 2**31:
+        raise ValueError(f"one layer must hold fewer than 2**31 elements, got {capacity} x {k_layer.stride(0)}")
+    quantized = k_layer.dtype in QUANTIZED_DTYPES
+    if quantized:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is None or scale.dtype != torch.float32 or tuple(scale.shape) != (capacity, num_kv_heads):
+                got = None if scale is None else (scale.dtype, tuple(scale.shape))
+                raise ValueError(f"{name} must be float32 [{capacity}, {num_kv_heads}] for {k_layer.dtype} "
+                                 f"storage, got {got}; pass k_scale[layer], v_scale[layer]")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"k_scale / v_scale must be None for {k_layer.dtype} storage, got tensors")
+    tensors = [query, k_layer, v_layer] + ([k_scale, v_scale] if quantized else [])
+    if isinstance(n_valid, torch.Tensor):
+        if n_valid.dim() != 0 or n_valid.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"n_valid tensor must be 0-d int32/int64, got {n_valid.dtype} {tuple(n_valid.shape)}")
+        tensors.append(n_valid)
+    elif isinstance(n_valid, bool) or not isinstance(n_valid, int) or not 1 <= n_valid <= capacity:
+        raise ValueError(f"n_valid must be an int in [1, {capacity}] (max_positions) or a 0-d device tensor, "
+                         f"got {n_valid!r}")
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton kernel needs CUDA tensors, got {device}; use kvcore.attention on CPU "
+                         "(or set TRITON_INTERPRET=1 before importing triton to run it in the interpreter)")
+
+
+def decode_attention(
+    query: torch.Tensor,
+    k_layer: torch.Tensor,
+    v_layer: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    n_valid: int | torch.Tensor,
+    sm_scale: float | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    num_splits: int | None = None,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one query step over slots [0, n_valid) of one cache layer -> [num_heads, head_dim].
+
+    query [H, D]; k_layer, v_layer [P, Hkv, D] (storage dtype); k_scale, v_scale [P, Hkv] float32
+    for int8/float8 storage, else None; n_valid an int or a 0-d int32/int64 device tensor.
+    `num_splits` and `config` override the automatic launch choices (tuning and tests); `out`
+    [H, D] receives the result in place (a static buffer for CUDA graphs), else a new tensor.
+    """
+    _check_inputs(query, k_layer, v_layer, k_scale, v_scale, n_valid, out_dtype)
+    if out is not None and (tuple(out.shape) != tuple(query.shape) or out.device != query.device
+                            or out.dtype not in QUERY_DTYPES or out_dtype not in (None, out.dtype)):
+        raise ValueError(f"out must be a {QUERY_DTYPES} tensor of shape {tuple(query.shape)} on {query.device}"
+                         f" matching out_dtype={out_dtype}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    split_kernel, merge_kernel = _kernels()
+    capacity, num_kv_heads, head_dim = k_layer.shape
+    num_heads = query.shape[0]
+    group = num_heads // num_kv_heads
+    storage = k_layer.dtype
+    cfg = config or default_config(storage, group)
+    use_dot = cfg.use_dot
+    d_pad = _next_pow2(head_dim)
+    if use_dot:  # tl.dot needs every dimension >= 16
+        d_pad = max(d_pad, 16)
+        if cfg.block_n < 16:
+            raise ValueError(f"config.block_n must be >= 16 with use_dot, got {cfg.block_n}")
+    elif group != 1:
+        raise ValueError(f"config.use_dot=False needs num_heads == num_kv_heads, got {num_heads} and {num_kv_heads}")
+    on_device = isinstance(n_valid, torch.Tensor)
+    n_max = capacity if on_device else n_valid
+    if num_splits is None:
+        num_splits = choose_splits(n_max, num_kv_heads, cfg.block_n, _num_sms(query.device), cfg.waves)
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
+
+    quantized = storage in QUANTIZED_DTYPES
+    triton_language = sys.modules["triton.language"]
+    op_dtype = triton_language.bfloat16 if storage == torch.bfloat16 else triton_language.float16
+    # The interpreter multiplies bfloat16 blocks as raw integers: give its dots float32 operands
+    # (every bfloat16 x bfloat16 product is exact in float32, like on the tensor cores).
+    dot_dtype = triton_language.float32 if (_interpreting() and storage == torch.bfloat16) else op_dtype
+    scale = (1.0 / math.sqrt(head_dim)) if sm_scale is None else float(sm_scale)
+
+    device = query.device
+    mid_o = torch.empty((num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+    mid_lse = torch.empty((num_heads, num_splits), dtype=torch.float32, device=device)
+    if out is None:
+        out = torch.empty((num_heads, head_dim), dtype=out_dtype or query.dtype, device=device)
+    ks, vs = (k_scale, v_scale) if quantized else (mid_lse, mid_lse)  # placeholders, never read
+    split_kernel[(num_kv_heads, num_splits)](
+        query, k_layer, v_layer, ks, vs, n_valid,
+        mid_o, mid_lse,
+        scale * math.log2(math.e), capacity, num_splits,
+        query.stride(0), k_layer.stride(0), k_layer.stride(1), v_layer.stride(0), v_layer.stride(1),
+        ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1),
+        GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=cfg.block_n,
+        QUANTIZED=quantized, N_ON_DEVICE=on_device, USE_DOT=use_dot,
+        SPLIT_OPERANDS=storage != torch.float32, OP_DTYPE=op_dtype, DOT_DTYPE=dot_dtype,
+        FP32_PRECISION=cfg.fp32_precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    merge_kernel[(num_heads,)](
+        mid_o, mid_lse, out, out.stride(0), num_splits,
+        HEAD_DIM=head_dim, D_PAD=_next_pow2(head_dim), SPLITS_PAD=_next_pow2(num_splits),
+        num_warps=4 if num_splits * head_dim >= 4096 else 1,
+    )
+    return out
+
+
+def reference_decode(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale=None) -> torch.Tensor:
+    """float64 attention over the dequantized slots [0, n_valid) -> [num_heads, head_dim] float64."""
+    n = int(n_valid)
+    k = k_layer[:n].to(torch.float64)  # [n, Hkv, D]
+    v = v_layer[:n].to(torch.float64)
+    if k_scale is not None:
+        k = k * k_scale[:n, :, None].to(torch.float64)
+        v = v * v_scale[:n, :, None].to(torch.float64)
+    group = query.shape[0] // k_layer.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # [n, H, D]
+    v = v.repeat_interleave(group, dim=1)
+    scale = (1.0 / math.sqrt(query.shape[1])) if sm_scale is None else sm_scale
+    scores = torch.einsum("hd,nhd->hn", query.to(torch.float64), k) * scale
+    return torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), v)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
+    diff = out.to(torch.float64) - ref.to(torch.float64)
+    err = (diff.norm() / ref.to(torch.float64).norm()).item()
+    return err if math.isfinite(err) else math.inf
+
+
+TOLERANCE = {  # relative error bound against the float64 reference on the dequantized values
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 2e-3,
+    torch.int8: 1e-3,
+    torch.float8_e4m3fn: 1e-3,
+}
+
+
+def random_layer(num_layers, capacity, num_kv_heads, head_dim, storage, device, generator=None):
+    """Random store [L, P, Hkv, D] for K and V (+ float32 scales [L, P, Hkv] when quantized), never zeros."""
+    shape = (num_layers, capacity, num_kv_heads, head_dim)
+
+    def one():
+        if storage == torch.int8:
+            data = torch.randint(-127, 128, shape, device=device, dtype=torch.int8, generator=generator)
+        else:
+            data = torch.randn(shape, device=device, generator=generator).to(storage)
+        if storage not in QUANTIZED_DTYPES:
+            return data, None
+        scale = torch.rand(shape[:3], device=device, generator=generator) + 0.5  # [L, P, Hkv]
+        return data, scale / (127.0 if storage == torch.int8 else 448.0 / 4)
+
+    (k, k_scale), (v, v_scale) = one(), one()
+    return k, v, k_scale, v_scale
+
+
+# ---------------------------------------------------------------------------- GPU entry point
+
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
+_TARGET_TOK_S = {torch.float32: 157, torch.float16: 314, torch.bfloat16: 314, torch.int8: 560,
+                 torch.float8_e4m3fn: 560}
+
+
+def _median_ms(run, reps: int, calls_per_rep: int) -> tuple[float, float]:
+    """Median and spread (max - min) in ms per call of `run()` (which makes `calls_per_rep` calls)."""
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls_per_rep)
+    return statistics.median(times), max(times) - min(times)
+
+
+def measure_copy_gbs(device, num_bytes: int = 2**30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written, in GB/s."""
+    src = torch.randn(num_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms, _ = _median_ms(lambda: dst.copy_(src), reps, 1)
+    del src, dst
+    return 2 * num_bytes / (ms * 1e-3) / 1e9
+
+
+def _sdpa_runner(query, k, v, k_scale, v_scale, n, storage):
+    """Stock path on the same data: (dequantize to float16, then) torch SDPA, default backend."""
+    import torch.nn.functional as F
+
+    num_heads, head_dim = query.shape
+    gqa = num_heads != k.shape[-2]
+    compute = torch.float16 if storage in QUANTIZED_DTYPES else storage
+    q4 = query.to(compute).view(1, num_heads, 1, head_dim)
+
+    def run(layer):
+        kl, vl = k[layer, :n], v[layer, :n]  # [n, Hkv, D]
+        if storage in QUANTIZED_DTYPES:
+            kl = (kl.to(torch.float32) * k_scale[layer, :n, :, None]).to(compute)
+            vl = (vl.to(torch.float32) * v_scale[layer, :n, :, None]).to(compute)
+        return F.scaled_dot_product_attention(q4, kl.permute(1, 0, 2)[None], vl.permute(1, 0, 2)[None],
+                                              enable_gqa=gqa)
+
+    return run
+
+
+def _layers_for(bytes_per_layer: int, l2_bytes: int) -> int:
+    return max(3, math.ceil(4 * l2_bytes / bytes_per_layer))
+
+
+def bench_case(storage, num_kv_heads, *, num_heads=32, head_dim=128, positions=16384, reps=30,
+               copy_gbs, configs=None, sdpa=True, check=True):
+    """Check and time one (dtype, Hkv) case; returns one result row per config (dicts of plain values)."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(8)
+    quantized = storage in QUANTIZED_DTYPES
+    elt = torch.empty((), dtype=storage).element_size()
+    kv_bytes = 2 * positions * num_kv_heads * head_dim * elt
+    scale_bytes = 2 * positions * num_kv_heads * 4 if quantized else 0
+    bytes_read = kv_bytes + scale_bytes
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    num_layers = _layers_for(bytes_read, l2)
+    k, v, ks, vs = random_layer(num_layers, positions, num_kv_heads, head_dim, storage, device, gen)
+    query_dtype = storage if storage in QUERY_DTYPES else torch.float16
+    query = torch.randn(num_heads, head_dim, device=device, generator=gen).to(query_dtype)
+
+    def args(layer):
+        return (query, k[layer], v[layer], None if ks is None else ks[layer], None if vs is None else vs[layer])
+
+    err = None
+    if check:  # float32 output: the kernel's own arithmetic against float64
+        out = decode_attention(*args(0), positions, out_dtype=torch.float32)
+        err = relative_error(out, reference_decode(*args(0), positions))
+    n_dev = torch.tensor(positions, device=device, dtype=torch.int32)
+    sdpa_ms = None
+    if sdpa:
+        run_sdpa = _sdpa_runner(query, k, v, ks, vs, positions, storage)
+        sdpa_ms, _ = _median_ms(lambda: [run_sdpa(layer) for layer in range(num_layers)], reps, num_layers)
+    rows = []
+    for cfg, splits in configs or [(None, None)]:
+        cfg = cfg or default_config(storage, num_heads // num_kv_heads)
+        if splits is None:
+            splits = choose_splits(positions, num_kv_heads, cfg.block_n, _num_sms(device), cfg.waves)
+
+        def eager():
+            for layer in range(num_layers):
+                decode_attention(*args(layer), positions, num_splits=splits, config=cfg)
+
+        try:
+            eager_ms, _ = _median_ms(eager, reps, num_layers)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for layer in range(num_layers):
+                    decode_attention(*args(layer), n_dev, num_splits=splits, config=cfg)
+            graph_ms, spread = _median_ms(graph.replay, reps, num_layers)
+        except Exception as exc:  # a config that does not compile (e.g. out of shared memory)
+            rows.append({"dtype": str(storage).removeprefix("torch."), "hkv": num_kv_heads, "config": cfg._asdict(),
+                         "splits": splits, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        gbs = bytes_read / (graph_ms * 1e-3) / 1e9
+        tok_s = 1e3 / (32 * graph_ms)
+        rows.append({
+            "dtype": str(storage).removeprefix("torch."), "hkv": num_kv_heads, "heads": num_heads,
+            "head_dim": head_dim, "positions": positions, "rel_err": err, "tolerance": TOLERANCE[storage],
+            "ok": None if err is None else err <= TOLERANCE[storage],
+            "kernel_ms": graph_ms, "kernel_spread_ms": spread, "eager_ms": eager_ms,
+            "tok_s_32_layers": tok_s, "target_tok_s": _TARGET_TOK_S[storage],
+            "bytes_read": bytes_read, "gb_s": gbs, "copy_gb_s": copy_gbs, "copy_fraction": gbs / copy_gbs,
+            "sdpa_ms": sdpa_ms, "speedup": None if sdpa_ms is None else sdpa_ms / graph_ms,
+            "layers_rotated": num_layers, "splits": splits, "config": cfg._asdict(), "status": "ok",
+        })
+    del k, v, ks, vs
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _sweep_configs(storage, group):
+    """Candidate (config, splits=None) pairs for --sweep: path x block size x warps x stages (x precision)."""
+    blocks = (16, 32, 64) if storage == torch.float32 else (32, 64, 128)
+    precisions = ("ieee", "tf32x3") if storage == torch.float32 else ("ieee",)
+    configs = []
+    for use_dot in (False, True) if group == 1 else (True,):
+        for block_n in blocks:
+            for warps in (4, 8):
+                for stages in (2, 3, 4) if use_dot else (1,):  # only the dot path's loads are pipelined
+                    for precision in precisions if use_dot else ("ieee",):
+                        configs.append((KernelConfig(block_n, warps, stages, use_dot, fp32_precision=precision), None))
+    return configs
+
+
+def _print_table(rows, out=sys.stdout):
+    head = (f"{'dtype':>13} {'Hkv':>3} {'rel err':>8} {'ok':>3} {'kernel ms':>9} {'eager ms':>8} {'tok/s':>7} "
+            f"{'target':>6} {'GB/s':>6} {'of copy':>7} {'SDPA ms':>8} {'speed-up':>8}  config")
+    print(head, file=out)
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['dtype']:>13} {r['hkv']:>3}  failed: {r['reason']}", file=out)
+            continue
+        c = r["config"]
+        err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+        ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
+        sdpa = "-" if r["sdpa_ms"] is None else f"{r['sdpa_ms']:.3f}"
+        speed = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
+        print(f"{r['dtype']:>13} {r['hkv']:>3} {err:>8} {ok:>3} {r['kernel_ms']:9.4f} {r['eager_ms']:8.4f} "
+              f"{r['tok_s_32_layers']:7.0f} {r['target_tok_s']:6d} {r['gb_s']:6.0f} {r['copy_fraction']:7.1%} "
+              f"{sdpa:>8} {speed:>8}  {'dot' if c['use_dot'] else 'rows'} bn{c['block_n']} w{c['num_warps']} "
+              f"s{c['num_stages']} splits{r['splits']}", file=out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvcore.triton_decode", description=__doc__.split("\n")[0])
+    parser.add_argument("--dtypes", default=",".join(_DTYPE_NAMES), help="comma-separated storage dtypes")
+    parser.add_argument("--kv-heads", default="32,8", help="comma-separated KV head counts (32 heads of 128)")
+    parser.add_argument("--positions", type=int, default=16384)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--sweep", action="store_true", help="time candidate configs instead of the defaults")
+    parser.add_argument("--json", default=None, help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    if not available("cuda"):
+        print("needs a CUDA device and an importable triton", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    print(f"# {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 1e6:.0f} MB, "
+          f"torch {torch.__version__}, triton {sys.modules['triton'].__version__ if 'triton' in sys.modules else '?'}")
+    copy_gbs = measure_copy_gbs(device)
+    print(f"# device-to-device copy of 1.07 GB: {copy_gbs:.0f} GB/s (read + write)")
+    rows = []
+    for name in args.dtypes.split(","):
+        storage = _DTYPE_NAMES[name]
+        for hkv in map(int, args.kv_heads.split(",")):
+            configs = _sweep_configs(storage, 32 // hkv) if args.sweep else None
+            if args.sweep:
+                configs += [(None, s) for s in (8, 16, 32, 64, 128) if s * hkv >= 64]
+            rows += bench_case(storage, hkv, positions=args.positions, reps=args.reps, copy_gbs=copy_gbs,
+                               configs=configs, sdpa=not args.sweep)
+            print(f"# done {name} Hkv={hkv}", flush=True)
+    meta = {"card": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+            "triton": sys.modules["triton"].__version__}
+    lines = [json.dumps({**meta, **r}) for r in rows]
+    for line in lines:
+        print(line)
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write("\n".join(lines) + "\n")
+    _print_table(rows)
+    failed = [r for r in rows if r["status"] != "ok" or r.get("ok") is False]
+    return 1 if failed and not args.sweep else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

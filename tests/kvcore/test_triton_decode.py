@@ -1,0 +1,227 @@
+"""Tests of kvcore.triton_decode against float64 attention on the dequantized cache.
+
+CPU: the kernels run in Triton's interpreter, in one subprocess started with TRITON_INTERPRET=1
+(the variable must be set before triton is imported, and other tests may import it first);
+this file is that subprocess's script. GPU (`pytest -m gpu`): the compiled kernels at odd sizes.
+Every case poisons the slots past n_valid (NaN data, or NaN scales for int8) and the output
+buffer, draws random data, and compares with `reference_decode` by relative error.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcore import triton_decode as td
+
+REPO = Path(__file__).resolve().parents[2]
+DTYPES = {str(d).removeprefix("torch."): d for d in td.STORAGE_DTYPES}
+HAS_TRITON = td._triton_importable()
+
+
+def make_case(**overrides):
+    """One decode problem; defaults: 8 heads, 2 KV heads, head dim 16, 37 of 48 slots valid."""
+    case = dict(storage="float16", heads=8, kv_heads=2, head_dim=16, capacity=48, n_valid=37,
+                n_on_device=False, block_n=16, use_dot=None, num_splits=None, query="float32",
+                out_dtype="float32", seed=0, q_gain=2.0, default_config=False)
+    case.update(overrides)
+    return case
+
+
+def build(case, device):
+    """Tensors for a case: (query, k, v, k_scale, v_scale, n_arg, out buffer, slots that hold data)."""
+    gen = torch.Generator(device=device).manual_seed(case["seed"])
+    storage = DTYPES[case["storage"]]
+    k, v, ks, vs = td.random_layer(2, case["capacity"], case["kv_heads"], case["head_dim"], storage, device, gen)
+    layer = 1  # a layer slice that does not start at the store's first byte
+    k, v = k[layer], v[layer]
+    ks, vs = (None, None) if ks is None else (ks[layer], vs[layer])
+    valid = max(0, min(case["n_valid"], case["capacity"]))
+    if storage in td.QUANTIZED_DTYPES:  # poison what the kernel must not read
+        ks[valid:] = float("nan")
+        vs[valid:] = float("nan")
+    else:
+        k[valid:] = float("nan")
+        v[valid:] = float("nan")
+    query = (torch.randn(case["heads"], case["head_dim"], device=device, generator=gen) * case["q_gain"])
+    query = query.to(DTYPES[case["query"]])
+    n_arg = case["n_valid"]
+    if case["n_on_device"]:
+        n_arg = torch.tensor(n_arg, dtype=torch.int64, device=device)
+    out = torch.full((case["heads"], case["head_dim"]), float("nan"), dtype=DTYPES[case["out_dtype"]], device=device)
+    return query, k, v, ks, vs, n_arg, out, valid
+
+
+def run_case(case, device="cpu"):
+    """Run one case; returns plain values: relative error, tolerance, whether every output is finite."""
+    query, k, v, ks, vs, n_arg, out, valid = build(case, device)
+    config = None
+    if not case["default_config"]:
+        group = case["heads"] // case["kv_heads"]
+        use_dot = group > 1 if case["use_dot"] is None else case["use_dot"]
+        config = td.KernelConfig(block_n=case["block_n"], num_warps=4, num_stages=2, use_dot=use_dot)
+    result = td.decode_attention(query, k, v, ks, vs, n_arg, num_splits=case["num_splits"], config=config, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    finite = bool(torch.isfinite(result).all())
+    if valid == 0:
+        return {"err": float(result.abs().max()), "tol": 0.0, "finite": finite}
+    ref = td.reference_decode(query, k, v, ks, vs, valid)
+    tol = td.TOLERANCE[DTYPES[case["storage"]]]
+    if case["out_dtype"] != "float32":  # the output's own rounding, on top of the kernel's
+        tol += 2e-3 if case["out_dtype"] == "float16" else 8e-3
+    return {"err": td.relative_error(result, ref), "tol": tol, "finite": finite}
+
+
+CPU_CASES = {}
+for _name in DTYPES:
+    # GQA ratio 1 (elementwise rows), 4 and 8 (tl.dot); odd n_valid, several splits, some empty
+    CPU_CASES[f"{_name}-ratio1"] = make_case(storage=_name, kv_heads=8, block_n=8, num_splits=3)
+    CPU_CASES[f"{_name}-ratio4"] = make_case(storage=_name, kv_heads=2, num_splits=5)
+    CPU_CASES[f"{_name}-ratio8"] = make_case(storage=_name, kv_heads=1, num_splits=3)
+CPU_CASES.update({
+    "head-dim-5-rows": make_case(storage="float32", heads=6, kv_heads=6, head_dim=5, block_n=4, num_splits=4),
+    "head-dim-5-ratio3-dot": make_case(storage="bfloat16", heads=6, kv_heads=2, head_dim=5, num_splits=2),
+    "ratio1-forced-dot": make_case(storage="int8", kv_heads=8, use_dot=True, num_splits=2),
+    "n-on-device": make_case(storage="int8", n_valid=29, n_on_device=True),
+    "n-on-device-zero": make_case(storage="float32", n_valid=0, n_on_device=True),
+    "n-on-device-past-capacity": make_case(storage="float8_e4m3fn", n_valid=1000, n_on_device=True, num_splits=4),
+    "n-one": make_case(storage="float16", kv_heads=8, n_valid=1, block_n=8),
+    "bf16-query-fp16-out": make_case(storage="float8_e4m3fn", query="bfloat16", out_dtype="float16"),
+    "bf16-out": make_case(storage="bfloat16", kv_heads=8, query="bfloat16", out_dtype="bfloat16", block_n=8),
+    "default-config": make_case(storage="float16", kv_heads=8, default_config=True, seed=3),
+})
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    """Run every CPU case once in a subprocess with TRITON_INTERPRET=1."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, __file__], input=json.dumps(CPU_CASES), capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+@pytest.mark.parametrize("name", sorted(CPU_CASES))
+def test_interpreter_matches_float64(interpreter_results, name):
+    result = interpreter_results[name]
+    assert result["finite"], f"{name}: output has NaN/inf (unwritten element or a poisoned slot was read)"
+    assert result["err"] <= result["tol"], f"{name}: relative error {result['err']:.2e} > {result['tol']:.1e}"
+
+
+def test_module_imports_without_triton():
+    code = ("import sys; sys.modules['triton'] = None; import kvcore.triton_decode as td; "
+            "assert 'triton.language' not in sys.modules; assert not td.available('cpu'); "
+            "assert not td._triton_importable(); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_not_available_on_cpu():
+    assert not td.available("cpu")
+    assert not td.available(torch.device("cpu"), torch.float16)
+
+
+def test_choose_splits_fills_the_gpu():
+    # M10 on an H100: 32 KV heads x 17 splits = 544 programs, about 4 per SM
+    assert td.choose_splits(16384, 32, 64, 132) == 17
+    assert td.choose_splits(16384, 8, 64, 132) == 64  # 66 wanted, but >= 4 tiles of 64 each
+    assert td.choose_splits(100, 32, 64, 132) == 1  # too short to split
+    assert td.choose_splits(10**7, 1, 16, 132) == 256  # capped
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(query=torch.zeros(8, 16, 1)), "query must be"),
+        (dict(query=torch.zeros(8, 12)), "head_dim"),
+        (dict(query=torch.zeros(5, 16)), "multiple of num_kv_heads"),
+        (dict(n_valid=0), "n_valid must be"),
+        (dict(n_valid=49), "n_valid must be"),
+        (dict(n_valid=torch.tensor([3])), "0-d"),
+        (dict(k_scale=None), "k_scale"),
+        (dict(out_dtype=torch.int8), "out_dtype"),
+    ],
+)
+def test_caller_mistakes_raise_value_error(change, match):
+    k = torch.zeros(48, 2, 16, dtype=torch.int8)
+    args = dict(query=torch.zeros(8, 16), k_layer=k, v_layer=k.clone(), k_scale=torch.ones(48, 2),
+                v_scale=torch.ones(48, 2), n_valid=37, out_dtype=None)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        td.decode_attention(**args)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="checks the non-interpreter error")
+def test_cpu_tensors_without_interpreter_raise():
+    k = torch.zeros(48, 2, 16)
+    with pytest.raises(ValueError, match="CUDA"):
+        td.decode_attention(torch.zeros(8, 16), k, k, None, None, 37)
+
+
+# ----------------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.skipif(not td.available("cuda"), reason="needs CUDA and triton")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("storage", list(DTYPES))
+@pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2), (8, 1), (32, 8), (32, 32)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_matches_float64(storage, heads, kv_heads, head_dim):
+    # 1037 valid of 1100 slots: not a multiple of any block size; default launch choices
+    case = make_case(storage=storage, heads=heads, kv_heads=kv_heads, head_dim=head_dim, capacity=1100,
+                     n_valid=1037, default_config=True, seed=head_dim + kv_heads)
+    result = run_case(case, "cuda")
+    assert result["finite"]
+    assert result["err"] <= result["tol"], f"relative error {result['err']:.2e} > {result['tol']:.1e}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("storage", list(DTYPES))
+@pytest.mark.parametrize("n_valid, num_splits", [(1, None), (77, 1), (3001, 7), (3001, 256)])
+def test_gpu_odd_counts_and_splits(storage, n_valid, num_splits):
+    case = make_case(storage=storage, heads=12, kv_heads=4, head_dim=64, capacity=3072, n_valid=n_valid,
+                     num_splits=num_splits, default_config=True)
+    result = run_case(case, "cuda")
+    assert result["finite"] and result["err"] <= result["tol"], result
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("storage", list(DTYPES))
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_gpu_cuda_graph_reads_count_on_device(storage, kv_heads):
+    case = make_case(storage=storage, heads=8, kv_heads=kv_heads, head_dim=128, capacity=4096, n_valid=4096)
+    query, k, v, ks, vs, _, out, _ = build(case, "cuda")
+    n_dev = torch.tensor(700, dtype=torch.int32, device="cuda")
+    td.decode_attention(query, k, v, ks, vs, n_dev, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        td.decode_attention(query, k, v, ks, vs, n_dev, out=out)
+    for count in (700, 2999, 1):
+        n_dev.fill_(count)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        err = td.relative_error(out, td.reference_decode(query, k, v, ks, vs, count))
+        assert err <= td.TOLERANCE[DTYPES[storage]], (count, err)
+
+
+def _main():
+    """Subprocess entry (TRITON_INTERPRET=1): run the cases read as JSON on stdin, print results as JSON."""
+    cases = json.loads(sys.stdin.read())
+    print(json.dumps({name: run_case(case) for name, case in cases.items()}))
+
+
+if __name__ == "__main__":
+    _main()

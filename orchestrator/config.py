@@ -1,0 +1,363 @@
+"""The sweep's configuration: Hydra's composed config checked and turned into frozen data.
+
+The only module that reads Hydra/OmegaConf. `conf/config.yaml` holds the values (defaults,
+one comment per key), `Schema` below their types: it is registered in Hydra's ConfigStore as
+`kvbench_schema` and merged right after config.yaml's own values (its fields are all `???`,
+so it adds types, not values), so a wrongly typed override (`model.num_layers=abc`) fails at
+compose time. `load_sweep(cfg)` then checks what types cannot (non-positive sizes, unknown
+dtype, heads not divisible, sinks not below the context, a missing criterion, a grid key
+that is not a trial parameter, a figure no benchmark produces) and returns a `Sweep` the rest
+of the orchestrator takes; every problem is one `ValueError` naming the key, the value and
+the fix, raised before Ray starts or MLflow is touched.
+
+Key decisions:
+- Trial parameters are dotted config paths (`model.num_layers`), the names users override;
+  the grid uses the same paths (`grid.cache.dtype=[float16]`).
+- The benchmark's own checks (`kvcore.bench.BenchConfig.validate`) judge every grid point,
+  so the orchestrator and the benchmark cannot disagree on what is valid; their message is
+  prefixed with the config key it came from.
+- Paths are made absolute against the directory the command runs in.
+- Credentials in URIs (`scheme://user:password@host`) are masked in everything recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from kvcore.bench import BenchResult
+from orchestrator.criteria import REQUIRED_CRITERIA, Criterion
+from orchestrator.grid import Axis, TrialSpec, flatten, make_trials
+from orchestrator.trial import LABELS, TRIAL_FIELDS, bench_config
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SCHEMA_NAME = "kvbench_schema"
+
+
+# ---------------------------------------------------------------- schema (types only)
+
+
+@dataclass
+class CriterionSchema:
+    metric: str = MISSING
+    op: str = MISSING
+    threshold: float = MISSING
+
+
+@dataclass
+class MilestoneSchema:
+    name: str = MISSING
+    title: str = MISSING
+    context_length: int = MISSING
+    criteria: Dict[str, CriterionSchema] = MISSING
+
+
+@dataclass
+class ModelSchema:
+    name: str = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    num_kv_heads: int = MISSING
+    head_dim: int = MISSING
+    weights_gb: float = MISSING
+
+
+@dataclass
+class CacheSchema:
+    dtype: str = MISSING
+    sink_positions: int = MISSING
+
+
+@dataclass
+class BenchSchema:
+    repetitions: int = MISSING
+    decode_steps: int = MISSING
+    rep_budget_s: float = MISSING
+
+
+@dataclass
+class ClusterSchema:
+    address: Optional[str] = MISSING
+    num_cpus: Optional[int] = MISSING
+    object_store_gb: float = MISSING
+    gpu_memory_fraction: float = MISSING
+    host_memory_fraction: float = MISSING
+
+
+@dataclass
+class TrialSchema:
+    max_retries: int = MISSING
+    timeout_s: Optional[float] = MISSING
+
+
+@dataclass
+class TrackingSchema:
+    uri: Optional[str] = MISSING
+    experiment: str = MISSING
+
+
+@dataclass
+class SpoolSchema:
+    dir: str = MISSING
+
+
+@dataclass
+class Schema:
+    milestone: MilestoneSchema = field(default_factory=MilestoneSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    cache: CacheSchema = field(default_factory=CacheSchema)
+    bench: BenchSchema = field(default_factory=BenchSchema)
+    grid: Dict[str, Any] = MISSING
+    cluster: ClusterSchema = field(default_factory=ClusterSchema)
+    trial: TrialSchema = field(default_factory=TrialSchema)
+    tracking: TrackingSchema = field(default_factory=TrackingSchema)
+    resume: bool = MISSING
+    spool: SpoolSchema = field(default_factory=SpoolSchema)
+
+
+ConfigStore.instance().store(name=SCHEMA_NAME, node=Schema)
+
+
+# ---------------------------------------------------------------- what the rest takes
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    address: str | None  # Ray address to join; None: $RAY_ADDRESS, else start a local Ray
+    num_cpus: int | None  # local Ray only
+    object_store_bytes: int  # local Ray only
+    gpu_memory_fraction: float
+    host_memory_fraction: float
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    max_retries: int
+    timeout_s: float | None  # None: derived from the trial's size
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A checked sweep: its milestone, criteria and expanded trials, and how to run them."""
+
+    milestone: str
+    title: str
+    criteria: tuple[Criterion, ...]
+    trials: tuple[TrialSpec, ...]
+    axes: tuple[Axis, ...]
+    cluster: ClusterSettings
+    trial: TrialSettings
+    tracking_uri: str | None  # None: resolved by orchestrator.tracking (env, then default)
+    experiment: str
+    resume: bool
+    spool_dir: str  # absolute
+    params: dict[str, str]  # the resolved config, flattened, credentials masked (MLflow params)
+    config_yaml: str  # the resolved config, credentials masked
+    overrides: tuple[str, ...]  # the command line's overrides, credentials masked
+
+    @property
+    def key(self) -> str:
+        """Same milestone, criteria and trials -> same key (resuming finds the sweep by it)."""
+        text = json.dumps(
+            {
+                "milestone": self.milestone,
+                "criteria": [str(c) for c in self.criteria],
+                "trials": [t.key for t in self.trials],
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class MilestoneMissing(ValueError):
+    """The command named no milestone (`+milestone=<name>`)."""
+
+
+def available_milestones(conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(path.stem for path in (conf_dir / "milestone").glob("*.yaml"))
+
+
+def mask_credentials(text: str) -> str:
+    """`scheme://user:secret@host` -> `scheme://user:***@host`."""
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _figure_names() -> set[str]:
+    """Numeric figures a benchmark result holds: what criteria may judge."""
+    numeric = ("float", "int", "bool", float, int, bool)
+    return {f.name for f in dataclasses.fields(BenchResult) if f.type in numeric}
+
+
+def _criteria(milestone: Mapping[str, Any]) -> tuple[Criterion, ...]:
+    name = milestone["name"]
+    raw = milestone["criteria"]
+    if not raw:
+        raise ValueError(
+            f"milestone {name!r} has no criteria; add milestone.criteria to "
+            f"conf/milestone/{name}.yaml, e.g. fill_rate: {{metric: fill_rate_pos_s, op: \">\", threshold: 125}}"
+        )
+    absent = [c for c in REQUIRED_CRITERIA if c not in raw]
+    if absent:
+        raise ValueError(
+            f"milestone {name!r} lacks the criteria {absent}; every milestone judges "
+            f"{list(REQUIRED_CRITERIA)}: add them to milestone.criteria in conf/milestone/{name}.yaml"
+        )
+    figures = _figure_names()
+    criteria = []
+    for criterion_name, spec in raw.items():
+        if spec["metric"] not in figures:
+            raise ValueError(
+                f"milestone.criteria.{criterion_name}.metric must be a figure of the benchmark, "
+                f"got {spec['metric']!r}; expected one of {sorted(figures)}"
+            )
+        criteria.append(Criterion(criterion_name, spec["metric"], spec["op"], spec["threshold"]))
+    return tuple(criteria)
+
+
+def _coerce(path: str, value: Any, like: Any) -> Any:
+    """A grid value in the type of the parameter it replaces (YAML 4 for a float is 4.0)."""
+    if isinstance(like, bool) or isinstance(value, bool):
+        ok = isinstance(like, bool) and isinstance(value, bool)
+    elif isinstance(like, float) and isinstance(value, int):
+        return float(value)
+    else:
+        ok = type(value) is type(like)
+    if not ok:
+        raise ValueError(
+            f"grid.{path} values must be of type {type(like).__name__} like {path}={like!r}, "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _overridden(overrides: Sequence[str]) -> set[str]:
+    """Config paths set on the command line (`cache.dtype=float16`, `+x=1`, `++x=1`)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+
+
+def _axes(grid: Mapping[str, Any], base: Mapping[str, Any], pinned: set[str]) -> tuple[Axis, ...]:
+    """The grid's axes, minus those whose parameter the command line set: there the
+    override wins (`+milestone=m10 cache.dtype=float16` runs float16 only)."""
+    axes = []
+    for path, values in flatten(grid).items():
+        if path not in base:
+            raise ValueError(
+                f"grid.{path} is not a trial parameter; grid keys must be among "
+                f"{sorted('grid.' + p for p in base)}"
+            )
+        if not isinstance(values, list):
+            raise ValueError(
+                f"grid.{path} must be a list of values, got {values!r}; write e.g. "
+                f"grid.{path}=[{values}]"
+            )
+        if path not in pinned:
+            axes.append((path, tuple(_coerce(path, v, base[path]) for v in values)))
+    return tuple(axes)
+
+
+def _check_trial(trial: TrialSpec, axes: Sequence[Axis]) -> None:
+    try:
+        bench_config(trial.params, device="cpu").validate()
+    except ValueError as error:
+        message = str(error)
+        field_name = message.split(" ", 1)[0]
+        paths = [p for p, f in TRIAL_FIELDS.items() if f == field_name] or ["the trial"]
+        path = paths[0]
+        if path in dict(axes):
+            where = f"grid.{path} (grid point {trial.index}: {path}={trial.params[path]!r})"
+        else:
+            where = path
+        raise ValueError(f"bad {where}: {message}") from None
+
+
+def _check_number(path: str, value: Any, low: float, high: float | None = None, low_ok: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= low if low_ok else value > low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ValueError(f"{path} must be a number {bound}, got {value!r}")
+
+
+def _plain(container: Mapping[str, Any]) -> dict[str, str]:
+    """The resolved config as flat string params, credentials masked."""
+    return {path: mask_credentials(json.dumps(value) if isinstance(value, list) else str(value))
+            for path, value in flatten(container).items()}
+
+
+def load_sweep(cfg: DictConfig, cwd: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Sweep:
+    """Check a composed config and expand its grid; ValueError for any configuration mistake."""
+    if OmegaConf.is_missing(cfg.milestone, "name"):
+        names = ", ".join(available_milestones())
+        raise MilestoneMissing(
+            f"no milestone given; run e.g. `python -m orchestrator +milestone=m10` "
+            f"(available: {names})"
+        )
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        key = error.full_key
+        raise ValueError(
+            f"{key} is missing (???); set it in conf/milestone/{cfg.milestone.name}.yaml "
+            f"or on the command line ({key}=...)"
+        ) from None
+    except OmegaConfBaseException as error:
+        raise ValueError(f"{getattr(error, 'full_key', '') or 'config'}: {error}".splitlines()[0]) from None
+    assert isinstance(container, dict)
+    milestone = container["milestone"]
+    criteria = _criteria(milestone)
+
+    flat = flatten(container)
+    base = {path: flat[path] for path in (*TRIAL_FIELDS, *LABELS)}
+    axes = _axes(container["grid"], base, pinned=_overridden(overrides))
+    trials = make_trials(base, axes)
+    for trial in trials:
+        _check_trial(trial, axes)
+
+    cluster = container["cluster"]
+    if cluster["num_cpus"] is not None:
+        _check_number("cluster.num_cpus", cluster["num_cpus"], 0)
+    _check_number("cluster.object_store_gb", cluster["object_store_gb"], 0.0)
+    _check_number("cluster.gpu_memory_fraction", cluster["gpu_memory_fraction"], 0.0, 1.0)
+    _check_number("cluster.host_memory_fraction", cluster["host_memory_fraction"], 0.0, 1.0)
+    trial = container["trial"]
+    _check_number("trial.max_retries", trial["max_retries"], 0, low_ok=True)
+    if trial["timeout_s"] is not None:
+        _check_number("trial.timeout_s", trial["timeout_s"], 0.0)
+    spool_dir = Path(cwd, container["spool"]["dir"]).resolve()
+
+    return Sweep(
+        milestone=milestone["name"],
+        title=milestone["title"],
+        criteria=criteria,
+        trials=trials,
+        axes=axes,
+        cluster=ClusterSettings(
+            address=cluster["address"],
+            num_cpus=cluster["num_cpus"],
+            object_store_bytes=int(cluster["object_store_gb"] * 1e9),
+            gpu_memory_fraction=cluster["gpu_memory_fraction"],
+            host_memory_fraction=cluster["host_memory_fraction"],
+        ),
+        trial=TrialSettings(max_retries=trial["max_retries"], timeout_s=trial["timeout_s"]),
+        tracking_uri=container["tracking"]["uri"],
+        experiment=container["tracking"]["experiment"],
+        resume=container["resume"],
+        spool_dir=str(spool_dir),
+        params=_plain(container),
+        config_yaml=mask_credentials(OmegaConf.to_yaml(container)),
+        overrides=tuple(mask_credentials(o) for o in overrides),
+    )

@@ -1,0 +1,135 @@
+"""One trial: the plain task body that the Ray task wraps, and the trial parameters it reads.
+
+    from orchestrator.trial import run_trial
+    result = run_trial(spec)   # spec: orchestrator.grid.TrialSpec; result: a dict of plain values
+
+`run_trial` builds the `kvcore.bench.BenchConfig` of the trial's parameters, runs the
+benchmark on the device this process was given (the one CUDA device Ray made visible, else
+the CPU) and returns a plain dict that crosses the process boundary:
+
+    {"status": "OK" | "ERROR", "reason": str,
+     "metrics": {figure: float}, "info": {name: str},
+     "started_at": unix s, "finished_at": unix s}
+
+Key decisions:
+- A failing trial is a result, not an exception, so the sweep goes on: out of memory (CUDA's
+  `torch.OutOfMemoryError`, the host's `MemoryError` or torch's CPU allocator failure) becomes
+  ERROR with reason "oom: ..." naming what the trial needed and what the device had; any other
+  exception becomes ERROR with reason "crash: <type>: <message>" and the traceback's tail in
+  `info["traceback"]`.
+- Numbers of the benchmark's result are metrics (booleans as 0/1 too, so a failed check shows
+  in MLflow's charts); strings are info.
+- Trial parameters are dotted config paths (`model.num_layers`); `TRIAL_FIELDS` maps each to
+  the BenchConfig field it sets. `model.name` is a label only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+import psutil
+import torch
+
+from kvcore.bench import BenchConfig, run_benchmark
+from orchestrator.capacity import trial_need_bytes
+from orchestrator.grid import TrialSpec
+
+# config path of a trial parameter -> the BenchConfig field it sets
+TRIAL_FIELDS: dict[str, str] = {
+    "milestone.context_length": "context_length",
+    "model.num_layers": "num_layers",
+    "model.num_heads": "num_heads",
+    "model.num_kv_heads": "num_kv_heads",
+    "model.head_dim": "head_dim",
+    "model.weights_gb": "weights_gb",
+    "cache.dtype": "dtype",
+    "cache.sink_positions": "sink_positions",
+    "bench.repetitions": "repetitions",
+    "bench.decode_steps": "decode_steps",
+    "bench.rep_budget_s": "rep_budget_s",
+}
+LABELS = ("model.name",)  # trial parameters that name things but do not change the benchmark
+
+
+def bench_config(params: Mapping[str, Any], device: str) -> BenchConfig:
+    """The BenchConfig of a trial's parameters on `device` (not validated here)."""
+    missing = sorted(set(TRIAL_FIELDS) - set(params))
+    assert not missing, f"trial parameters lack {missing}"
+    return BenchConfig(device=device, **{field: params[path] for path, field in TRIAL_FIELDS.items()})
+
+
+def trial_device() -> str:
+    """The device this process benchmarks on: the (first) visible CUDA device, else the CPU."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def split_figures(figures: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """Benchmark figures -> (numeric metrics, string info); non-finite numbers go to info."""
+    metrics: dict[str, float] = {}
+    info: dict[str, str] = {}
+    for name, value in figures.items():
+        if isinstance(value, (bool, int, float)) and math.isfinite(float(value)):
+            metrics[name] = float(value)
+        else:
+            info[name] = str(value)
+    return metrics, info
+
+
+def device_memory_bytes(device: str) -> int:
+    """What `device` holds: a CUDA device's total memory, or the host's available memory."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return psutil.virtual_memory().available
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    # torch's CPU allocator raises a RuntimeError when malloc fails
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def _oom_reason(spec: TrialSpec, device: str, error: BaseException) -> str:
+    need = trial_need_bytes(spec.params)
+    had = device_memory_bytes(device)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (
+        f"oom: needed about {need / 1e9:.2f} GB (cache + weights + margin), {device} had "
+        f"{had / 1e9:.2f} GB: {first_line[:300]}"
+    )
+
+
+def run_trial(spec: TrialSpec) -> dict[str, Any]:
+    """Run one trial's benchmark here; never raises for a failing trial (see module doc)."""
+    started = time.time()
+    device = trial_device()
+    info = {"trial_device": device}
+    try:
+        result = run_benchmark(bench_config(spec.params, device)).to_dict()
+    except Exception as error:  # a failing trial is a result; KeyboardInterrupt still stops
+        if _is_oom(error):
+            status, reason = "ERROR", _oom_reason(spec, device, error)
+        else:
+            status, reason = "ERROR", f"crash: {type(error).__name__}: {error}"[:500]
+            info["traceback"] = "".join(traceback.format_exception(error)[-6:])[-4000:]
+        return {
+            "status": status,
+            "reason": reason,
+            "metrics": {},
+            "info": info,
+            "started_at": started,
+            "finished_at": time.time(),
+        }
+    metrics, figures_info = split_figures(result)
+    return {
+        "status": "OK",
+        "reason": "",
+        "metrics": metrics,
+        "info": {**figures_info, **info},
+        "started_at": started,
+        "finished_at": time.time(),
+    }

@@ -1,0 +1,917 @@
+"""The milestone benchmark: one trial of a streaming KV cache, every figure measured.
+
+    python -m kvcore.bench --num-layers 32 --num-heads 32 --head-dim 128 \\
+        --context-length 16384 --dtype float16 --device cuda:0
+
+prints a table (figure, median, min, max, GB/s) and ends with one JSON line of every figure.
+From Python: `run_benchmark(BenchConfig(...)) -> BenchResult`; `result.to_dict()` is plain JSON.
+
+A trial, in order (each region warmed up and calibrated first, then timed `repetitions` times,
+reported as median, min and max):
+1. copy: device-to-device copy of a random buffer (>= 1 GB on a GPU): read + write bytes / s.
+   It is the roofline every other bandwidth is compared with. Its buffers are freed before
+   the peak-memory counters are reset, so they stay out of the memory figures.
+2. The cache is allocated (allocator delta on CUDA, tensor storage on CPU, both next to
+   `cache.memory_bytes()`), then the weights tensor (`weights_gb` bytes of random float16).
+3. fill: every repetition clears the cache and appends position after position, layer by
+   layer (`append`), from empty towards `context_length` (the seed's method, and what a
+   decode loop does). prefill: the same through `extend` in chunks of `prefill_chunk`.
+4. The cache is filled (untimed) to `context_length` plus a part of the ring, so it is full
+   and has wrapped: everything after runs in the steady state of a long decode.
+5. retrieve: `get_valid` of layer after layer; every element is read by a matrix-vector
+   product with a random vector, whose squared norm goes into an accumulator on the device.
+   After the timing, the accumulator must equal the same sum computed from the storage
+   (contract of kvcore/cache.py), so a read that skips data invalidates the trial.
+6. decode_cache: decode steps (each layer: `append` one position, `attend` one query).
+   decode: the same plus one matrix-vector product streaming the weights (a 7B model's
+   weight traffic). Then the peak memory and NVML's view are taken.
+7. baseline_decode: the same steps with the torch SDPA path of kvcore/attention.py
+   (`decode_attention`), on the same cache; `decode_speedup` = decode_cache / baseline.
+8. One more step of each decode path is checked against float64 reference attention.
+
+Key decisions:
+- Time-boxing: a repetition does enough work to last >= 4 x `min_region_s`, but at most
+  `rep_budget_s` where one unit of work allows (a unit: one position for fill/prefill, one
+  layer read for retrieve, one step for decode). So a tiny CPU model repeats whole fills many
+  times per repetition, while at 16384 positions a slow per-layer fill times only the first N
+  positions of a fill from empty (`fill_positions_timed`; an append costs the same at any fill
+  level) and a slow decode times fewer than `decode_steps` steps (`decode_steps_timed`).
+- Timing: `torch.cuda.synchronize()` around host clocks (`time.perf_counter`), since host
+  overhead per call is part of what fill and decode cost. Random data, never zeros.
+- `valid` is separate from any verdict (MLPerf's idea): false, with `invalid_reason`, when a
+  repetition was shorter than `min_region_s`, repetitions disagree by more than `max_spread`
+  (max / min rate), a read/decode check failed, or kv_cache_gb disagrees with the allocator.
+- Bandwidth next to every time: fill/prefill count bytes read from the inputs plus bytes
+  written to the cache; retrieve and decode count the cache bytes that must be read (decode
+  adds the weights). `decode_roofline_frac` = decode_gbps / copy_gbps.
+- Memory: CUDA peak = `torch.cuda.max_memory_allocated` after a reset; CPU peak = growth of
+  the peak resident set (VmHWM, reset through /proc/self/clear_refs; getrusage otherwise).
+  `total_vram_gb` adds, on CUDA, what NVML sees beyond the allocator's pool (CUDA context).
+- Clean-up in `finally`: tensors dropped (exception frames cleared too), gc, CUDA cache
+  emptied and peak stats reset, so many trials can run in one process. Errors, out-of-memory
+  included, propagate unchanged after clean-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import socket
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+
+import torch
+
+from kvcore.attention import decode_attention, reference_attention
+from kvcore.cache import StreamingKVCache
+from kvcore.storage import STORAGE_DTYPES, dequantize
+
+WEIGHT_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Relative error (max |out - ref| / max |ref|) a decode output may have, by its dtype.
+DECODE_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 4e-2,
+}
+# Relative error the retrieve checksum may have, by the dtype get_valid returns.
+RETRIEVE_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
+}
+_POOL_POSITIONS = 32  # distinct random positions that fill and decode cycle through
+_RANDOM_BLOCK = 1 << 24  # elements of random data tiled into large tensors (weights)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One trial: model shape, cache, weights, and how to time it."""
+
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None  # None: num_heads (multi-head attention)
+    head_dim: int = 128
+    context_length: int = 16384  # cache capacity (max_positions) = target context
+    dtype: str = "float32"  # cache storage: float32 | float16 | bfloat16 | int8 | float8_e4m3fn
+    sink_positions: int = 0
+    weights_gb: float = 4.0  # bytes streamed per decode step (7B in Q4_K: 4.0 GB); 0: none
+    repetitions: int = 5
+    device: str = "cpu"
+    decode_steps: int = 16  # steps per repetition, fewer when a step is slower than the budget
+    prefill_chunk: int = 256  # positions per `extend` call
+    seed: int = 0
+    weights_dtype: str = "float16"  # float16 | bfloat16
+    rep_budget_s: float = 1.0  # time box of one repetition of one region
+    min_region_s: float = 0.005  # floor: a shorter repetition makes the trial invalid
+    max_spread: float = 2.0  # max / min rate across repetitions above this: invalid
+    copy_gb: float | None = None  # copy buffer; None: 1.0 on CUDA, 0.25 on CPU
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field, what it got and what fits."""
+        for name in ("num_layers", "num_heads", "head_dim", "context_length", "repetitions",
+                     "decode_steps", "prefill_chunk"):
+            _check_positive_int(name, getattr(self, name))
+        if self.num_kv_heads is not None:
+            _check_positive_int("num_kv_heads", self.num_kv_heads)
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(
+                    f"num_heads must be a multiple of num_kv_heads, got num_heads="
+                    f"{self.num_heads} and num_kv_heads={self.num_kv_heads}; pick a divisor"
+                )
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.dtype!r}")
+        if self.weights_dtype not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"weights_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {self.weights_dtype!r}"
+            )
+        if isinstance(self.sink_positions, bool) or not isinstance(self.sink_positions, int) \
+                or not 0 <= self.sink_positions < self.context_length:
+            raise ValueError(
+                f"sink_positions must be an int in [0, context_length={self.context_length}), "
+                f"got {self.sink_positions!r}; typical: 0 or 4"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        _check_number("weights_gb", self.weights_gb, low=0.0, low_ok=True)
+        _check_number("rep_budget_s", self.rep_budget_s, low=0.0)
+        _check_number("min_region_s", self.min_region_s, low=0.0)
+        _check_number("max_spread", self.max_spread, low=1.0)
+        if self.copy_gb is not None:
+            _check_number("copy_gb", self.copy_gb, low=0.0)
+        resolve_device(self.device)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_number(name: str, value: object, low: float, low_ok: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (value == low and not low_ok):
+        bound = f">= {low}" if low_ok else f"> {low}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a config's device string; ValueError if it is not usable here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {name!r}") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available; use 'cpu'")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)"
+            )
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {name!r}")
+    return device
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Every figure of one trial: plain floats, ints, strings and bools (JSON-able)."""
+
+    # what ran
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    context_length: int
+    dtype: str
+    sink_positions: int
+    device: str
+    repetitions: int
+    attention_backend: str  # what cache.attend ran: "triton" or "torch"
+    # fill: append layer by layer, from an empty cache
+    fill_rate_pos_s: float
+    fill_rate_pos_s_min: float
+    fill_rate_pos_s_max: float
+    fill_gbps: float
+    fill_positions_timed: int  # positions per repetition
+    # prefill: extend in chunks
+    prefill_rate_pos_s: float
+    prefill_rate_pos_s_min: float
+    prefill_rate_pos_s_max: float
+    prefill_gbps: float
+    prefill_positions_timed: int
+    prefill_chunk: int
+    # retrieve: get_valid, every element read
+    retrieve_rate_ops_s: float
+    retrieve_rate_ops_s_min: float
+    retrieve_rate_ops_s_max: float
+    retrieve_gbps: float
+    retrieve_layers_timed: int  # layer reads per repetition
+    retrieve_check_ok: bool
+    retrieve_check_err: float  # relative error of the accumulated checksum
+    # decode: per step, each layer appends one position and attends one query (+ weights)
+    decode_tok_s: float
+    decode_tok_s_min: float
+    decode_tok_s_max: float
+    decode_gbps: float
+    decode_steps_timed: int
+    decode_cache_tok_s: float
+    decode_cache_tok_s_min: float
+    decode_cache_tok_s_max: float
+    decode_cache_gbps: float
+    decode_cache_steps_timed: int
+    baseline_decode_tok_s: float
+    baseline_decode_tok_s_min: float
+    baseline_decode_tok_s_max: float
+    baseline_decode_gbps: float
+    baseline_decode_steps_timed: int
+    decode_speedup: float  # decode_cache_tok_s / baseline_decode_tok_s
+    decode_roofline_frac: float  # decode_gbps / copy_gbps
+    decode_cache_roofline_frac: float  # decode_cache_gbps / copy_gbps
+    decode_check_ok: bool
+    decode_check_err: float  # max |out - ref| / max |ref| against float64
+    baseline_check_ok: bool
+    baseline_check_err: float
+    # copy roofline
+    copy_gbps: float
+    copy_gbps_min: float
+    copy_gbps_max: float
+    copy_gb: float  # buffer size
+    # memory
+    kv_cache_gb: float  # cache.memory_bytes() / 1e9
+    kv_cache_measured_gb: float
+    kv_cache_measured_source: str  # "allocator" (CUDA delta) | "storage" (tensor storages)
+    kv_cache_ok: bool
+    weights_gb: float  # bytes of the weights tensor actually held / 1e9
+    weights_dtype: str
+    peak_mem_gb: float
+    peak_mem_source: str  # "cuda_allocator" | "vmhwm" | "rusage"
+    nvml_used_gb: float  # 0.0 when nvml_source is "unavailable"
+    nvml_source: str  # "process" | "device" | "unavailable"
+    cuda_context_gb: float  # memory NVML sees beyond the allocator's pool (0.0 on CPU)
+    total_vram_gb: float
+    # validity
+    valid: bool
+    invalid_reason: str
+    # environment
+    device_name: str
+    device_total_gb: float
+    driver_version: str
+    cuda_version: str
+    torch_version: str
+    hostname: str
+    gpu_uuid: str
+    date_utc: str
+    wall_s: float
+
+    def to_dict(self) -> dict[str, float | int | str | bool]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A timed region: `units` of work per repetition, the seconds of each repetition."""
+
+    name: str
+    units: int
+    seconds: tuple[float, ...]
+
+    def rates(self) -> list[float]:
+        return [self.units / s for s in self.seconds]
+
+    def summary(self) -> tuple[float, float, float]:
+        """(median, min, max) of the rate in units per second."""
+        rates = self.rates()
+        return statistics.median(rates), min(rates), max(rates)
+
+
+def plan_units(unit_s: float, want: int, target_s: float, budget_s: float) -> int:
+    """Units of work for one repetition: at least `want` and enough to last target_s, but
+    no more than fit in budget_s (at least one)."""
+    unit_s = max(unit_s, 1e-9)
+    n = max(want, math.ceil(target_s / unit_s))
+    return max(1, min(n, math.floor(budget_s / unit_s)))
+
+
+def assess(measurements: list[Measurement], min_region_s: float, max_spread: float) -> list[str]:
+    """Reasons the measurements are not trustworthy (empty: valid)."""
+    reasons = []
+    for m in measurements:
+        shortest = min(m.seconds)
+        if shortest < min_region_s:
+            reasons.append(
+                f"{m.name}: a repetition lasted {shortest * 1e3:.3g} ms, below the "
+                f"{min_region_s * 1e3:.3g} ms floor"
+            )
+        _, low, high = m.summary()
+        if len(m.seconds) > 1 and high > max_spread * low:
+            reasons.append(
+                f"{m.name}: repetitions spread {high / low:.2f}x (max/min rate), above "
+                f"{max_spread:.2f}x"
+            )
+    return reasons
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn: Callable[[], object]) -> float:
+    """Seconds fn takes, the device synchronized before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _unit_seconds(device: torch.device, run: Callable[[int], object], target_s: float,
+                  budget_s: float) -> float:
+    """Warm up `run` (run(n) does n units of work) and estimate the seconds of one unit."""
+    run(1)
+    n = 1
+    while True:
+        seconds = _timed(device, lambda: run(n))
+        if seconds >= target_s / 4 or seconds >= budget_s / 4 or n >= 1 << 20:
+            return seconds / n
+        n = min(1 << 20, max(2 * n, math.ceil(target_s / 4 / max(seconds / n, 1e-9))))
+
+
+def _repeat(name: str, units: int, repetitions: int, run_rep: Callable[[], float]) -> Measurement:
+    return Measurement(name, units, tuple(run_rep() for _ in range(repetitions)))
+
+
+# ---------------------------------------------------------------------- memory
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class _HostPeak:
+    """Peak resident-set growth of this process since `reset` (CPU trials)."""
+
+    def reset(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current VmRSS
+            self.source = "vmhwm" if _proc_status_kb("VmHWM") is not None else "rusage"
+        except OSError:
+            self.source = "rusage"
+        rss = _proc_status_kb("VmRSS")
+        self.start_kb = rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def growth_bytes(self) -> int:
+        peak = _proc_status_kb("VmHWM") if self.source == "vmhwm" else None
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+        return max(0, peak - self.start_kb) * 1024
+
+
+def _storage_bytes(tensors: list[torch.Tensor | None]) -> int:
+    """Bytes of the distinct storages behind tensors (views of one allocation count once)."""
+    storages = {}
+    for t in tensors:
+        if t is not None:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def _nvml(device: torch.device) -> dict[str, object]:
+    """What NVML says about this process / the device; a guarded, lazy import."""
+    info: dict[str, object] = {"nvml_used_gb": 0.0, "nvml_source": "unavailable",
+                               "driver_version": "", "gpu_uuid": ""}
+    props = torch.cuda.get_device_properties(device)
+    uuid = str(getattr(props, "uuid", "") or "")
+    if uuid and not uuid.startswith("GPU-"):
+        uuid = "GPU-" + uuid
+    info["gpu_uuid"] = uuid
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no library, no driver, no permission: say so in nvml_source
+        return info
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        info["driver_version"] = driver.decode() if isinstance(driver, bytes) else str(driver)
+        handle = (pynvml.nvmlDeviceGetHandleByUUID(uuid) if uuid
+                  else pynvml.nvmlDeviceGetHandleByIndex(device.index))
+        used = None
+        try:
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                    used = proc.usedGpuMemory
+        except pynvml.NVMLError:
+            pass
+        if used is not None:
+            info["nvml_used_gb"], info["nvml_source"] = used / 1e9, "process"
+        else:  # containers often hide per-process figures: the whole device instead
+            info["nvml_used_gb"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used / 1e9
+            info["nvml_source"] = "device"
+    except Exception:
+        pass
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return info
+
+
+def _environment(device: torch.device) -> dict[str, object]:
+    env: dict[str, object] = {
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda or "",
+        "hostname": socket.gethostname(),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["device_name"] = props.name
+        env["device_total_gb"] = props.total_memory / 1e9
+        return env
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
+    except OSError:
+        pass
+    env["device_name"] = name
+    env["device_total_gb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return env
+
+
+# ---------------------------------------------------------------------- work
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+            gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+
+def _random_weights(nbytes: int, cols: int, dtype: torch.dtype, device: torch.device,
+                    gen: torch.Generator) -> torch.Tensor:
+    """A [rows, cols] tensor of about nbytes, random data tiled from one block."""
+    rows = max(1, round(nbytes / (cols * torch.finfo(dtype).bits // 8)))
+    weights = torch.empty((rows, cols), dtype=dtype, device=device)
+    flat = weights.view(-1)
+    block = _random((min(flat.numel(), _RANDOM_BLOCK),), dtype, device, gen)
+    for start in range(0, flat.numel(), block.numel()):
+        part = flat[start : start + block.numel()]
+        part.copy_(block[: part.numel()])
+    return weights
+
+
+def decode_step(cache: StreamingKVCache, keys: list[torch.Tensor], values: list[torch.Tensor],
+                queries: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One decode step on every layer: append keys[l]/values[l], attend queries[l]."""
+    append, attend = cache.append, cache.attend
+    outputs = []
+    for layer, (k, v, q) in enumerate(zip(keys, values, queries)):
+        append(layer, k, v)
+        outputs.append(attend(layer, q))  # [num_heads, head_dim]
+    return outputs
+
+
+class _TorchAttention:
+    """Makes cache.attend run the torch SDPA path of kvcore/attention.py (the baseline).
+
+    Uses the cache's private dispatch slot `_decode_attention`: the public API has no way to
+    pick the backend, and the baseline must run the same appends on the same cache."""
+
+    def __init__(self, cache: StreamingKVCache) -> None:
+        self.cache = cache
+
+    def __enter__(self) -> None:
+        self.saved = self.cache._attention_fn()
+        self.cache._decode_attention = decode_attention
+
+    def __exit__(self, *exc: object) -> None:
+        self.cache._decode_attention = self.saved
+
+
+def _layer_values(cache: StreamingKVCache, layer: int, half: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Valid slot prefix of one layer's K (half 0) or V (half 1), dequantized, in dtype."""
+    store = (cache.k_store, cache.v_store)[half][layer]
+    scale = (cache.k_scale, cache.v_scale)[half]
+    n = min(cache.total_appended, cache.max_positions)
+    if scale is None:
+        return store[:n].to(dtype)
+    return dequantize(store[:n], scale[layer, :n], dtype)
+
+
+def _read_norm2(x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """||x.reshape(-1, D) @ probe||^2 as a float32 scalar on the device: reads every element."""
+    return torch.linalg.vector_norm(torch.mv(x.reshape(-1, probe.numel()), probe),
+                                    dtype=torch.float32).square()
+
+
+def _expected_norm2(cache: StreamingKVCache, layer: int, probe: torch.Tensor) -> float:
+    """What _read_norm2 of get_valid(layer) must give, computed from the storage."""
+    total = 0.0
+    for half in (0, 1):
+        x = _layer_values(cache, layer, half, cache.out_dtype).float()
+        y = torch.mv(x.reshape(-1, probe.numel()), probe.float())
+        total += float(y.double().square().sum())
+    return total
+
+
+def _decode_error(cache: StreamingKVCache, outputs: list[torch.Tensor],
+                  queries: list[torch.Tensor]) -> float:
+    """Worst relative error of a step's outputs on the first and last layer vs float64."""
+    worst = 0.0
+    for layer in sorted({0, cache.num_layers - 1}):
+        ref = reference_attention(queries[layer], _layer_values(cache, layer, 0, torch.float64),
+                                  _layer_values(cache, layer, 1, torch.float64), cache.sm_scale)
+        err = (outputs[layer].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+        worst = max(worst, float(err))
+    return worst
+
+
+def _copy_measurement(cfg: BenchConfig, device: torch.device, gen: torch.Generator,
+                      target_s: float) -> tuple[Measurement, int]:
+    gb = cfg.copy_gb if cfg.copy_gb is not None else (1.0 if device.type == "cuda" else 0.25)
+    src = _random((max(1, int(gb * 1e9) // 4),), torch.float32, device, gen)
+    dst = torch.empty_like(src)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            dst.copy_(src)
+
+    n = plan_units(_unit_seconds(device, run, target_s, cfg.rep_budget_s), 1, target_s,
+                   cfg.rep_budget_s)
+    m = _repeat("copy", n, cfg.repetitions, lambda: _timed(device, lambda: run(n)))
+    return m, src.nbytes
+
+
+def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
+    wall_start = time.perf_counter()
+    target_s = 4 * cfg.min_region_s
+    reps, budget = cfg.repetitions, cfg.rep_budget_s
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    L, H, D, P = cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.context_length
+    Hkv = cfg.num_kv_heads or H
+
+    copy, copy_bytes = _copy_measurement(cfg, device, gen, target_s)
+    gc.collect()
+    host_peak = _HostPeak()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        host_peak.reset()
+
+    cache = StreamingKVCache(num_layers=L, max_positions=P, num_heads=H, head_dim=D,
+                             num_kv_heads=Hkv, dtype=cfg.dtype, device=str(device),
+                             sink_positions=cfg.sink_positions)
+    cache_bytes = cache.memory_bytes()
+    if device.type == "cuda":
+        measured, measured_source = torch.cuda.memory_allocated(device) - before, "allocator"
+    else:
+        measured = _storage_bytes([cache.k_store, cache.v_store, cache.k_scale, cache.v_scale])
+        measured_source = "storage"
+    kv_ok = abs(measured - cache_bytes) <= max(1 << 20, 1e-3 * cache_bytes)
+
+    wdtype = WEIGHT_DTYPES[cfg.weights_dtype]
+    weights = None
+    if cfg.weights_gb > 0:
+        weights = _random_weights(int(cfg.weights_gb * 1e9), H * D, wdtype, device, gen)
+        w_in = _random((H * D,), wdtype, device, gen)
+        w_out = torch.empty(weights.shape[0], dtype=wdtype, device=device)
+    weight_bytes = 0 if weights is None else weights.nbytes
+
+    in_dtype = cache.out_dtype  # what append/extend/attend take
+    npool = min(_POOL_POSITIONS, P)
+    pool_k = _random((npool, L, Hkv, D), in_dtype, device, gen)
+    pool_v = _random((npool, L, Hkv, D), in_dtype, device, gen)
+    pos_k = [list(pool_k[i].unbind(0)) for i in range(npool)]  # [npool][L] of [Hkv, D]
+    pos_v = [list(pool_v[i].unbind(0)) for i in range(npool)]
+    queries = list(_random((L, H, D), in_dtype, device, gen).unbind(0))  # L x [H, D]
+    in_bytes_per_pos = 2 * L * Hkv * D * pool_k.element_size()
+    cache_bytes_per_pos = cache_bytes / P
+
+    # fill: append layer by layer from an empty cache
+    counter = [0]
+
+    def append_positions(n: int) -> None:
+        append, start = cache.append, counter[0]
+        for p in range(start, start + n):
+            for layer, (k, v) in enumerate(zip(pos_k[p % npool], pos_v[p % npool])):
+                append(layer, k, v)
+        counter[0] = start + n
+
+    def fills(n: int, segment: Callable[[int], object]) -> float:
+        """Seconds of n positions written from an empty cache, clearing every P positions."""
+        seconds = 0.0
+        while n > 0:
+            m = min(n, P)
+            cache.clear()
+            seconds += _timed(device, lambda: segment(m))
+            n -= m
+        return seconds
+
+    cache.clear()
+    unit = _unit_seconds(device, append_positions, target_s, budget)
+    fill_n = _whole_fills(plan_units(unit, P, target_s, budget), P, 1)
+    fill = _repeat("fill", fill_n, reps, lambda: fills(fill_n, append_positions))
+
+    # prefill: extend in chunks
+    chunk = min(cfg.prefill_chunk, P - cfg.sink_positions)
+    src_k = _random((L, chunk, Hkv, D), in_dtype, device, gen)
+    src_v = _random((L, chunk, Hkv, D), in_dtype, device, gen)
+    tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def extend_positions(n: int) -> None:
+        for _ in range(n // chunk):
+            cache.extend(src_k, src_v)
+        if n % chunk:
+            cache.extend(*tails[n % chunk])
+
+    cache.clear()
+    unit = _unit_seconds(device, lambda n: extend_positions(n * chunk), target_s, budget) / chunk
+    prefill_n = _whole_fills(plan_units(unit, P, target_s, budget), P, chunk)
+    for n in (P, prefill_n % P):
+        if n % chunk and n % chunk not in tails:
+            tails[n % chunk] = (src_k[:, : n % chunk].contiguous(),
+                                src_v[:, : n % chunk].contiguous())
+    prefill = _repeat("prefill", prefill_n, reps, lambda: fills(prefill_n, extend_positions))
+
+    # steady state: full and wrapped, each chunk scaled differently so blocks differ
+    cache.clear()
+    wrap = max(1, min(chunk, (P - cfg.sink_positions) // 2))
+    scales = torch.rand(((P + wrap) // chunk + 1, 2), generator=gen, device=device) + 0.5
+    for i, start in enumerate(range(0, P + wrap, chunk)):
+        n = min(chunk, P + wrap - start)
+        cache.extend((src_k[:, :n] * scales[i, 0].to(in_dtype)).contiguous(),
+                     (src_v[:, :n] * scales[i, 1].to(in_dtype)).contiguous())
+    del src_k, src_v, tails
+    assert len(cache) == P and cache.total_appended > P, "steady state not reached"
+
+    # retrieve: get_valid of layer after layer, every element read into a checksum
+    probe = _random((D,), in_dtype, device, gen)
+    acc = torch.zeros((), dtype=torch.float64, device=device)
+
+    def read_layers(n: int) -> None:
+        for i in range(n):
+            k, v = cache.get_valid(i % L)
+            acc.add_(_read_norm2(k, probe))
+            acc.add_(_read_norm2(v, probe))
+
+    unit = _unit_seconds(device, read_layers, target_s, budget)
+    reads = plan_units(unit, L, target_s, budget)
+    acc.zero_()
+    retrieve = _repeat("retrieve", reads, reps, lambda: _timed(device, lambda: read_layers(reads)))
+    per_layer = [reps * (reads // L + (layer < reads % L)) for layer in range(L)]
+    expected = sum(c * _expected_norm2(cache, layer, probe)
+                   for layer, c in enumerate(per_layer) if c)
+    retrieve_err = abs(float(acc) - expected) / max(expected, 1e-30)
+    retrieve_ok = retrieve_err <= RETRIEVE_TOLERANCE[in_dtype]
+
+    # decode: per step every layer appends one position and attends one query
+    def steps(with_weights: bool) -> Callable[[int], None]:
+        def run(n: int) -> None:
+            for _ in range(n):
+                p = counter[0]
+                decode_step(cache, pos_k[p % npool], pos_v[p % npool], queries)
+                counter[0] = p + 1
+                if with_weights and weights is not None:
+                    torch.mv(weights, w_in, out=w_out)
+        return run
+
+    def decode_region(name: str, run: Callable[[int], None]) -> Measurement:
+        unit = _unit_seconds(device, run, target_s, budget)
+        n = plan_units(unit, cfg.decode_steps, target_s, budget)
+        return _repeat(name, n, reps, lambda: _timed(device, lambda: run(n)))
+
+    decode_cache = decode_region("decode_cache", steps(False))
+    decode = decode_region("decode", steps(True))
+
+    if device.type == "cuda":
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        nvml = _nvml(device)
+        if nvml["nvml_source"] != "unavailable":
+            seen = nvml["nvml_used_gb"] * 1e9
+        else:  # the driver's view of the whole device, through torch
+            free, total = torch.cuda.mem_get_info(device)
+            seen = total - free
+        context_bytes = max(0.0, seen - torch.cuda.memory_reserved(device))
+        peak_source = "cuda_allocator"
+    else:
+        peak, peak_source = host_peak.growth_bytes(), host_peak.source
+        nvml = {"nvml_used_gb": 0.0, "nvml_source": "unavailable", "driver_version": "",
+                "gpu_uuid": ""}
+        context_bytes = 0.0
+    backend = cache.attention_backend
+
+    with _TorchAttention(cache):
+        baseline = decode_region("baseline_decode", steps(False))
+
+    # correctness of what was timed: one more step of each path against float64
+    p = counter[0]
+    decode_err = _decode_error(cache, decode_step(cache, pos_k[p % npool], pos_v[p % npool],
+                                                  queries), queries)
+    with _TorchAttention(cache):
+        p += 1
+        baseline_err = _decode_error(cache, decode_step(cache, pos_k[p % npool],
+                                                        pos_v[p % npool], queries), queries)
+    tolerance = DECODE_TOLERANCE[in_dtype]
+
+    measurements = [copy, fill, prefill, retrieve, decode_cache, decode, baseline]
+    reasons = assess(measurements, cfg.min_region_s, cfg.max_spread)
+    if not retrieve_ok:
+        reasons.append(f"retrieve: checksum off by {retrieve_err:.3g} (relative), so get_valid "
+                       "did not return the stored data")
+    for name, err in (("decode", decode_err), ("baseline_decode", baseline_err)):
+        if not err <= tolerance:
+            reasons.append(f"{name}: output off float64 reference by {err:.3g} > {tolerance:g}")
+    if not kv_ok:
+        reasons.append(f"kv_cache_gb {cache_bytes / 1e9:.6g} differs from the {measured_source} "
+                       f"figure {measured / 1e9:.6g}")
+
+    figures = {m.name: m.summary() for m in measurements}
+    copy_gbps = figures["copy"][0] * 2 * copy_bytes / 1e9
+    step_bytes = cache_bytes + weight_bytes
+    decode_gbps = figures["decode"][0] * step_bytes / 1e9
+    decode_cache_gbps = figures["decode_cache"][0] * cache_bytes / 1e9
+    peak_gb = peak / 1e9
+    return BenchResult(
+        num_layers=L, num_heads=H, num_kv_heads=Hkv, head_dim=D, context_length=P,
+        dtype=cfg.dtype, sink_positions=cfg.sink_positions, device=str(device),
+        repetitions=reps, attention_backend=backend,
+        **_triple("fill_rate_pos_s", figures["fill"]),
+        fill_gbps=figures["fill"][0] * (in_bytes_per_pos + cache_bytes_per_pos) / 1e9,
+        fill_positions_timed=fill_n,
+        **_triple("prefill_rate_pos_s", figures["prefill"]),
+        prefill_gbps=figures["prefill"][0] * (in_bytes_per_pos + cache_bytes_per_pos) / 1e9,
+        prefill_positions_timed=prefill_n, prefill_chunk=chunk,
+        **_triple("retrieve_rate_ops_s", figures["retrieve"]),
+        retrieve_gbps=figures["retrieve"][0] * cache_bytes_per_pos / L / 1e9,
+        retrieve_layers_timed=reads, retrieve_check_ok=retrieve_ok,
+        retrieve_check_err=retrieve_err,
+        **_triple("decode_tok_s", figures["decode"]),
+        decode_gbps=decode_gbps, decode_steps_timed=decode.units,
+        **_triple("decode_cache_tok_s", figures["decode_cache"]),
+        decode_cache_gbps=decode_cache_gbps, decode_cache_steps_timed=decode_cache.units,
+        **_triple("baseline_decode_tok_s", figures["baseline_decode"]),
+        baseline_decode_gbps=figures["baseline_decode"][0] * cache_bytes / 1e9,
+        baseline_decode_steps_timed=baseline.units,
+        decode_speedup=figures["decode_cache"][0] / figures["baseline_decode"][0],
+        decode_roofline_frac=decode_gbps / copy_gbps,
+        decode_cache_roofline_frac=decode_cache_gbps / copy_gbps,
+        decode_check_ok=decode_err <= tolerance, decode_check_err=decode_err,
+        baseline_check_ok=baseline_err <= tolerance, baseline_check_err=baseline_err,
+        copy_gbps=copy_gbps, copy_gbps_min=figures["copy"][1] * 2 * copy_bytes / 1e9,
+        copy_gbps_max=figures["copy"][2] * 2 * copy_bytes / 1e9, copy_gb=copy_bytes / 1e9,
+        kv_cache_gb=cache_bytes / 1e9, kv_cache_measured_gb=measured / 1e9,
+        kv_cache_measured_source=measured_source, kv_cache_ok=kv_ok,
+        weights_gb=weight_bytes / 1e9, weights_dtype=cfg.weights_dtype,
+        peak_mem_gb=peak_gb, peak_mem_source=peak_source,
+        nvml_used_gb=float(nvml["nvml_used_gb"]), nvml_source=str(nvml["nvml_source"]),
+        cuda_context_gb=context_bytes / 1e9, total_vram_gb=peak_gb + context_bytes / 1e9,
+        valid=not reasons, invalid_reason="; ".join(reasons),
+        driver_version=str(nvml["driver_version"]), gpu_uuid=str(nvml["gpu_uuid"]),
+        **_environment(device),
+        wall_s=time.perf_counter() - wall_start,
+    )
+
+
+def _whole_fills(n: int, capacity: int, chunk: int) -> int:
+    """Round a planned count of positions: whole fills above capacity, whole chunks below."""
+    if n >= capacity:
+        return math.ceil(n / capacity) * capacity
+    return max(chunk, n // chunk * chunk)
+
+
+def _triple(name: str, figure: tuple[float, float, float]) -> dict[str, float]:
+    return {name: figure[0], f"{name}_min": figure[1], f"{name}_max": figure[2]}
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+        except RuntimeError:
+            pass  # a failed kernel: empty what can be emptied anyway
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_benchmark(cfg: BenchConfig) -> BenchResult:
+    """Run one trial (see the module docstring); ValueError for a bad config.
+
+    Device memory is freed before returning or raising; errors (out-of-memory included)
+    propagate unchanged.
+    """
+    if not isinstance(cfg, BenchConfig):
+        raise ValueError(f"run_benchmark takes a BenchConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    try:
+        with torch.no_grad():
+            return _run(cfg, device)
+    except BaseException as error:
+        # The traceback's frames hold the trial's tensors: drop their locals before re-raising.
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        _release(device)
+
+
+# ---------------------------------------------------------------------- command line
+
+_TABLE = (  # figure, the result field whose median/min/max it shows, its GB/s field
+    ("fill (append)", "fill_rate_pos_s", "fill_gbps"),
+    ("prefill (extend)", "prefill_rate_pos_s", "prefill_gbps"),
+    ("retrieve (get_valid)", "retrieve_rate_ops_s", "retrieve_gbps"),
+    ("decode (cache+weights)", "decode_tok_s", "decode_gbps"),
+    ("decode (cache alone)", "decode_cache_tok_s", "decode_cache_gbps"),
+    ("baseline decode (SDPA)", "baseline_decode_tok_s", "baseline_decode_gbps"),
+    ("copy (read+write)", "copy_gbps", "copy_gbps"),
+)
+
+
+def format_table(result: BenchResult) -> str:
+    d = result.to_dict()
+    lines = [
+        f"{d['device_name']} ({d['device']}), torch {d['torch_version']}, {d['date_utc']}",
+        f"{d['num_layers']} layers x {d['num_heads']} heads ({d['num_kv_heads']} KV) x "
+        f"{d['head_dim']}, {d['context_length']} positions, {d['dtype']}, "
+        f"{d['sink_positions']} sinks, attention: {d['attention_backend']}",
+        f"{'figure':<24} {'field':<22} {'median':>12} {'min':>12} {'max':>12} {'GB/s':>9}",
+    ]
+    for label, field, gbps in _TABLE:
+        lines.append(f"{label:<24} {field:<22} {d[field]:>12.5g} {d[field + '_min']:>12.5g} "
+                     f"{d[field + '_max']:>12.5g} {d[gbps]:>9.4g}")
+    for field in ("decode_speedup", "decode_roofline_frac", "decode_cache_roofline_frac",
+                  "kv_cache_gb", "kv_cache_measured_gb", "weights_gb", "peak_mem_gb",
+                  "nvml_used_gb", "total_vram_gb"):
+        lines.append(f"{field:<47} {d[field]:>12.5g}")
+    lines.append(f"checks: retrieve {d['retrieve_check_ok']}, decode {d['decode_check_ok']} "
+                 f"(err {d['decode_check_err']:.2g}), baseline {d['baseline_check_ok']}, "
+                 f"kv_cache {d['kv_cache_ok']} ({d['kv_cache_measured_source']}); "
+                 f"nvml: {d['nvml_source']}; peak: {d['peak_mem_source']}")
+    lines.append(f"valid: {d['valid']}" + (f" ({d['invalid_reason']})" if d["invalid_reason"] else ""))
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m kvcore.bench",
+                     description="One benchmark trial of the streaming KV cache.")
+    defaults = BenchConfig()
+    types = {"num_kv_heads": int, "copy_gb": float}
+    for f in fields(BenchConfig):
+        kind = types.get(f.name, type(getattr(defaults, f.name)))
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
+                            default=getattr(defaults, f.name),
+                            help=f"default: {getattr(defaults, f.name)}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    try:
+        cfg.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    result = run_benchmark(cfg)
+    print(format_table(result))
+    print(json.dumps(result.to_dict(), sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Tests of the milestone benchmark (kvcore/bench.py) on the CPU, with a tiny odd model.
+
+Run: `python -m pytest tests/kvcore/test_bench.py -q`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import subprocess
+import sys
+import weakref
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvcore.bench as bench
+from kvcore.bench import (
+    BenchConfig,
+    BenchResult,
+    Measurement,
+    assess,
+    decode_step,
+    plan_units,
+    run_benchmark,
+)
+from kvcore.cache import StreamingKVCache
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMED = ("fill_rate_pos_s", "prefill_rate_pos_s", "retrieve_rate_ops_s", "decode_tok_s",
+         "decode_cache_tok_s", "baseline_decode_tok_s", "copy_gbps")
+BANDWIDTHS = ("fill_gbps", "prefill_gbps", "retrieve_gbps", "decode_gbps", "decode_cache_gbps",
+              "baseline_decode_gbps")
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def tiny_config(**overrides) -> BenchConfig:
+    """3 layers, 6 heads over 2 KV heads, head dim 5, 37 positions with 2 sinks: odd on purpose."""
+    values = dict(num_layers=3, num_heads=6, num_kv_heads=2, head_dim=5, context_length=37,
+                  dtype="float32", sink_positions=2, weights_gb=0.002, repetitions=3,
+                  device="cpu", decode_steps=4, prefill_chunk=8, min_region_s=0.001,
+                  rep_budget_s=0.05, copy_gb=0.004, seed=0)
+    values.update(overrides)
+    return BenchConfig(**values)
+
+
+TINY_FLAGS = ["--num-layers", "3", "--num-heads", "6", "--num-kv-heads", "2", "--head-dim", "5",
+              "--context-length", "37", "--sink-positions", "2", "--weights-gb", "0.002",
+              "--repetitions", "2", "--min-region-s", "0.001", "--rep-budget-s", "0.05",
+              "--copy-gb", "0.004"]
+
+
+@pytest.fixture(scope="module")
+def tiny_result() -> BenchResult:
+    return run_benchmark(tiny_config())
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvcore.bench", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+# ---------------------------------------------------------------------- figures
+
+
+def test_every_figure_present_and_plausible(tiny_result):
+    d = tiny_result.to_dict()
+    assert set(d) == {f.name for f in fields(BenchResult)}
+    json.dumps(d, allow_nan=False)  # plain JSON, no NaN or inf
+    for name in TIMED:
+        low, mid, high = d[f"{name}_min"], d[name], d[f"{name}_max"]
+        assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in (low, mid, high))
+        assert low <= mid <= high, name
+    for name in BANDWIDTHS + ("decode_speedup", "decode_roofline_frac", "kv_cache_gb",
+                              "peak_mem_gb", "total_vram_gb", "copy_gb", "weights_gb"):
+        assert math.isfinite(d[name]) and d[name] > 0, name
+    for name in ("fill_positions_timed", "prefill_positions_timed", "retrieve_layers_timed",
+                 "decode_steps_timed", "decode_cache_steps_timed", "baseline_decode_steps_timed"):
+        assert isinstance(d[name], int) and d[name] >= 1, name
+
+
+def test_derived_figures_follow_from_the_measured_ones(tiny_result):
+    r = tiny_result
+    assert r.decode_speedup == pytest.approx(r.decode_cache_tok_s / r.baseline_decode_tok_s)
+    step_gb = r.kv_cache_gb + r.weights_gb
+    assert r.decode_gbps == pytest.approx(r.decode_tok_s * step_gb)
+    assert r.decode_roofline_frac == pytest.approx(r.decode_gbps / r.copy_gbps)
+    assert r.decode_cache_gbps == pytest.approx(r.decode_cache_tok_s * r.kv_cache_gb)
+    # weights of about weights_gb, in whole rows of num_heads * head_dim float16 values
+    assert r.weights_gb == pytest.approx(0.002, rel=1e-2)
+    # a decode step carries the weights: it cannot be faster than the cache alone by much
+    assert r.decode_tok_s < 1.5 * r.decode_cache_tok_s
+
+
+def test_memory_and_environment_figures_on_cpu(tiny_result):
+    r = tiny_result
+    assert r.peak_mem_source in ("vmhwm", "rusage")
+    # the weights are held (and written) during the trial, so the resident peak grows by them
+    assert r.peak_mem_gb >= r.weights_gb
+    assert r.total_vram_gb == r.peak_mem_gb
+    assert (r.nvml_source, r.nvml_used_gb, r.cuda_context_gb) == ("unavailable", 0.0, 0.0)
+    assert r.device == "cpu" and r.attention_backend == "torch"
+    assert r.device_name and r.hostname and r.torch_version == torch.__version__
+    assert r.device_total_gb > 0
+    assert r.valid == (r.invalid_reason == "")
+
+
+def test_cache_is_full_and_wrapped_before_decode(monkeypatch):
+    seen = []
+    real = bench.decode_step
+
+    def spy(cache, *args):
+        seen.append((len(cache), cache.total_appended))
+        return real(cache, *args)
+
+    monkeypatch.setattr(bench, "decode_step", spy)
+    run_benchmark(tiny_config(repetitions=1))
+    assert seen and all(valid == 37 and total > 37 for valid, total in seen)
+
+
+@pytest.mark.parametrize("dtype", sorted(BYTES))
+def test_kv_cache_gb_matches_the_milestone_formula(dtype):
+    r = run_benchmark(tiny_config(dtype=dtype, repetitions=1))
+    # layers x positions x heads x head_dim x 2 (K and V) x bytes, heads = KV heads
+    formula = 3 * 37 * 2 * 5 * 2 * BYTES[dtype] / 1e9
+    assert r.kv_cache_gb == pytest.approx(formula, rel=1e-12)
+    assert r.kv_cache_measured_gb == pytest.approx(formula, rel=1e-12)
+    assert r.kv_cache_measured_source == "storage" and r.kv_cache_ok
+
+
+def test_kv_cache_of_quantized_storage_counts_the_scales():
+    r = run_benchmark(tiny_config(dtype="int8", repetitions=1))
+    values, scales = 3 * 37 * 2 * 5 * 2 * 1, 3 * 37 * 2 * 2 * 4
+    assert r.kv_cache_gb == pytest.approx((values + scales) / 1e9, rel=1e-12)
+    assert r.kv_cache_ok and r.decode_check_ok and r.retrieve_check_ok
+
+
+# ---------------------------------------------------------------------- retrieve reads data
+
+
+def test_retrieve_checksum_matches_the_stored_data(tiny_result):
+    assert tiny_result.retrieve_check_ok
+    assert tiny_result.retrieve_check_err < 1e-5
+
+
+@pytest.mark.parametrize("fake", ["zeros", "half", "stale"])
+def test_retrieve_that_does_not_read_the_window_is_caught(monkeypatch, fake):
+    real = StreamingKVCache.get_valid
+
+    def get_valid(self, layer):
+        k, v = real(self, layer)
+        if fake == "zeros":  # same shape and dtype, no data read
+            return torch.zeros_like(k), torch.zeros_like(v)
+        if fake == "half":  # reads only half of the window
+            return k[: len(k) // 2], v[: len(v) // 2]
+        return self.k_store[layer, :1].expand_as(k), self.v_store[layer, :1].expand_as(v)
+
+    monkeypatch.setattr(StreamingKVCache, "get_valid", get_valid)
+    r = run_benchmark(tiny_config(repetitions=1))
+    assert not r.retrieve_check_ok and not r.valid
+    assert "retrieve: checksum" in r.invalid_reason
+
+
+# ---------------------------------------------------------------------- decode is correct
+
+
+def _reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """float64 attention of query [H, D] over keys/values [n, Hkv, D], GQA by repeat."""
+    group = query.shape[0] // keys.shape[1]
+    k = keys.double().repeat_interleave(group, dim=1)  # [n, H, D]
+    v = values.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("hd,nhd->hn", query.double(), k) / math.sqrt(query.shape[1])
+    return torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 3e-3), ("bfloat16", 2e-2)])
+def test_decode_step_matches_float64_reference_on_a_wrapped_ring(dtype, tol):
+    L, H, Hkv, D, P, s = 3, 6, 2, 5, 11, 2
+    torch.manual_seed(1)
+    cache = StreamingKVCache(L, P, H, D, num_kv_heads=Hkv, dtype=dtype, sink_positions=s)
+    dt = cache.out_dtype
+    history_k, history_v = [], []  # every position appended: [L, Hkv, D]
+    for _ in range(2 * P + 3):  # past two wraps
+        keys, values = torch.randn(L, Hkv, D).to(dt), torch.randn(L, Hkv, D).to(dt)
+        queries = torch.randn(L, H, D).to(dt)
+        outputs = decode_step(cache, list(keys), list(values), list(queries))
+        history_k.append(keys)
+        history_v.append(values)
+    window = list(range(s)) + list(range(len(history_k) - (P - s), len(history_k)))
+    for layer in range(L):
+        keys = torch.stack([history_k[p][layer] for p in window])
+        values = torch.stack([history_v[p][layer] for p in window])
+        ref = _reference(queries[layer], keys, values)
+        assert outputs[layer].shape == (H, D) and outputs[layer].dtype == dt
+        err = (outputs[layer].double() - ref).abs().max() / ref.abs().max()
+        assert err < tol, (layer, float(err))
+
+
+def test_benchmark_checks_its_decode_against_float64(tiny_result, monkeypatch):
+    assert tiny_result.decode_check_ok and tiny_result.decode_check_err < 1e-5
+    assert tiny_result.baseline_check_ok and tiny_result.baseline_check_err < 1e-5
+    real = StreamingKVCache.attend
+    monkeypatch.setattr(StreamingKVCache, "attend",
+                        lambda self, layer, q: real(self, layer, q) * 1.01)
+    r = run_benchmark(tiny_config(repetitions=1))
+    assert not r.decode_check_ok and r.decode_check_err > 5e-3
+    assert "decode: output off float64 reference" in r.invalid_reason
+
+
+def test_baseline_runs_the_torch_sdpa_path(monkeypatch):
+    real = bench.decode_attention
+    calls = []
+
+    def wrong_sdpa(*args):
+        calls.append(args[5])  # n_valid: the whole ring
+        return real(*args) * 1.01
+
+    monkeypatch.setattr(bench, "decode_attention", wrong_sdpa)
+    r = run_benchmark(tiny_config(repetitions=1))
+    assert r.decode_check_ok and not r.baseline_check_ok  # only the baseline went through it
+    assert "baseline_decode: output off float64 reference" in r.invalid_reason
+    assert calls and set(calls) == {37}
+
+
+# ---------------------------------------------------------------------- validity and timing
+
+
+def test_region_below_the_floor_makes_the_result_invalid():
+    r = run_benchmark(tiny_config(min_region_s=5.0, rep_budget_s=0.002, repetitions=2))
+    assert not r.valid
+    assert "below the 5e+03 ms floor" in r.invalid_reason
+    assert "decode:" in r.invalid_reason and "fill:" in r.invalid_reason
+
+
+def test_assess_flags_short_and_spread_repetitions():
+    steady = Measurement("decode", 10, (0.10, 0.11, 0.12))
+    assert assess([steady], min_region_s=0.01, max_spread=2.0) == []
+    short = Measurement("fill", 10, (0.001, 0.1))
+    wild = Measurement("retrieve", 10, (0.1, 0.35, 0.1))
+    reasons = assess([short, wild], min_region_s=0.01, max_spread=2.0)
+    assert len(reasons) == 3
+    assert reasons[0].startswith("fill: a repetition lasted 1 ms, below the 10 ms floor")
+    assert reasons[1].startswith("fill: repetitions spread 100.00x")
+    assert reasons[2].startswith("retrieve: repetitions spread 3.50x")
+    assert steady.summary() == pytest.approx((10 / 0.11, 10 / 0.12, 10 / 0.10))
+
+
+def test_plan_units_meets_the_target_within_the_budget():
+    assert plan_units(0.001, want=16, target_s=0.02, budget_s=1.0) == 20  # target wins
+    assert plan_units(0.001, want=100, target_s=0.02, budget_s=1.0) == 100  # want wins
+    assert plan_units(0.1, want=16, target_s=0.02, budget_s=1.0) == 10  # time-boxed
+    assert plan_units(5.0, want=16, target_s=0.02, budget_s=1.0) == 1  # at least one
+    assert bench._whole_fills(50, 37, 1) == 74 and bench._whole_fills(20, 37, 8) == 16
+
+
+def test_slow_regions_are_time_boxed_and_say_how_much_was_timed():
+    r = run_benchmark(tiny_config(context_length=400, rep_budget_s=0.004, min_region_s=0.0005,
+                                  decode_steps=10_000, repetitions=2))
+    assert 1 <= r.fill_positions_timed < 400  # part of a fill from empty
+    assert 1 <= r.decode_steps_timed < 10_000
+
+
+# ---------------------------------------------------------------------- config and CLI
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(num_layers=0), "num_layers must be a positive int, got 0"),
+    (dict(num_kv_heads=4), "num_heads must be a multiple of num_kv_heads"),
+    (dict(dtype="int4"), "dtype must be one of"),
+    (dict(sink_positions=37), "sink_positions must be an int in [0, context_length=37)"),
+    (dict(weights_gb=-1.0), "weights_gb must be a finite number >= 0.0, got -1.0"),
+    (dict(repetitions=0), "repetitions must be a positive int"),
+    (dict(max_spread=1.0), "max_spread must be a finite number > 1.0"),
+    (dict(weights_dtype="int8"), "weights_dtype must be one of"),
+    (dict(device="tpu"), "device must be 'cpu' or 'cuda[:N]'"),
+])
+def test_bad_config_raises_value_error(overrides, message):
+    with pytest.raises(ValueError) as info:
+        run_benchmark(tiny_config(**overrides))
+    assert message in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
+def test_cuda_device_without_cuda_is_a_value_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run_benchmark(tiny_config(device="cuda:0"))
+
+
+def test_cli_prints_a_table_and_ends_with_the_json_line():
+    done = _bench(*TINY_FLAGS, "--dtype", "float16")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert any(line.startswith("figure") and "median" in line and "GB/s" in line for line in lines)
+    assert any(line.startswith("decode (cache alone)") for line in lines)
+    result = json.loads(lines[-1])
+    assert set(result) == {f.name for f in fields(BenchResult)}
+    assert result["dtype"] == "float16" and result["num_kv_heads"] == 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--num-layers", "abc"], "--num-layers"),
+    (["--no-such-flag"], "--no-such-flag"),
+    (["--dtype", "int4"], "dtype must be one of"),
+    (["--context-length", "4", "--sink-positions", "4"], "sink_positions"),
+])
+def test_cli_bad_flag_exits_2_with_one_clear_line(args, needle):
+    done = _bench(*args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    message = done.stderr.strip().splitlines()
+    assert len(message) == 1 and needle in message[0] and "error" in message[0]
+
+
+# ---------------------------------------------------------------------- memory is released
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _tracked_cache_class(refs: list):
+    class Tracked(StreamingKVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            refs.extend([weakref.ref(self), weakref.ref(self.k_store)])
+
+    return Tracked
+
+
+def test_runs_in_one_process_free_their_memory(monkeypatch):
+    refs: list = []
+    monkeypatch.setattr(bench, "StreamingKVCache", _tracked_cache_class(refs))
+    cfg = tiny_config(context_length=4096, num_layers=4, head_dim=64, weights_gb=0.15,
+                      repetitions=1, rep_budget_s=0.02)  # cache 8.4 MB, weights 150 MB
+    run_benchmark(cfg)
+    gc.collect()
+    after_first = _rss_bytes()
+    r = run_benchmark(cfg)
+    gc.collect()
+    assert r.peak_mem_gb > 0.15
+    assert len(refs) == 4 and all(ref() is None for ref in refs)  # caches and stores freed
+    assert _rss_bytes() - after_first < 50e6  # the 150 MB of weights went back too
+
+
+def test_errors_propagate_unchanged_after_cleanup(monkeypatch):
+    refs: list = []
+    monkeypatch.setattr(bench, "StreamingKVCache", _tracked_cache_class(refs))
+
+    def out_of_memory(self, layer, query):
+        raise MemoryError("simulated host out-of-memory")
+
+    monkeypatch.setattr(StreamingKVCache, "attend", out_of_memory)
+    with pytest.raises(MemoryError, match="simulated"):
+        run_benchmark(tiny_config(repetitions=1))
+    gc.collect()
+    assert refs and all(ref() is None for ref in refs)  # not kept alive by the traceback
+    monkeypatch.undo()
+    assert run_benchmark(replace(tiny_config(), repetitions=1)).decode_check_ok

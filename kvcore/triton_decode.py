@@ -520,7 +520,7 @@ def _layers_for(bytes_per_layer: int, l2_bytes: int) -> int:
 
 
 def bench_case(storage, num_kv_heads, *, num_heads=32, head_dim=128, positions=16384, reps=30,
-               copy_gbs, configs=None, sdpa=True, check=True):
+               copy_gbs, configs=None, sdpa=True, check=True, eager=True):
     """Check and time one (dtype, Hkv) case; returns one result row per config (dicts of plain values)."""
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(8)
@@ -553,12 +553,12 @@ def bench_case(storage, num_kv_heads, *, num_heads=32, head_dim=128, positions=1
         if splits is None:
             splits = choose_splits(positions, num_kv_heads, cfg.block_n, _num_sms(device), cfg.waves)
 
-        def eager():
+        def run_eager():
             for layer in range(num_layers):
                 decode_attention(*args(layer), positions, num_splits=splits, config=cfg)
 
         try:
-            eager_ms, _ = _median_ms(eager, reps, num_layers)
+            eager_ms = _median_ms(run_eager, reps, num_layers)[0] if eager else None
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 for layer in range(num_layers):
@@ -609,10 +609,11 @@ def _print_table(rows, out=sys.stdout):
             continue
         c = r["config"]
         err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+        eager = "-" if r["eager_ms"] is None else f"{r['eager_ms']:.4f}"
         ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
         sdpa = "-" if r["sdpa_ms"] is None else f"{r['sdpa_ms']:.3f}"
         speed = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
-        print(f"{r['dtype']:>13} {r['hkv']:>3} {err:>8} {ok:>3} {r['kernel_ms']:9.4f} {r['eager_ms']:8.4f} "
+        print(f"{r['dtype']:>13} {r['hkv']:>3} {err:>8} {ok:>3} {r['kernel_ms']:9.4f} {eager:>8} "
               f"{r['tok_s_32_layers']:7.0f} {r['target_tok_s']:6d} {r['gb_s']:6.0f} {r['copy_fraction']:7.1%} "
               f"{sdpa:>8} {speed:>8}  {'dot' if c['use_dot'] else 'rows'} bn{c['block_n']} w{c['num_warps']} "
               f"s{c['num_stages']} splits{r['splits']}", file=out)
@@ -636,24 +637,23 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, triton {sys.modules['triton'].__version__ if 'triton' in sys.modules else '?'}")
     copy_gbs = measure_copy_gbs(device)
     print(f"# device-to-device copy of 1.07 GB: {copy_gbs:.0f} GB/s (read + write)")
+    meta = {"card": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+            "triton": sys.modules["triton"].__version__}
     rows = []
     for name in args.dtypes.split(","):
         storage = _DTYPE_NAMES[name]
         for hkv in map(int, args.kv_heads.split(",")):
-            configs = _sweep_configs(storage, 32 // hkv) if args.sweep else None
+            configs = None
             if args.sweep:
-                configs += [(None, s) for s in (8, 16, 32, 64, 128) if s * hkv >= 64]
-            rows += bench_case(storage, hkv, positions=args.positions, reps=args.reps, copy_gbs=copy_gbs,
-                               configs=configs, sdpa=not args.sweep)
-            print(f"# done {name} Hkv={hkv}", flush=True)
-    meta = {"card": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-            "triton": sys.modules["triton"].__version__}
-    lines = [json.dumps({**meta, **r}) for r in rows]
-    for line in lines:
-        print(line)
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write("\n".join(lines) + "\n")
+                configs = _sweep_configs(storage, 32 // hkv) + [(None, s) for s in (8, 16, 32, 64, 128) if s * hkv >= 64]
+            case_rows = bench_case(storage, hkv, positions=args.positions, reps=args.reps, copy_gbs=copy_gbs,
+                                   configs=configs, sdpa=not args.sweep, eager=not args.sweep)
+            rows += case_rows
+            lines = [json.dumps({**meta, **r}) for r in case_rows]
+            print("\n".join(lines), flush=True)
+            if args.json:
+                with open(args.json, "a") as fh:
+                    fh.write("\n".join(lines) + "\n")
     _print_table(rows)
     failed = [r for r in rows if r["status"] != "ok" or r.get("ok") is False]
     return 1 if failed and not args.sweep else 0

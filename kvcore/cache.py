@@ -146,7 +146,7 @@ class StreamingKVCache:
 
         self._kv_shape = torch.Size((H, D))
         self._flat_shape = torch.Size((H * D,))
-        self._query_shape = torch.Size((self.num_heads, D))
+        self._kv_dims = {"num_kv_heads": H, "head_dim": D}
         self._decode_attention: Callable[..., torch.Tensor] | None = None
         self._total = 0  # complete positions ever appended
         self._pending = 0  # layers already given the position in progress
@@ -246,7 +246,7 @@ class StreamingKVCache:
         One copy for K and one for V (plus scales for 8-bit storage).
         """
         self._check_no_pending("append_all")
-        shape = (self.num_layers, self.num_kv_heads, self.head_dim)
+        shape = {"num_layers": self.num_layers, **self._kv_dims}
         self._check_tensor(keys, "keys", shape)
         self._check_tensor(values, "values", shape)
         slot = slot_of(self._total, self.max_positions, self.sink_positions)
@@ -263,8 +263,9 @@ class StreamingKVCache:
         wraps (three when the same call also fills the last free sinks).
         """
         self._check_no_pending("extend")
-        self._check_tensor(keys, "keys", None)
-        self._check_tensor(values, "values", tuple(keys.shape))
+        shape = {"num_layers": self.num_layers, "T": None, **self._kv_dims}
+        self._check_tensor(keys, "keys", shape)
+        self._check_tensor(values, "values", {**shape, "T": keys.shape[1]})
         runs = write_runs(self._total, keys.shape[1], self.max_positions, self.sink_positions)
         with torch.no_grad():
             for offset, slot, n in runs:
@@ -359,10 +360,17 @@ class StreamingKVCache:
         h // (num_heads // num_kv_heads). Returns [num_heads, head_dim] of out_dtype.
 
         Reads the valid slot prefix in place, never an ordered copy. On CUDA it runs the
-        Triton kernel of kvcore.triton_decode when that imports, else the torch path.
+        Triton kernel of kvcore.triton_decode when that imports, else the torch path
+        (`attention_backend` says which).
+
+        Error bound (tests check it): relative L2 error vs float64 attention over the values
+        given to the cache, random normal inputs, measured over a batch of outputs:
+        float32 1e-5, float16 2e-3, bfloat16 2e-3 (its own output rounding, 2^-8 relative per
+        element, is most of that: one tiny output may exceed it), int8 2e-2, float8_e4m3fn
+        8e-2 (measured on CPU at head_dim 128: about 2e-4, 1.7e-3, 1e-2 and 4e-2).
         """
         layer = self._check_layer(layer)
-        self._check_tensor(query, "query", tuple(self._query_shape))
+        self._check_tensor(query, "query", {"num_heads": self.num_heads, "head_dim": self.head_dim})
         count = self._layer_count(layer)
         if count == 0:
             raise ValueError(
@@ -432,21 +440,17 @@ class StreamingKVCache:
                 f"{self._pending}..{self.num_layers - 1} first"
             )
 
-    def _check_tensor(self, x: object, name: str, shape: tuple[int, ...] | None) -> None:
-        """Raise ValueError unless x is a tensor of out_dtype on the cache's device, of `shape`
-        (None: [num_layers, T, num_kv_heads, head_dim] for any T)."""
+    def _check_tensor(self, x: object, name: str, dims: dict[str, int | None]) -> None:
+        """Raise ValueError unless x is a tensor of out_dtype on the cache's device whose shape
+        matches `dims` (name -> size; None accepts any size)."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if shape is None:
-            L, H, D = self.num_layers, self.num_kv_heads, self.head_dim
-            got = tuple(x.shape)
-            if len(got) != 4 or (got[0], got[2], got[3]) != (L, H, D):
-                raise ValueError(
-                    f"{name} must have shape [num_layers={L}, T, num_kv_heads={H}, "
-                    f"head_dim={D}], got {list(got)}"
-                )
-        elif tuple(x.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
+        sizes = list(dims.values())
+        if x.dim() != len(sizes) or any(
+            want is not None and got != want for got, want in zip(x.shape, sizes)
+        ):
+            expected = ", ".join(k if v is None else f"{k}={v}" for k, v in dims.items())
+            raise ValueError(f"{name} must have shape [{expected}], got {list(x.shape)}")
         self._check_dtype_device(x, name)
 
     def _check_dtype_device(self, x: torch.Tensor, name: str) -> None:

@@ -8,14 +8,17 @@ Formats (`dtype` strings the cache accepts):
   float32 scale per row, so one outlier only coarsens its own row. Dequantized value
   x_hat = q.to(float32) * scale, then cast to the read dtype (`out_dtype`).
 
-Error bounds per element (tests check them exactly), with u_out the unit roundoff of out_dtype
-(2^-11 float16, 2^-8 bfloat16, 2^-24 float32) and tiny = 2^-126 (smallest normal float32):
-- int8:          |x - x_hat| <= max(amax / 127, tiny) / 2  + u_out * |x_hat|
-                 (round to nearest integer: half a step of amax/127, i.e. amax/254).
-- float8_e4m3fn: |x - x_hat| <= max(|x| * 2^-4, max(scale, tiny) * 2^-10) + u_out * |x_hat|
-                 (3 mantissa bits: relative 2^-4 for normal values; below 2^-6 * scale the
-                 subnormal spacing 2^-9 * scale gives the absolute floor).
-  Both also carry float32 rounding of x / scale and q * scale (relative 2^-23, negligible).
+Error bounds per element (tests check them exactly), with scale = max(amax / qmax, tiny),
+tiny = 2^-126 (smallest normal float32), and r_out = out_dtype rounding of the float32 result:
+u_out * |x_hat| plus half the smallest subnormal of out_dtype (u_out = 2^-24 float32,
+2^-11 float16, 2^-8 bfloat16):
+- int8:          |x - x_hat| <= scale / 2 + r_out            (= amax/254 for normal rows:
+                 rounding to the nearest integer loses half a step of amax/127).
+- float8_e4m3fn: |x - x_hat| <= max(|x| * 2^-4, scale * 2^-10) + r_out   (3 mantissa bits:
+                 relative 2^-4 for normal values; below 2^-6 * scale the subnormal spacing
+                 2^-9 * scale gives an absolute floor).
+  Both also carry float32 rounding of amax / qmax, x / scale and q * scale (relative 2^-24
+  each; the tests allow 2^-20 * (scale + |x|) for them).
 - An all-zero row gets scale = tiny and q = 0: no division by zero, no NaN.
 
 Key decisions: scales are float32 (a float16 scale would add its own 2^-11 error and could

@@ -1,0 +1,110 @@
+"""Storage formats: dtype names and 8-bit quantization, checked element by element against the
+error bounds kvcore/storage.py documents. Run: `python -m pytest tests/kvcore/test_storage.py -q`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcore.storage import (
+    FLOAT_DTYPES,
+    STORAGE_DTYPES,
+    dequantize,
+    is_quantized,
+    parse_dtype,
+    quantize,
+)
+
+QUANTIZED = ["int8", "float8_e4m3fn"]
+OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def round_trip(x: torch.Tensor, storage: str, out_dtype: torch.dtype):
+    q, scale = quantize(x, STORAGE_DTYPES[storage])
+    return q, scale, dequantize(q, scale, out_dtype)
+
+
+def test_parse_dtype_names():
+    assert parse_dtype("bfloat16", STORAGE_DTYPES, "dtype") is torch.bfloat16
+    assert parse_dtype("float8_e4m3fn", STORAGE_DTYPES, "dtype") is torch.float8_e4m3fn
+    assert is_quantized(torch.int8) and not is_quantized(torch.float16)
+    with pytest.raises(ValueError, match=r"dtype must be one of \[.*'int8'.*\], got 'int4'"):
+        parse_dtype("int4", STORAGE_DTYPES, "dtype")
+    with pytest.raises(ValueError, match=r"out_dtype must be one of .*got 'int8'"):
+        parse_dtype("int8", FLOAT_DTYPES, "out_dtype")
+    with pytest.raises(ValueError, match="got torch.float16"):
+        parse_dtype(torch.float16, STORAGE_DTYPES, "dtype")
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_round_trip_within_documented_bound(device, storage, out_dtype, storage_bound):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, 5, generator=gen) * torch.logspace(-6, 3, 64).view(64, 1, 1)
+    x[5, 1, 2] = 300.0  # an outlier only coarsens its own row
+    x = x.to(out_dtype).to(device)
+    q, scale, x_hat = round_trip(x, storage, out_dtype)
+    assert q.dtype == STORAGE_DTYPES[storage] and q.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
+    assert x_hat.dtype == out_dtype
+    err = (x.double() - x_hat.double()).abs().cpu()
+    bound = storage_bound(x.cpu(), storage, out_dtype)
+    assert (err <= bound).all(), f"worst excess {(err - bound).max().item()}"
+    # The bound is tight enough to mean something: errors reach a good part of it.
+    assert (err / bound).max() > 0.3
+    # Rows without the outlier keep their fine resolution.
+    assert scale[5, 0] < scale[5, 1] / 10
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_int8_step_is_amax_over_254(device, storage):
+    x = torch.tensor([[1.0, -0.5, 0.25, 0.0, -1.0]], device=device)
+    q, scale, x_hat = round_trip(x, storage, torch.float32)
+    qmax = 127.0 if storage == "int8" else 448.0
+    assert scale.item() == pytest.approx(1.0 / qmax, rel=1e-7)
+    # Extremes map onto +-qmax exactly and come back exactly.
+    assert q.to(torch.float32)[0, 0].item() == qmax and q.to(torch.float32)[0, 4].item() == -qmax
+    assert x_hat[0, 0].item() == pytest.approx(1.0, rel=1e-6)
+    if storage == "int8":
+        assert (x - x_hat).abs().max().item() <= 1.0 / 254 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_zero_rows_and_tiny_rows_give_no_nan(device, storage):
+    x = torch.zeros(2, 4, 5, device=device)
+    x[1, 2] = torch.tensor([1e-30, -3e-38, 0.0, 2e-39, 5e-31])  # float32 subnormals included
+    q, scale, x_hat = round_trip(x, storage, torch.float32)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert torch.isfinite(x_hat).all()
+    assert (x_hat[0] == 0).all()
+    assert (x - x_hat).abs().max().item() <= 1e-30 / 16 + 2.0**-127
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_values_at_the_range_edge_do_not_overflow(device, storage):
+    # x / scale can round just above qmax; it must clamp, not wrap (int8) or turn NaN (float8).
+    x = torch.tensor([[3.0e4, -3.0e4, 1.0, 2.9999e4, -1.1]], dtype=torch.float32, device=device)
+    q, scale, x_hat = round_trip(x, storage, torch.float32)
+    assert torch.isfinite(x_hat).all()
+    assert x_hat[0, 0] > 0 and x_hat[0, 1] < 0
+    assert (x_hat - x).abs().max().item() <= 3.0e4 / 16
+
+
+@given(
+    rows=st.lists(
+        st.lists(st.floats(-6e4, 6e4, allow_nan=False, width=32), min_size=3, max_size=3),
+        min_size=1,
+        max_size=8,
+    ),
+    storage=st.sampled_from(QUANTIZED),
+    out_dtype=st.sampled_from(OUT_DTYPES),
+)
+@settings(max_examples=80, deadline=None)
+def test_bound_holds_for_arbitrary_rows(rows, storage, out_dtype, storage_bound):
+    x = torch.tensor(rows, dtype=torch.float32)
+    x = x.to(out_dtype) if out_dtype != torch.float32 else x
+    _, _, x_hat = round_trip(x, storage, out_dtype)
+    err = (x.double() - x_hat.double()).abs()
+    assert (err <= storage_bound(x, storage, out_dtype)).all()

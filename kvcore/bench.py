@@ -339,20 +339,28 @@ def _timed(device: torch.device, fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _unit_seconds(device: torch.device, run: Callable[[int], object], target_s: float,
-                  budget_s: float) -> float:
-    """Warm up `run` (run(n) does n units of work) and estimate the seconds of one unit."""
-    run(1)
-    n = 1
+def measure(name: str, seconds_of: Callable[[int], float], want: int, target_s: float,
+            budget_s: float, repetitions: int, first: int = 1,
+            round_units: Callable[[int], int] = lambda n: n) -> Measurement:
+    """Warm up, calibrate and time a region; seconds_of(n) does n units of work and returns
+    the seconds they took (synchronized). Units per repetition: `plan_units`, then
+    `round_units`. If the first repetition misses target_s by far (the calibration caught a
+    stall), the plan is redone from it, at most three times; those runs are not reported."""
+    seconds_of(first)  # warm-up: lazy initialisation, allocator, caches
+    n, enough = first, min(target_s, budget_s) / 4
     while True:
-        seconds = _timed(device, lambda: run(n))
-        if seconds >= target_s / 4 or seconds >= budget_s / 4 or n >= 1 << 20:
-            return seconds / n
-        n = min(1 << 20, max(2 * n, math.ceil(target_s / 4 / max(seconds / n, 1e-9))))
-
-
-def _repeat(name: str, units: int, repetitions: int, run_rep: Callable[[], float]) -> Measurement:
-    return Measurement(name, units, tuple(run_rep() for _ in range(repetitions)))
+        seconds = seconds_of(n)
+        if seconds >= enough or n >= 1 << 24:
+            break
+        n = max(2 * n, math.ceil(n * enough / max(seconds, 1e-9)))
+    n = round_units(plan_units(seconds / n, want, target_s, budget_s))
+    seconds = seconds_of(n)
+    for _ in range(3):
+        again = round_units(plan_units(seconds / n, want, target_s, budget_s))
+        if seconds >= target_s / 2 or again <= n:
+            break
+        n, seconds = again, seconds_of(again)
+    return Measurement(name, n, (seconds,) + tuple(seconds_of(n) for _ in range(repetitions - 1)))
 
 
 # ---------------------------------------------------------------------- memory
@@ -562,9 +570,8 @@ def _copy_measurement(cfg: BenchConfig, device: torch.device, gen: torch.Generat
         for _ in range(n):
             dst.copy_(src)
 
-    n = plan_units(_unit_seconds(device, run, target_s, cfg.rep_budget_s), 1, target_s,
-                   cfg.rep_budget_s)
-    m = _repeat("copy", n, cfg.repetitions, lambda: _timed(device, lambda: run(n)))
+    m = measure("copy", lambda n: _timed(device, lambda: run(n)), 1, target_s, cfg.rep_budget_s,
+                cfg.repetitions)
     return m, src.nbytes
 
 
@@ -626,20 +633,20 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
                 append(layer, k, v)
         counter[0] = start + n
 
-    def fills(n: int, segment: Callable[[int], object]) -> float:
+    def fills(segment: Callable[[int], object], n: int,
+              prepare: Callable[[int], object] = lambda m: None) -> float:
         """Seconds of n positions written from an empty cache, clearing every P positions."""
         seconds = 0.0
         while n > 0:
             m = min(n, P)
             cache.clear()
+            prepare(m)
             seconds += _timed(device, lambda: segment(m))
             n -= m
         return seconds
 
-    cache.clear()
-    unit = _unit_seconds(device, append_positions, target_s, budget)
-    fill_n = _whole_fills(plan_units(unit, P, target_s, budget), P, 1)
-    fill = _repeat("fill", fill_n, reps, lambda: fills(fill_n, append_positions))
+    fill = measure("fill", lambda n: fills(append_positions, n), P, target_s, budget, reps,
+                   round_units=lambda n: _whole_fills(n, P, 1))
 
     # prefill: extend in chunks
     chunk = min(cfg.prefill_chunk, P - cfg.sink_positions)
@@ -647,20 +654,21 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
     src_v = _random((L, chunk, Hkv, D), in_dtype, device, gen)
     tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def extend_positions(n: int) -> None:
-        for _ in range(n // chunk):
-            cache.extend(src_k, src_v)
-        if n % chunk:
-            cache.extend(*tails[n % chunk])
+    def make_tail(m: int) -> None:
+        """The last, shorter chunk of an m-position fill, made before the fill is timed."""
+        if m % chunk and m % chunk not in tails:  # contiguous, like a model's chunk
+            tails[m % chunk] = (src_k[:, : m % chunk].contiguous(),
+                                src_v[:, : m % chunk].contiguous())
 
-    cache.clear()
-    unit = _unit_seconds(device, lambda n: extend_positions(n * chunk), target_s, budget) / chunk
-    prefill_n = _whole_fills(plan_units(unit, P, target_s, budget), P, chunk)
-    for n in (P, prefill_n % P):
-        if n % chunk and n % chunk not in tails:
-            tails[n % chunk] = (src_k[:, : n % chunk].contiguous(),
-                                src_v[:, : n % chunk].contiguous())
-    prefill = _repeat("prefill", prefill_n, reps, lambda: fills(prefill_n, extend_positions))
+    def extend_positions(n: int) -> None:
+        extend = cache.extend
+        for _ in range(n // chunk):
+            extend(src_k, src_v)
+        if n % chunk:
+            extend(*tails[n % chunk])
+
+    prefill = measure("prefill", lambda n: fills(extend_positions, n, make_tail), P, target_s,
+                      budget, reps, first=chunk, round_units=lambda n: _whole_fills(n, P, chunk))
 
     # steady state: full and wrapped, each chunk scaled differently so blocks differ
     cache.clear()
@@ -683,11 +691,13 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
             acc.add_(_read_norm2(k, probe))
             acc.add_(_read_norm2(v, probe))
 
-    unit = _unit_seconds(device, read_layers, target_s, budget)
-    reads = plan_units(unit, L, target_s, budget)
-    acc.zero_()
-    retrieve = _repeat("retrieve", reads, reps, lambda: _timed(device, lambda: read_layers(reads)))
-    per_layer = [reps * (reads // L + (layer < reads % L)) for layer in range(L)]
+    def timed_reads(n: int) -> float:
+        acc.zero_()  # what the last call adds up is checked
+        return _timed(device, lambda: read_layers(n))
+
+    retrieve = measure("retrieve", timed_reads, L, target_s, budget, reps)
+    reads = retrieve.units
+    per_layer = [reads // L + (layer < reads % L) for layer in range(L)]
     expected = sum(c * _expected_norm2(cache, layer, probe)
                    for layer, c in enumerate(per_layer) if c)
     retrieve_err = abs(float(acc) - expected) / max(expected, 1e-30)
@@ -705,9 +715,8 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         return run
 
     def decode_region(name: str, run: Callable[[int], None]) -> Measurement:
-        unit = _unit_seconds(device, run, target_s, budget)
-        n = plan_units(unit, cfg.decode_steps, target_s, budget)
-        return _repeat(name, n, reps, lambda: _timed(device, lambda: run(n)))
+        return measure(name, lambda n: _timed(device, lambda: run(n)), cfg.decode_steps,
+                       target_s, budget, reps)
 
     decode_cache = decode_region("decode_cache", steps(False))
     decode = decode_region("decode", steps(True))
@@ -767,10 +776,10 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         repetitions=reps, attention_backend=backend,
         **_triple("fill_rate_pos_s", figures["fill"]),
         fill_gbps=figures["fill"][0] * (in_bytes_per_pos + cache_bytes_per_pos) / 1e9,
-        fill_positions_timed=fill_n,
+        fill_positions_timed=fill.units,
         **_triple("prefill_rate_pos_s", figures["prefill"]),
         prefill_gbps=figures["prefill"][0] * (in_bytes_per_pos + cache_bytes_per_pos) / 1e9,
-        prefill_positions_timed=prefill_n, prefill_chunk=chunk,
+        prefill_positions_timed=prefill.units, prefill_chunk=chunk,
         **_triple("retrieve_rate_ops_s", figures["retrieve"]),
         retrieve_gbps=figures["retrieve"][0] * cache_bytes_per_pos / L / 1e9,
         retrieve_layers_timed=reads, retrieve_check_ok=retrieve_ok,

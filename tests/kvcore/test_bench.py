@@ -91,8 +91,6 @@ def test_derived_figures_follow_from_the_measured_ones(tiny_result):
     assert r.decode_cache_gbps == pytest.approx(r.decode_cache_tok_s * r.kv_cache_gb)
     # weights of about weights_gb, in whole rows of num_heads * head_dim float16 values
     assert r.weights_gb == pytest.approx(0.002, rel=1e-2)
-    # a decode step carries the weights: it cannot be faster than the cache alone by much
-    assert r.decode_tok_s < 1.5 * r.decode_cache_tok_s
 
 
 def test_memory_and_environment_figures_on_cpu(tiny_result):

@@ -1,0 +1,556 @@
+"""MLflow tracking of a sweep: one parent run per sweep, one nested child run per trial.
+
+The only module of the project that imports mlflow. The driver alone calls it:
+
+    from orchestrator.tracking import Tracker, TrackingUnavailable, resolve_tracking_uri
+    uri = resolve_tracking_uri(cfg.tracking.uri, cwd)      # sqlite:///<cwd>/mlflow.db by default
+    tracker = Tracker(uri, experiment="kvbench-m10")       # creates the experiment if missing
+    parent = tracker.start_sweep(milestone="m10", sweep_key=key, tags=..., params=...,
+                                 config_yaml=text, resume=True)
+    done = tracker.finished_trial_keys(parent)            # trials to skip on resume
+    tracker.log_trial(parent, record)                     # once per finished trial
+    tracker.finish_sweep(parent, records, status="FINISHED")
+
+What lands where:
+- Parent run (tag `run_type=sweep`): tags `milestone`, `sweep_key`, the sweep's tags, the git
+  commit; the sweep's params; artifact `config.yaml`. `finish_sweep` adds tag `verdict`
+  (PASS only if every trial passed), metrics `n_trials`, `n_pass`, `n_fail`, `n_error`,
+  `n_skipped`, and artifacts `summary.md`, `summary.csv`, `plots/<criterion>.png`.
+- Child run (tag `run_type=trial`, `mlflow.parentRunId`): params = the trial's flattened
+  config; metrics = its figures plus `criterion.<name>.threshold` / `.margin`; tags `verdict`,
+  `status`, `reason`, `trial_key`, `attempts`, `criterion.<name>` = pass|fail, the record's
+  `info` (GPU name and UUID, driver, CUDA, torch, host, ...), `git_commit`, and the sweep's tags
+  repeated so the UI's filters find trials; artifact `result.json` (the TrialRecord); start and
+  end time from the record. ERROR trials end as FAILED runs, the others as FINISHED.
+
+Key decisions:
+- Exactly one child run per trial_key under a parent: `log_trial` is idempotent. Logging a
+  record whose child already holds the identical record (same digest tag `record_digest`) is a
+  no-op that returns the existing run id; logging a different record for the same trial_key
+  replaces the earlier child (last write wins): the new child is written completely first, then
+  every other child with that trial_key is deleted. A child is complete once it carries its
+  `verdict` tag, which is written last; children left incomplete by an interrupted upload are
+  deleted by the next `log_trial` of that trial_key. So retries, spool uploads and resumes can
+  call `log_trial` again without ever leaving two children. (A crash between writing the new
+  child and deleting the old one leaves both until the next `log_trial` of that key; counts
+  and `finished_trial_keys` go by distinct trial_key, so they stay right meanwhile.)
+- Resume: `start_sweep(resume=True)` reopens the most recent parent run with the same
+  `sweep_key` unless that run is FINISHED (a complete sweep); reopening keeps the run id, sets it
+  RUNNING again and counts `resumes`. Params already on the parent are not logged again (MLflow
+  params are immutable); a resumed sweep keeps the first values. Two drivers resuming the same
+  sweep at once would share one parent: don't.
+- `finish_sweep` judges the whole sweep: the records it is given plus the records of children
+  logged earlier (read back from their `result.json`), so a resumed sweep's verdict, counts,
+  table and plots cover every trial.
+- Unreachable tracking: every public method raises `TrackingUnavailable` (never a raw MLflow,
+  requests or SQLAlchemy error) when the store cannot be reached: connection refused or reset,
+  timeouts, HTTP 5xx after retries, a locked or unwritable database. Other MLflow errors (a
+  bug, a bad value) propagate unchanged. To make a dead HTTP server fail within seconds rather
+  than MLflow's default of minutes (7 retries, exponential backoff, 120 s timeout), this module
+  sets defaults, unless the environment already sets them: MLFLOW_HTTP_REQUEST_MAX_RETRIES=2,
+  MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER=0.5,
+  MLFLOW_HTTP_REQUEST_TIMEOUT=10. A refused connection then fails in about 2-3 s; a server that
+  accepts but never answers in about 35 s (3 x 10 s + backoff). The driver should fall back to
+  the spool on the first `TrackingUnavailable` rather than pay that again for every trial.
+- Secrets: params, tags and the record's info pass through `redact`: keys whose words name a
+  secret (token, password, secret, key, credential, auth, ...) are dropped; passwords in URIs
+  (`scheme://user:pass@host`) and the values of secret-named environment variables are masked.
+  The config artifact gets the same treatment. Nothing is read from the environment to log.
+- A SQLite store keeps its artifacts next to the database (`<db dir>/mlartifacts/`), not in
+  whatever directory the process runs from; `mlflow ui --backend-store-uri <uri>` serves both.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import logging
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+from urllib.parse import unquote, urlparse
+
+# Read by MLflow at request time; set before any request. The user's environment wins.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+
+import requests  # noqa: E402  (after the HTTP defaults, which MLflow reads from the environment)
+import sqlalchemy.exc  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH  # noqa: E402
+
+from orchestrator import report  # noqa: E402
+from orchestrator.record import TrialRecord  # noqa: E402
+
+_log = logging.getLogger(__name__)
+
+ALLOWED_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks")
+SWEEP_STATUSES = ("FINISHED", "KILLED", "FAILED")
+# Parent-only tags: everything else on the parent is a sweep tag that children repeat.
+_PARENT_ONLY_TAGS = {"run_type", "verdict", "resumes", "git_commit", "git_dirty"}
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.:-]+")
+_SECRET_WORDS = {
+    "token", "tokens", "password", "passwords", "passwd", "pwd", "secret", "secrets", "key", "keys",
+    "apikey", "credential", "credentials", "auth", "authorization", "cookie", "bearer", "signature",
+}
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@")
+_UNAVAILABLE_ERRNOS = {
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+    errno.ENETUNREACH, errno.ENOSPC, errno.EIO, errno.EROFS, errno.EPIPE,
+}
+_T = TypeVar("_T")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached now; the results should go to the spool."""
+
+    def __init__(self, uri: str, operation: str, cause: BaseException):
+        self.uri = uri
+        self.operation = operation
+        detail = " ".join(str(cause).split())[:300]
+        super().__init__(
+            f"MLflow tracking at {redact_text(uri)} is unavailable ({operation}: "
+            f"{type(cause).__name__}: {detail})"
+        )
+
+
+# ---- URI ---------------------------------------------------------------------------------
+
+
+def resolve_tracking_uri(uri: str | None, cwd: str | os.PathLike[str]) -> str:
+    """The tracking URI to use: `uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db.
+
+    Relative sqlite and file paths (and bare paths, which MLflow reads as a file store) are made
+    absolute against `cwd`. Raises ValueError for an unknown scheme or an in-memory database.
+    """
+    source = "tracking.uri"
+    if uri is None or not str(uri).strip():
+        uri, source = os.environ.get("MLFLOW_TRACKING_URI", "").strip(), "MLFLOW_TRACKING_URI"
+    base = Path(os.path.abspath(cwd))
+    if not uri:
+        return f"sqlite:///{base / 'mlflow.db'}"
+    uri = str(uri).strip()
+    if uri == "databricks":  # MLflow's name for the default Databricks workspace
+        return uri
+    scheme = urlparse(uri).scheme.lower()
+    dialect = scheme.split("+", 1)[0]
+    if len(scheme) == 1 or not scheme:  # a bare path (a one-letter "scheme" is a drive letter)
+        return (base / uri).resolve().as_uri()
+    if dialect not in ALLOWED_SCHEMES:
+        raise ValueError(
+            f"{source}={redact_text(uri)!r} has the scheme {scheme!r}; expected one of "
+            f"{', '.join(ALLOWED_SCHEMES)}. Fix: e.g. tracking.uri=sqlite:///{base / 'mlflow.db'} "
+            "(a local file), tracking.uri=http://127.0.0.1:5000 (a server), or leave it unset."
+        )
+    if dialect == "sqlite":
+        return _absolute_sqlite(uri, base, source)
+    if dialect == "file":
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(
+                f"{source}={uri!r} names the host {parsed.netloc!r}; a file store is local. "
+                f"Fix: file:///absolute/path (three slashes), e.g. {(base / 'mlruns').as_uri()}"
+            )
+        return (base / unquote(parsed.path)).resolve().as_uri()
+    return uri
+
+
+def _absolute_sqlite(uri: str, base: Path, source: str) -> str:
+    prefix, _, rest = uri.partition(":///")
+    path, _, query = rest.partition("?")
+    if not rest or path in ("", ":memory:") or "mode=memory" in query:
+        raise ValueError(
+            f"{source}={uri!r} is an in-memory or empty SQLite database; results would vanish "
+            f"with the process. Fix: a file, e.g. sqlite:///{base / 'mlflow.db'}"
+        )
+    absolute = base / unquote(path)  # "sqlite:////abs/x.db" has path "/abs/x.db": stays absolute
+    return f"{prefix}:///{absolute.resolve()}" + (f"?{query}" if query else "")
+
+
+# ---- secrets -----------------------------------------------------------------------------
+
+
+def is_secret_name(name: str) -> bool:
+    """True when a key's words name a secret: 'cluster.auth_token', 'db.Password', 'apiKey'."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
+    words = {w.lower() for w in re.split(r"[^A-Za-z0-9]+", spaced) if w}
+    return bool(words & _SECRET_WORDS)
+
+
+def redact_text(text: str) -> str:
+    """Mask URI passwords and the values of secret-named environment variables in `text`."""
+    text = _URI_PASSWORD.sub(r"\g<head>***@", text)
+    for value in _secret_env_values():
+        text = text.replace(value, "***")
+    return text
+
+
+def redact(items: Mapping[str, Any]) -> dict[str, Any]:
+    """`items` without secret-named keys; string values pass through `redact_text`."""
+    kept = {}
+    for key, value in items.items():
+        if is_secret_name(str(key)):
+            _log.info("not logging %r: its name looks like a secret", key)
+            continue
+        kept[str(key)] = redact_text(value) if isinstance(value, str) else value
+    return kept
+
+
+def redact_yaml(text: str) -> str:
+    """A YAML text with the values of secret-named keys masked and URI passwords hidden."""
+    lines = []
+    for line in text.splitlines():
+        m = re.match(r"^(\s*-?\s*)([^\s:#][^:#]*?)(\s*:\s*)(\S.*)$", line)
+        if m and is_secret_name(m.group(2).strip("'\"")):
+            line = f"{m.group(1)}{m.group(2)}{m.group(3)}'***'"
+        lines.append(redact_text(line))
+    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+
+
+def _secret_env_values() -> list[str]:
+    return [v for k, v in os.environ.items() if len(v) >= 6 and is_secret_name(k)]
+
+
+# ---- unavailability ----------------------------------------------------------------------
+
+
+def is_unavailable_error(error: BaseException) -> bool:
+    """True when `error` (or what caused it) says the store cannot be reached, not that a
+    request was wrong: connection and timeout errors, HTTP retries used up (5xx), MLflow's
+    TEMPORARILY_UNAVAILABLE, SQLAlchemy's OperationalError, disk-full / read-only / I/O errors."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                                requests.exceptions.RetryError, sqlalchemy.exc.OperationalError,
+                                ConnectionError, TimeoutError)):
+            return True
+        if isinstance(current, MlflowException) and current.error_code == "TEMPORARILY_UNAVAILABLE":
+            return True
+        if isinstance(current, OSError) and current.errno in _UNAVAILABLE_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _translating(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Turn an unreachable store into TrackingUnavailable for a Tracker method."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Tracker", *args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except TrackingUnavailable:
+            raise
+        except Exception as error:
+            if is_unavailable_error(error):
+                raise TrackingUnavailable(self.uri, method.__name__, error) from error
+            raise
+
+    return wrapper
+
+
+# ---- the tracker -------------------------------------------------------------------------
+
+
+class Tracker:
+    """Writes sweeps and trials to one MLflow experiment; see the module docstring."""
+
+    def __init__(self, uri: str, experiment: str):
+        if not experiment or not experiment.strip():
+            raise ValueError(f"experiment name must be non-empty, got {experiment!r}")
+        self.uri = uri
+        self.experiment = experiment
+        self._sweep_tags: dict[str, dict[str, str]] = {}  # parent id -> tags children repeat
+        self._connect()
+
+    @_translating
+    def _connect(self) -> None:
+        artifact_location = None
+        parsed = urlparse(self.uri)
+        if parsed.scheme.split("+", 1)[0] == "sqlite":
+            db = Path(unquote(parsed.path))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            artifact_location = str(db.parent / "mlartifacts")
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment_id(artifact_location)
+
+    def _experiment_id(self, artifact_location: str | None) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                _log.warning("restoring the deleted MLflow experiment %r", self.experiment)
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_location)
+        except MlflowException as error:  # created meanwhile by another process
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+    @_translating
+    def ping(self) -> None:
+        """Raise TrackingUnavailable unless the store answers (one cheap read)."""
+        self.client.get_experiment(self.experiment_id)
+
+    # -- sweeps ----------------------------------------------------------------------------
+
+    @_translating
+    def start_sweep(
+        self,
+        milestone: str,
+        sweep_key: str,
+        tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        config_yaml: str = "",
+        resume: bool = True,
+    ) -> str:
+        """The parent run id of this sweep: a reopened unfinished one (resume) or a new one."""
+        _check_identifier("milestone", milestone)
+        _check_identifier("sweep_key", sweep_key)
+        sweep_tags = {k: _tag_value(v) for k, v in redact(dict(tags or {})).items()}
+        sweep_tags.update(milestone=milestone, sweep_key=sweep_key)
+        parent = self._unfinished_parent(sweep_key) if resume else None
+        if parent is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                tags={**sweep_tags, **_git_tags(), "run_type": "sweep"},
+                run_name=f"{milestone}-{sweep_key[:8]}",
+            )
+            parent_id, existing_params = run.info.run_id, {}
+        else:
+            parent_id, existing_params = parent.info.run_id, parent.data.params
+            self.client.update_run(parent_id, status="RUNNING")
+            resumes = int(parent.data.tags.get("resumes", "0")) + 1
+            self._log_batch(parent_id, tags={**sweep_tags, **_git_tags(), "resumes": str(resumes)})
+            _log.info("resuming sweep %s in parent run %s (resume %d)", sweep_key, parent_id, resumes)
+        new_params = {k: v for k, v in redact(dict(params or {})).items() if k not in existing_params}
+        self._log_batch(parent_id, params=new_params)
+        if config_yaml:
+            self.client.log_text(parent_id, redact_yaml(config_yaml), "config.yaml")
+        self._sweep_tags[parent_id] = sweep_tags
+        return parent_id
+
+    def _unfinished_parent(self, sweep_key: str) -> Any:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.sweep_key = '{sweep_key}' and tags.run_type = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if runs and runs[0].info.status != "FINISHED":
+            return runs[0]
+        return None
+
+    @_translating
+    def finish_sweep(self, parent_id: str, records: Sequence[TrialRecord], status: str = "FINISHED") -> str:
+        """Judge the sweep, attach its table and plots, end the parent run; return its verdict.
+
+        `records` are merged (by trial_key, the given ones winning) with the records already
+        logged under the parent, so a resumed sweep is judged whole. The verdict is PASS only
+        if there is at least one trial and every trial passed.
+        """
+        if status not in SWEEP_STATUSES:
+            raise ValueError(f"status must be one of {SWEEP_STATUSES}, got {status!r}")
+        given = {r.trial_key: r for r in records}
+        merged = {r.trial_key: r for r in self._stored_records(parent_id, skip=set(given))}
+        merged.update(given)
+        everything = sorted(merged.values(), key=lambda r: (r.index, r.trial_key))
+        counts = {f"n_{v.lower()}": sum(r.verdict == v for r in everything)
+                  for v in ("PASS", "FAIL", "ERROR", "SKIPPED")}
+        verdict = "PASS" if everything and counts["n_pass"] == len(everything) else "FAIL"
+        milestone = self._parent_sweep_tags(parent_id).get("milestone", "")
+        with tempfile.TemporaryDirectory(prefix="kvbench-summary-") as tmp:
+            out = Path(tmp)
+            (out / "summary.md").write_text(report.format_markdown(everything))
+            (out / "summary.csv").write_text(report.format_csv(everything))
+            report.write_plots(everything, out / "plots", title=milestone)
+            self.client.log_artifacts(parent_id, tmp)
+        now = int(time.time() * 1000)
+        metrics = {"n_trials": len(everything), **counts}
+        self.client.log_batch(
+            parent_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            tags=[RunTag("verdict", verdict)],
+        )
+        self.client.set_terminated(parent_id, status)
+        return verdict
+
+    # -- trials ----------------------------------------------------------------------------
+
+    @_translating
+    def finished_trial_keys(self, parent_id: str) -> set[str]:
+        """trial_keys under the parent whose child run is complete (carries a verdict)."""
+        return {r.data.tags["trial_key"] for r in self._children(parent_id) if "verdict" in r.data.tags}
+
+    @_translating
+    def trial_records(self, parent_id: str) -> list[TrialRecord]:
+        """The TrialRecords logged under the parent (read back from their result.json)."""
+        return sorted(self._stored_records(parent_id, skip=set()), key=lambda r: (r.index, r.trial_key))
+
+    @_translating
+    def log_trial(self, parent_id: str, record: TrialRecord) -> str:
+        """Log one trial as a nested child run; exactly one child per trial_key (see module doc)."""
+        _check_identifier("trial_key", record.trial_key)
+        digest = hashlib.sha256(record.to_json().encode()).hexdigest()[:32]
+        same_key = self._children(parent_id, trial_key=record.trial_key)
+        for run in same_key:
+            if "verdict" in run.data.tags and run.data.tags.get("record_digest") == digest:
+                self._delete_runs(r for r in same_key if r.info.run_id != run.info.run_id)
+                return run.info.run_id
+        child_id = self._write_child(parent_id, record, digest)
+        self._delete_runs(same_key)
+        return child_id
+
+    def _write_child(self, parent_id: str, record: TrialRecord, digest: str) -> str:
+        now = time.time()
+        start_ms = int((record.started_at or record.finished_at or now) * 1000)
+        end_ms = max(int((record.finished_at or now) * 1000), start_ms)
+        identity = {
+            **self._parent_sweep_tags(parent_id),
+            "mlflow.parentRunId": parent_id,
+            "run_type": "trial",
+            "trial_key": record.trial_key,
+        }
+        run = self.client.create_run(
+            self.experiment_id, start_time=start_ms, tags=identity,
+            run_name=f"{record.index:03d} {report.describe(record)}",
+        )
+        child_id = run.info.run_id
+        tags = {k: _tag_value(v) for k, v in redact(record.info).items()}
+        tags.update(_git_tags())
+        tags.update(
+            status=record.status, reason=_tag_value(record.reason), attempts=str(record.attempts),
+            trial_index=str(record.index), record_digest=digest,
+        )
+        metrics = {k: float(v) for k, v in record.metrics.items()}
+        for c in record.criteria:
+            tags[f"criterion.{c.name}"] = "pass" if c.passed else "fail"
+            metrics[f"criterion.{c.name}.threshold"] = float(c.threshold)
+            if c.margin is not None:
+                metrics[f"criterion.{c.name}.margin"] = float(c.margin)
+        self._log_batch(child_id, params=redact(record.params), tags=tags, metrics=metrics, timestamp_ms=end_ms)
+        self.client.log_text(child_id, record.to_json(), "result.json")
+        # The verdict comes last: its presence marks the child complete.
+        self.client.set_tag(child_id, "verdict", record.verdict)
+        self.client.set_terminated(child_id, "FAILED" if record.status == "ERROR" else "FINISHED", end_time=end_ms)
+        return child_id
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _children(self, parent_id: str, trial_key: str | None = None) -> list[Any]:
+        _check_identifier("parent run id", parent_id)
+        query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        if trial_key is not None:
+            query += f" and tags.trial_key = '{trial_key}'"
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=query,
+                                           max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _stored_records(self, parent_id: str, skip: set[str]) -> list[TrialRecord]:
+        records = []
+        complete = [r for r in self._children(parent_id) if "verdict" in r.data.tags]
+        with tempfile.TemporaryDirectory(prefix="kvbench-records-") as tmp:
+            for run in complete:
+                if run.data.tags["trial_key"] in skip:
+                    continue
+                try:
+                    path = self.client.download_artifacts(run.info.run_id, "result.json", tmp)
+                    records.append(TrialRecord.from_json(Path(path).read_text()))
+                except (OSError, ValueError, TypeError, KeyError, MlflowException) as error:
+                    if is_unavailable_error(error):
+                        raise
+                    _log.warning("child run %s has no readable result.json (%s); not counted",
+                                 run.info.run_id, error)
+        return records
+
+    def _parent_sweep_tags(self, parent_id: str) -> dict[str, str]:
+        if parent_id not in self._sweep_tags:
+            tags = self.client.get_run(parent_id).data.tags
+            self._sweep_tags[parent_id] = {
+                k: v for k, v in tags.items() if not k.startswith("mlflow.") and k not in _PARENT_ONLY_TAGS
+            }
+        return self._sweep_tags[parent_id]
+
+    def _delete_runs(self, runs: Any) -> None:
+        for run in runs:
+            self.client.delete_run(run.info.run_id)
+
+    def _log_batch(
+        self,
+        run_id: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        """log_batch in chunks within MLflow's per-request limits."""
+        ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+        entities: list[Param | RunTag | Metric] = []
+        entities += [Param(k, _clip(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in (params or {}).items()]
+        entities += [RunTag(k, _tag_value(v)) for k, v in (tags or {}).items()]
+        entities += [Metric(k, v, ts, 0) for k, v in (metrics or {}).items() if math.isfinite(v)]
+        for start in range(0, len(entities), MAX_PARAMS_TAGS_PER_BATCH):
+            chunk = entities[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+            self.client.log_batch(
+                run_id,
+                params=[e for e in chunk if isinstance(e, Param)],
+                tags=[e for e in chunk if isinstance(e, RunTag)],
+                metrics=[e for e in chunk if isinstance(e, Metric)],
+            )
+
+
+def _check_identifier(what: str, value: str) -> None:
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise ValueError(
+            f"{what} must be letters, digits and _.:- only (it goes into MLflow search filters), "
+            f"got {value!r}"
+        )
+
+
+def _tag_value(value: Any) -> str:
+    return _clip(str(value), MAX_TAG_VAL_LENGTH)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@functools.cache
+def _git_tags() -> dict[str, str]:
+    """The project's git commit (and whether the tree had local changes), if it is a checkout."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
+

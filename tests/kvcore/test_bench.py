@@ -223,6 +223,13 @@ def test_baseline_runs_the_torch_sdpa_path(monkeypatch):
     assert calls and set(calls) == {37}
 
 
+def test_baseline_is_the_same_measurement_when_attend_runs_the_torch_path(tiny_result):
+    r = tiny_result  # CPU: attend dispatches to kvcore.attention.decode_attention itself
+    assert r.attention_backend == "torch" and r.decode_speedup == 1.0
+    assert r.baseline_decode_tok_s == r.decode_cache_tok_s
+    assert r.baseline_check_err == r.decode_check_err
+
+
 # ---------------------------------------------------------------------- validity and timing
 
 
@@ -298,18 +305,28 @@ def test_cli_prints_a_table_and_ends_with_the_json_line():
     assert result["dtype"] == "float16" and result["num_kv_heads"] == 2
 
 
+def test_cli_bad_flag_exits_2_with_one_clear_line():
+    done = _bench("--num-layers", "abc")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == (
+        "python -m kvcore.bench: error: argument --num-layers: invalid int value: 'abc' "
+        "(see --help)"
+    )
+
+
 @pytest.mark.parametrize("args,needle", [
-    (["--num-layers", "abc"], "--num-layers"),
-    (["--no-such-flag"], "--no-such-flag"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--dtype", "int4"], "dtype must be one of"),
-    (["--context-length", "4", "--sink-positions", "4"], "sink_positions"),
+    (["--context-length", "4", "--sink-positions", "4"], "sink_positions must be an int in"),
+    (["--device", "tpu"], "device must be 'cpu' or 'cuda[:N]', got 'tpu'"),
 ])
-def test_cli_bad_flag_exits_2_with_one_clear_line(args, needle):
-    done = _bench(*args)
-    assert done.returncode == 2
-    assert done.stdout == ""
-    message = done.stderr.strip().splitlines()
-    assert len(message) == 1 and needle in message[0] and "error" in message[0]
+def test_main_rejects_bad_flags_before_running(args, needle, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run_benchmark", lambda cfg: pytest.fail("ran a bad config"))
+    with pytest.raises(SystemExit) as info:
+        bench.main(args)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and needle in err and "error" in err
 
 
 # ---------------------------------------------------------------------- memory is released
@@ -332,8 +349,8 @@ def _tracked_cache_class(refs: list):
 def test_runs_in_one_process_free_their_memory(monkeypatch):
     refs: list = []
     monkeypatch.setattr(bench, "StreamingKVCache", _tracked_cache_class(refs))
-    cfg = tiny_config(context_length=4096, num_layers=4, head_dim=64, weights_gb=0.15,
-                      repetitions=1, rep_budget_s=0.02)  # cache 8.4 MB, weights 150 MB
+    cfg = tiny_config(context_length=1024, num_layers=4, head_dim=64, weights_gb=0.15,
+                      repetitions=1, rep_budget_s=0.02)  # cache 4.2 MB, weights 150 MB
     run_benchmark(cfg)
     gc.collect()
     after_first = _rss_bytes()

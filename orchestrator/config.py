@@ -17,7 +17,7 @@ Key decisions:
   so the orchestrator and the benchmark cannot disagree on what is valid; their message is
   prefixed with the config key it came from.
 - Paths are made absolute against the directory the command runs in.
-- Credentials in URIs (`scheme://user:password@host`) are masked in everything recorded.
+- Nothing here masks secrets: orchestrator.tracking redacts whatever it logs.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -162,9 +162,9 @@ class Sweep:
     experiment: str
     resume: bool
     spool_dir: str  # absolute
-    params: dict[str, str]  # the resolved config, flattened, credentials masked (MLflow params)
-    config_yaml: str  # the resolved config, credentials masked
-    overrides: tuple[str, ...]  # the command line's overrides, credentials masked
+    params: dict[str, str]  # the resolved config, flattened (the sweep's MLflow params)
+    config_yaml: str  # the resolved config
+    overrides: tuple[str, ...]  # the command line's overrides
 
     @property
     def key(self) -> str:
@@ -184,13 +184,18 @@ class MilestoneMissing(ValueError):
     """The command named no milestone (`+milestone=<name>`)."""
 
 
+class ConfigurationError(ValueError):
+    """A configuration mistake found after the config was loaded (a tracking URI with an
+    unknown scheme, an unreachable cluster.address): exit status 2 like the others."""
+
+
+def command_overrides() -> list[str]:
+    """The overrides of the running Hydra command line (empty outside a Hydra app)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def available_milestones(conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(path.stem for path in (conf_dir / "milestone").glob("*.yaml"))
-
-
-def mask_credentials(text: str) -> str:
-    """`scheme://user:secret@host` -> `scheme://user:***@host`."""
-    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
 
 
 # ---------------------------------------------------------------- checks
@@ -293,8 +298,8 @@ def _check_number(path: str, value: Any, low: float, high: float | None = None, 
 
 
 def _plain(container: Mapping[str, Any]) -> dict[str, str]:
-    """The resolved config as flat string params, credentials masked."""
-    return {path: mask_credentials(json.dumps(value) if isinstance(value, list) else str(value))
+    """The resolved config as flat string params."""
+    return {path: json.dumps(value) if isinstance(value, list) else str(value)
             for path, value in flatten(container).items()}
 
 
@@ -358,6 +363,6 @@ def load_sweep(cfg: DictConfig, cwd: str | os.PathLike[str], overrides: Sequence
         resume=container["resume"],
         spool_dir=str(spool_dir),
         params=_plain(container),
-        config_yaml=mask_credentials(OmegaConf.to_yaml(container)),
-        overrides=tuple(mask_credentials(o) for o in overrides),
+        config_yaml=OmegaConf.to_yaml(container),
+        overrides=tuple(overrides),
     )

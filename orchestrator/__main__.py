@@ -1,0 +1,58 @@
+"""The command: `python -m orchestrator +milestone=m10 [overrides...]`.
+
+Composes conf/ with Hydra, checks it (orchestrator.config), runs the sweep (orchestrator.sweep).
+Without a milestone it lists the available ones. `--cfg job` prints the composed config.
+
+Exit status: 0 every trial passed; 1 a trial failed, errored or was skipped; 2 a bad
+configuration (malformed override, unknown milestone, wrong type, failed check, unknown
+tracking URI scheme, unreachable cluster.address), reported before any trial runs.
+
+Key decision: Hydra itself exits with status 1 when composing fails (a malformed override, a
+missing config), before the task function runs. `main` notes whether the task was entered
+and turns such an early failure into status 2, so 1 always means "trials did not all pass".
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from orchestrator.config import MilestoneMissing, command_overrides, load_sweep
+from orchestrator.sweep import execute
+
+_state = {"entered": False, "status": 0}
+
+
+def run(cfg: DictConfig, cwd: str) -> int:
+    """Check the composed config and run its sweep; the command's exit status."""
+    try:
+        sweep = load_sweep(cfg, cwd=cwd, overrides=command_overrides())
+        return execute(sweep, cwd)
+    except MilestoneMissing as error:
+        print(f"error: {error}", file=sys.stderr)
+    except ValueError as error:  # configuration mistakes only: trials never raise
+        print(f"error: bad configuration: {error}", file=sys.stderr)
+    return 2
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def _task(cfg: DictConfig) -> None:
+    _state["entered"] = True
+    _state["status"] = run(cfg, cwd=os.getcwd())  # Hydra 1.3 keeps the working directory
+
+
+def main() -> None:
+    try:
+        _task()
+    except SystemExit as stop:
+        if not _state["entered"] and stop.code not in (0, None):
+            sys.exit(2)
+        raise
+    sys.exit(_state["status"])
+
+
+if __name__ == "__main__":
+    main()

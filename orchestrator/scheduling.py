@@ -1,0 +1,251 @@
+"""Ray: connect to a cluster, probe its devices, run trials as tasks. The only module importing ray.
+
+    cluster = Cluster.connect(settings)        # join cluster.address / $RAY_ADDRESS, or start a local Ray
+    nodes = cluster.probe()                    # per node: GPUs (name, UUID, total memory), host memory, CPUs
+    ref = cluster.submit(spec, device, max_retries=2)
+    for ref in cluster.wait(refs, timeout_s=1.0): result = cluster.fetch(ref)
+    cluster.close()
+
+Key decisions:
+- One module-level task, `_trial_task`, a thin wrapper around `orchestrator.trial.run_trial`.
+  It runs with `max_calls=1`: a fresh worker process per trial, so each trial starts with its
+  device memory back and the host's peak-memory counters belong to it alone.
+- Placement is the driver's: each trial goes to the node of the device chosen for it
+  (`NodeAffinitySchedulingStrategy`, hard), asking `num_gpus=1` on a GPU node (no two trials
+  share a card) or every CPU of a CPU-only node (CPU trials run one at a time per node). The
+  driver never submits more trials to a node than it has devices, so a submitted trial starts
+  at once and its clock (progress, deadline) is honest.
+- Ray's retries (`max_retries`) cover worker and node death only; a trial that fails inside
+  the benchmark is a result (see orchestrator.trial), never retried.
+- The probe asks for all of a node's GPUs, so torch sees exactly the cards Ray manages there.
+- A local Ray listens on 127.0.0.1 only: Ray picks its node address through
+  `ray._private.ray_constants.ENABLE_RAY_CLUSTER` (off: loopback), which is switched off
+  while a local head starts or a loopback address is joined. Joining any other address is
+  checked with a plain TCP connect first (5 s), since `ray.init` waits minutes on a dead one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+if TYPE_CHECKING:  # workers import this module to run the probe: keep it light (no torch)
+    from orchestrator.capacity import Device
+    from orchestrator.config import ClusterSettings
+    from orchestrator.grid import TrialSpec
+
+PROBE_TIMEOUT_S = 300.0  # a probe waits for all of its node's GPUs to be free
+CONNECT_TIMEOUT_S = 5.0
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ClusterUnreachable(ValueError):
+    """cluster.address (or RAY_ADDRESS) names no reachable Ray cluster."""
+
+
+@ray.remote(max_calls=1)
+def _trial_task(spec: TrialSpec) -> dict[str, Any]:
+    from orchestrator.trial import run_trial
+
+    return run_trial(spec)
+
+
+def _visible_gpus() -> list[dict[str, Any]]:
+    """The CUDA devices this process sees: name, UUID ("GPU-..."), total memory."""
+    import torch
+
+    gpus = []
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(index)
+        uuid = str(getattr(props, "uuid", "") or "")
+        gpus.append(
+            {
+                "name": props.name,
+                "uuid": uuid if not uuid or uuid.startswith("GPU-") else f"GPU-{uuid}",
+                "total_bytes": int(props.total_memory),
+            }
+        )
+    return gpus
+
+
+@ray.remote(num_cpus=0, max_calls=1)
+def _probe_node(has_gpus: bool) -> dict[str, Any]:
+    """What this node offers: its GPUs (torch is imported only where Ray counts GPUs),
+    available host memory, CPU model."""
+    import psutil
+
+    cpu_name = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "host_available_bytes": int(psutil.virtual_memory().available),
+        "cpu_name": cpu_name,
+        "gpus": _visible_gpus() if has_gpus else [],
+    }
+
+
+@contextlib.contextmanager
+def _loopback_node_address() -> Iterator[None]:
+    """While inside, Ray takes 127.0.0.1 as this node's address (see module docstring)."""
+    from ray._private import ray_constants
+
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    saved_env = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's own child processes
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved_env
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address like "10.0.0.1:6379" or "ray://h:10001"; None for "auto"."""
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _check_reachable(address: str) -> None:
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as error:
+        raise ClusterUnreachable(
+            f"cluster.address={address!r}: no Ray cluster answers at {target[0]}:{target[1]} "
+            f"({error}); start one with `ray start --head --port={target[1]}`, fix the address, "
+            f"or leave cluster.address empty (and unset RAY_ADDRESS) to start a local Ray"
+        ) from None
+
+
+def start_local_ray(num_cpus: int | None, object_store_bytes: int) -> None:
+    """Start a local Ray that listens on 127.0.0.1 only, without a dashboard."""
+    with _loopback_node_address():
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            num_cpus=num_cpus,
+            object_store_memory=object_store_bytes,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+
+
+@dataclass
+class Cluster:
+    """A connected Ray cluster; `owned` when this process started it (and stops it)."""
+
+    owned: bool
+    address: str  # "local" or what was joined
+
+    @classmethod
+    def connect(cls, settings: ClusterSettings) -> "Cluster":
+        """Join settings.address or $RAY_ADDRESS, reuse a Ray already initialized in this
+        process, or start a local one; ClusterUnreachable when the address is dead."""
+        if ray.is_initialized():
+            return cls(owned=False, address="(this process)")
+        address = settings.address or os.environ.get("RAY_ADDRESS") or ""
+        if not address or address == "local":
+            start_local_ray(settings.num_cpus, settings.object_store_bytes)
+            return cls(owned=True, address="local")
+        _check_reachable(address)
+        target = _host_port(address)
+        loopback = target is not None and target[0] in LOOPBACK
+        with _loopback_node_address() if loopback else contextlib.nullcontext():
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError) as error:
+                raise ClusterUnreachable(f"cluster.address={address!r}: {error}") from None
+        return cls(owned=True, address=address)
+
+    def probe(self, timeout_s: float = PROBE_TIMEOUT_S) -> list[dict[str, Any]]:
+        """One probe task per alive node (see `_probe_node`), plus its CPUs as Ray counts them."""
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        refs = []
+        for node in nodes:
+            gpus = int(node["Resources"].get("GPU", 0))
+            refs.append(
+                _probe_node.options(
+                    num_gpus=gpus,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+                ).remote(gpus > 0)
+            )
+        try:
+            probes = ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"probing the cluster's devices took over {timeout_s:.0f} s: another job may hold "
+                f"a node's GPUs; free them or join a cluster with free GPUs"
+            ) from None
+        for node, probe in zip(nodes, probes):
+            probe["cpus"] = int(node["Resources"].get("CPU", 0))
+        return probes
+
+    def submit(self, spec: TrialSpec, device: Device, max_retries: int) -> ray.ObjectRef:
+        """Start one trial on `device`'s node: one GPU there, or all of its CPUs."""
+        if device.kind == "gpu":
+            resources = {"num_gpus": 1, "num_cpus": 1}
+        else:
+            resources = {"num_gpus": 0, "num_cpus": device.cpus}
+        return _trial_task.options(
+            **resources,
+            max_retries=max_retries,
+            retry_exceptions=False,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(device.node_id, soft=False),
+            name=f"trial-{spec.index}-{spec.key}",
+        ).remote(spec)
+
+    @staticmethod
+    def wait(refs: Sequence[ray.ObjectRef], timeout_s: float) -> list[ray.ObjectRef]:
+        """The refs that finished, first finished first: waits up to timeout_s for one, then
+        takes every other one already done."""
+        if not refs:
+            return []
+        first, rest = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
+        if not first or not rest:
+            return first
+        more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+        return first + more
+
+    @staticmethod
+    def fetch(ref: ray.ObjectRef) -> dict[str, Any]:
+        """The trial's result dict; Ray's own failures become ERROR results of the same shape
+        (without times: the driver knows when it submitted the trial)."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.OutOfMemoryError as error:
+            reason = f"oom: killed by Ray's memory monitor: {str(error).strip().splitlines()[0][:300]}"
+        except ray.exceptions.TaskCancelledError:
+            reason = "cancelled"
+        except ray.exceptions.RayError as error:
+            first = (str(error).strip().splitlines() or [""])[0]
+            reason = f"crash: {type(error).__name__}: {first}"[:500]
+        return {"status": "ERROR", "reason": reason, "metrics": {}, "info": {}}
+
+    @staticmethod
+    def cancel(ref: ray.ObjectRef) -> None:
+        ray.cancel(ref, force=True)
+
+    def close(self) -> None:
+        if self.owned and ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,33 @@
+"""Fixtures shared by the whole suite: one local Ray instance for the test session.
+
+Run: `python -m pytest -q` (everything) or `python -m pytest tests/orchestrator -q`.
+
+Key decisions:
+- Ray starts at most once per session (about 5 s on 2 cores), and only when a test asks for
+  the `ray_session` fixture; tests that need no Ray never import it.
+- It is the orchestrator's own local start (`orchestrator.scheduling.start_local_ray`): 127.0.0.1
+  only, no dashboard, 2 CPUs, an 80 MB object store (results are small dicts). Code under test
+  that connects (`Cluster.connect`) finds it initialized and reuses it without stopping it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+RAY_CPUS = 2
+RAY_OBJECT_STORE_BYTES = 80 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The session's Ray (started on first use, stopped at the end of the session)."""
+    import ray
+
+    from orchestrator.scheduling import start_local_ray
+
+    started = not ray.is_initialized()
+    if started:
+        start_local_ray(num_cpus=RAY_CPUS, object_store_bytes=RAY_OBJECT_STORE_BYTES)
+    yield ray
+    if started:
+        ray.shutdown()

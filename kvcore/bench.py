@@ -697,8 +697,9 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         acc.zero_()  # what the last call adds up is checked
         return _timed(device, lambda: read_layers(n))
 
-    retrieve = measure("retrieve", timed_reads, L, target_s, budget, reps)
-    reads = retrieve.units
+    layer_reads = measure("retrieve", timed_reads, L, target_s, budget, reps)
+    reads = layer_reads.units
+    retrieve = replace(layer_reads, units=reads * P)  # ops: valid positions x layers read
     per_layer = [reads // L + (layer < reads % L) for layer in range(L)]
     expected = sum(c * _expected_norm2(cache, layer, probe)
                    for layer, c in enumerate(per_layer) if c)

@@ -375,3 +375,61 @@ def test_errors_propagate_unchanged_after_cleanup(monkeypatch):
     assert refs and all(ref() is None for ref in refs)  # not kept alive by the traceback
     monkeypatch.undo()
     assert run_benchmark(replace(tiny_config(), repetitions=1)).decode_check_ok
+
+
+# ---------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_cuda_trial_checks_the_allocator_and_frees_its_memory(dtype):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    r = run_benchmark(tiny_config(device="cuda", dtype=dtype, weights_gb=0.05, copy_gb=0.05))
+    assert r.device.startswith("cuda") and r.device_name and r.gpu_uuid.startswith("GPU-")
+    assert r.kv_cache_measured_source == "allocator" and r.kv_cache_ok
+    assert r.peak_mem_source == "cuda_allocator" and r.peak_mem_gb >= r.weights_gb
+    assert r.total_vram_gb >= r.peak_mem_gb
+    assert r.nvml_source in ("process", "device", "unavailable")
+    assert r.decode_check_ok and r.baseline_check_ok and r.retrieve_check_ok, r.invalid_reason
+    assert torch.cuda.memory_allocated() == before
+    assert torch.cuda.max_memory_allocated() == before  # peak statistics reset
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_out_of_memory_propagates_after_cleanup():
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    too_big = tiny_config(device="cuda", num_layers=32, num_heads=32, num_kv_heads=32,
+                          head_dim=128, context_length=1 << 22, copy_gb=0.05)  # 1.1 TB
+    with pytest.raises(torch.OutOfMemoryError):
+        run_benchmark(too_big)
+    assert torch.cuda.memory_allocated() == before
+    assert run_benchmark(tiny_config(device="cuda", repetitions=1)).kv_cache_ok
+
+
+def test_rates_count_the_units_the_milestones_define(monkeypatch):
+    """With a clock that says every timed region took 10 ms, each rate is units / time."""
+    real = bench._timed
+
+    def ten_ms(device, fn):
+        real(device, fn)
+        return 0.01
+
+    monkeypatch.setattr(bench, "_timed", ten_ms)
+    r = run_benchmark(tiny_config(repetitions=2))
+    fills = math.ceil(r.fill_positions_timed / 37)  # each fill of <= 37 positions timed alone
+    assert r.fill_rate_pos_s == pytest.approx(r.fill_positions_timed / (fills * 0.01))
+    prefills = math.ceil(r.prefill_positions_timed / 37)
+    assert r.prefill_rate_pos_s == pytest.approx(r.prefill_positions_timed / (prefills * 0.01))
+    # retrieve: (valid positions x layers) per second
+    assert r.retrieve_rate_ops_s == pytest.approx(r.retrieve_layers_timed * 37 / 0.01)
+    assert r.decode_tok_s == pytest.approx(r.decode_steps_timed / 0.01)
+    assert r.decode_cache_tok_s == pytest.approx(r.decode_cache_steps_timed / 0.01)
+    assert r.copy_gbps == pytest.approx(2 * r.copy_gb / 0.01)
+    bytes_per_op = r.kv_cache_gb * 1e9 / (3 * 37)  # one position of one layer, K and V
+    assert r.retrieve_gbps == pytest.approx(r.retrieve_rate_ops_s * bytes_per_op / 1e9)
+    in_bytes = 2 * 3 * 2 * 5 * 4  # K and V of every layer, float32
+    assert r.fill_gbps == pytest.approx(r.fill_rate_pos_s * (in_bytes + bytes_per_op * 3) / 1e9)

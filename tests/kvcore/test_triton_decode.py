@@ -27,7 +27,8 @@ def make_case(**overrides):
     """One decode problem; defaults: 8 heads, 2 KV heads, head dim 16, 37 of 48 slots valid."""
     case = dict(storage="float16", heads=8, kv_heads=2, head_dim=16, capacity=48, n_valid=37,
                 n_on_device=False, block_n=16, use_dot=None, num_splits=None, query="float32",
-                out_dtype="float32", seed=0, q_gain=2.0, default_config=False)
+                out_dtype="float32", seed=0, q_gain=2.0, default_config=False, fast_convert=True, prefetch=True,
+                data_gain=1.0)
     case.update(overrides)
     return case
 
@@ -39,6 +40,9 @@ def build(case, device):
     k, v, ks, vs = td.random_layer(2, case["capacity"], case["kv_heads"], case["head_dim"], storage, device, gen)
     layer = 1  # a layer slice that does not start at the store's first byte
     k, v = k[layer], v[layer]
+    if case["data_gain"] != 1.0:  # e.g. float8 values in the subnormal range
+        k.copy_((k.to(torch.float32) * case["data_gain"]).to(storage))
+        v.copy_((v.to(torch.float32) * case["data_gain"]).to(storage))
     ks, vs = (None, None) if ks is None else (ks[layer], vs[layer])
     valid = max(0, min(case["n_valid"], case["capacity"]))
     if storage in td.QUANTIZED_DTYPES:  # poison what the kernel must not read
@@ -63,7 +67,8 @@ def run_case(case, device="cpu"):
     if not case["default_config"]:
         group = case["heads"] // case["kv_heads"]
         use_dot = group > 1 if case["use_dot"] is None else case["use_dot"]
-        config = td.KernelConfig(block_n=case["block_n"], num_warps=4, num_stages=2, use_dot=use_dot)
+        config = td.KernelConfig(block_n=case["block_n"], num_warps=4, num_stages=2, use_dot=use_dot,
+                                 fast_convert=case["fast_convert"], prefetch=case["prefetch"])
     result = td.decode_attention(query, k, v, ks, vs, n_arg, num_splits=case["num_splits"], config=config, out=out)
     assert result.data_ptr() == out.data_ptr()
     finite = bool(torch.isfinite(result).all())
@@ -86,6 +91,10 @@ CPU_CASES.update({
     "head-dim-5-rows": make_case(storage="float32", heads=6, kv_heads=6, head_dim=5, block_n=4, num_splits=4),
     "head-dim-5-ratio3-dot": make_case(storage="bfloat16", heads=6, kv_heads=2, head_dim=5, num_splits=2),
     "ratio1-forced-dot": make_case(storage="int8", kv_heads=8, use_dot=True, num_splits=2),
+    "int8-cvt-rows": make_case(storage="int8", kv_heads=8, block_n=8, fast_convert=False, num_splits=2),
+    "int8-cvt-dot": make_case(storage="int8", kv_heads=2, fast_convert=False, num_splits=2),
+    "rows-no-prefetch": make_case(storage="bfloat16", kv_heads=8, block_n=8, prefetch=False, num_splits=3),
+    "float8-subnormal": make_case(storage="float8_e4m3fn", kv_heads=8, block_n=8, data_gain=2.0**-8),
     "n-on-device": make_case(storage="int8", n_valid=29, n_on_device=True),
     "n-on-device-zero": make_case(storage="float32", n_valid=0, n_on_device=True),
     "n-on-device-past-capacity": make_case(storage="float8_e4m3fn", n_valid=1000, n_on_device=True, num_splits=4),
@@ -191,6 +200,18 @@ def test_gpu_matches_float64(storage, heads, kv_heads, head_dim):
 def test_gpu_odd_counts_and_splits(storage, n_valid, num_splits):
     case = make_case(storage=storage, heads=12, kv_heads=4, head_dim=64, capacity=3072, n_valid=n_valid,
                      num_splits=num_splits, default_config=True)
+    result = run_case(case, "cuda")
+    assert result["finite"] and result["err"] <= result["tol"], result
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kv_heads", [8, 2])
+@pytest.mark.parametrize("variant", [dict(fast_convert=False), dict(prefetch=False),
+                                     dict(storage="float8_e4m3fn", data_gain=2.0**-8)])
+def test_gpu_config_variants(kv_heads, variant):
+    case = make_case(**{"storage": "int8", "heads": 8, "kv_heads": kv_heads, "head_dim": 128, "capacity": 2048,
+                        "n_valid": 2001, "block_n": 64, **variant})
     result = run_case(case, "cuda")
     assert result["finite"] and result["err"] <= result["tol"], result
 

@@ -156,7 +156,8 @@ def write_plots(records: Sequence[TrialRecord], out_dir: str | Path, title: str 
         note = f" ({missing} trial{'s' * (missing != 1)} without a figure)" if missing else ""
         ax_ctx.set_title(f"against context length{note}", fontsize=10)
         ax_dt.set_title("against KV dtype", fontsize=10)
-        op_text = f"{first.op} {_fmt_threshold(thresholds[0])}" if len(thresholds) == 1 else "(thresholds vary)"
+        op_text = (f"{first.op} {_fmt_threshold(thresholds[0])}" if len(thresholds) == 1
+                   else "(thresholds vary)")
         head = f"{title}: " if title else ""
         fig.suptitle(f"{head}{name}: {first.metric} must be {op_text}", fontsize=12)
         path = out_dir / f"{_safe_name(name)}.png"

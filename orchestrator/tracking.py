@@ -10,6 +10,7 @@ The only module of the project that imports mlflow. The driver alone calls it:
     done = tracker.finished_trial_keys(parent)            # trials to skip on resume
     tracker.log_trial(parent, record)                     # once per finished trial
     tracker.finish_sweep(parent, records, status="FINISHED")
+    # also: tracker.ping(), tracker.has_run(run_id), tracker.trial_records(parent)
 
 What lands where:
 - Parent run (tag `run_type=sweep`): tags `milestone`, `sweep_key`, the sweep's tags, the git
@@ -17,11 +18,12 @@ What lands where:
   (PASS only if every trial passed), metrics `n_trials`, `n_pass`, `n_fail`, `n_error`,
   `n_skipped`, and artifacts `summary.md`, `summary.csv`, `plots/<criterion>.png`.
 - Child run (tag `run_type=trial`, `mlflow.parentRunId`): params = the trial's flattened
-  config; metrics = its figures plus `criterion.<name>.threshold` / `.margin`; tags `verdict`,
-  `status`, `reason`, `trial_key`, `attempts`, `criterion.<name>` = pass|fail, the record's
-  `info` (GPU name and UUID, driver, CUDA, torch, host, ...), `git_commit`, and the sweep's tags
-  repeated so the UI's filters find trials; artifact `result.json` (the TrialRecord); start and
-  end time from the record. ERROR trials end as FAILED runs, the others as FINISHED.
+  config; metrics = its finite figures (NaN and infinities stay in result.json only) plus
+  `criterion.<name>.threshold` / `.margin`; tags `verdict`, `status`, `reason`, `trial_key`,
+  `attempts`, `criterion.<name>` = pass|fail, the record's `info` (GPU name and UUID, driver,
+  CUDA, torch, host, ...), `git_commit`, and the sweep's tags repeated so the UI's filters find
+  trials; artifact `result.json` (the TrialRecord); start and end time from the record. ERROR
+  trials end as FAILED runs, the others as FINISHED.
 
 Key decisions:
 - Exactly one child run per trial_key under a parent: `log_trial` is idempotent. Logging a
@@ -48,10 +50,13 @@ Key decisions:
   bug, a bad value) propagate unchanged. To make a dead HTTP server fail within seconds rather
   than MLflow's default of minutes (7 retries, exponential backoff, 120 s timeout), this module
   sets defaults, unless the environment already sets them: MLFLOW_HTTP_REQUEST_MAX_RETRIES=2,
-  MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER=0.5,
-  MLFLOW_HTTP_REQUEST_TIMEOUT=10. A refused connection then fails in about 2-3 s; a server that
-  accepts but never answers in about 35 s (3 x 10 s + backoff). The driver should fall back to
-  the spool on the first `TrackingUnavailable` rather than pay that again for every trial.
+  MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER=0.5 and
+  MLFLOW_HTTP_REQUEST_TIMEOUT=10. A refused connection then fails in about 2-3 s; a server
+  that accepts but never answers in about 35 s (3 x 10 s + backoff). The driver should switch
+  to the spool (`orchestrator/spool.py`) on the first `TrackingUnavailable` rather than pay
+  that again for every trial; `ping()` tells when the store is back. It also sets
+  MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true: MLflow's per-run "View run ... at" lines would
+  break the driver's progress line.
 - Secrets: params, tags and the record's info pass through `redact`: keys whose words name a
   secret (token, password, secret, key, credential, auth, ...) are dropped; passwords in URIs
   (`scheme://user:pass@host`) and the values of secret-named environment variables are masked.
@@ -78,13 +83,16 @@ from typing import Any, Callable, TypeVar
 from urllib.parse import unquote, urlparse
 
 # Read by MLflow at request time; set before any request. The user's environment wins.
-HTTP_DEFAULTS = {
+MLFLOW_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # MLflow prints "View run ... at: <url>" for every run ended on a server; the driver's
+    # progress line and final table say what matters.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
-for _name, _value in HTTP_DEFAULTS.items():
+for _name, _value in MLFLOW_ENV_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
 
 import requests  # noqa: E402  (after the HTTP defaults, which MLflow reads from the environment)
@@ -92,7 +100,11 @@ import sqlalchemy.exc  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH  # noqa: E402
+from mlflow.utils.validation import (  # noqa: E402
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
 
 from orchestrator import report  # noqa: E402
 from orchestrator.record import TrialRecord  # noqa: E402
@@ -122,7 +134,9 @@ class TrackingUnavailable(RuntimeError):
     def __init__(self, uri: str, operation: str, cause: BaseException):
         self.uri = uri
         self.operation = operation
-        detail = " ".join(str(cause).split())[:300]
+        detail = " ".join(str(cause).split())
+        if len(detail) > 300:  # keep the head (what failed) and the tail (the root cause)
+            detail = f"{detail[:120]} ... {detail[-170:]}"
         super().__init__(
             f"MLflow tracking at {redact_text(uri)} is unavailable ({operation}: "
             f"{type(cause).__name__}: {detail})"
@@ -260,7 +274,7 @@ def _translating(method: Callable[..., _T]) -> Callable[..., _T]:
             raise
         except Exception as error:
             if is_unavailable_error(error):
-                raise TrackingUnavailable(self.uri, method.__name__, error) from error
+                raise TrackingUnavailable(self.uri, method.__name__.lstrip("_"), error) from error
             raise
 
     return wrapper
@@ -309,6 +323,17 @@ class Tracker:
     def ping(self) -> None:
         """Raise TrackingUnavailable unless the store answers (one cheap read)."""
         self.client.get_experiment(self.experiment_id)
+
+    @_translating
+    def has_run(self, run_id: str) -> bool:
+        """True when `run_id` is a live (not deleted) run of this experiment."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return False
+            raise
+        return run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active"
 
     # -- sweeps ----------------------------------------------------------------------------
 
@@ -446,11 +471,13 @@ class Tracker:
             metrics[f"criterion.{c.name}.threshold"] = float(c.threshold)
             if c.margin is not None:
                 metrics[f"criterion.{c.name}.margin"] = float(c.margin)
-        self._log_batch(child_id, params=redact(record.params), tags=tags, metrics=metrics, timestamp_ms=end_ms)
+        self._log_batch(child_id, params=redact(record.params), tags=tags, metrics=metrics,
+                        timestamp_ms=end_ms)
         self.client.log_text(child_id, record.to_json(), "result.json")
         # The verdict comes last: its presence marks the child complete.
         self.client.set_tag(child_id, "verdict", record.verdict)
-        self.client.set_terminated(child_id, "FAILED" if record.status == "ERROR" else "FINISHED", end_time=end_ms)
+        run_status = "FAILED" if record.status == "ERROR" else "FINISHED"
+        self.client.set_terminated(child_id, run_status, end_time=end_ms)
         return child_id
 
     # -- helpers ---------------------------------------------------------------------------

@@ -1,16 +1,18 @@
-"""Tests of MLflow tracking against real stores: SQLite under tmp_path and a real `mlflow server`.
+"""Tests of MLflow tracking against real stores: SQLite under tmp_path and a real `mlflow server`
+(killed mid-sweep, the rest spooled, restarted, then `python -m orchestrator.sync`).
 
 Run: python -m pytest tests/orchestrator/test_tracking.py -q
 
 Every check reads the store back with a fresh MlflowClient, never through the Tracker. One
-SQLite database serves the module (its migrations take seconds); each test writes to its own
-experiment, so tests stay independent.
+SQLite database serves the session (`shared_store`: its migrations take seconds); each test
+writes to its own experiment, so tests stay independent.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_server import MlflowServer, free_port
 from orchestrator.record import TrialRecord
+from orchestrator.spool import Spool
 from orchestrator.tracking import (
     Tracker,
     TrackingUnavailable,
@@ -44,11 +47,21 @@ grid:
 """
 
 
-@pytest.fixture(scope="module")
+_shared_store: list[str] = []
+
+
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One migrated SQLite store for the whole test session (migrations take seconds)."""
+    if not _shared_store:
+        uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+        Tracker(uri, experiment="warm-up")
+        _shared_store.append(uri)
+    return _shared_store[0]
+
+
+@pytest.fixture
 def store(tmp_path_factory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    Tracker(uri, experiment="warm-up")  # migrations once for the module
-    return uri
+    return shared_store(tmp_path_factory)
 
 
 @pytest.fixture
@@ -171,7 +184,8 @@ def test_sweep_is_one_parent_with_one_nested_child_per_trial(tracker, store, mon
         assert tags["reason"] == record.reason and tags["attempts"] == "1"
         assert tags["milestone"] == "smoke" and tags["sweep_key"] == "sweep0001"
         assert tags["overrides"] == "grid.cache.dtype=[float32,float16]" and "ray_token" not in tags
-        assert tags["gpu_name"] == "cpu" and tags["hostname"] == "testhost" and tags["torch_version"] == "2.13.0"
+        assert tags["gpu_name"] == "cpu" and tags["hostname"] == "testhost"
+        assert tags["torch_version"] == "2.13.0"
         assert tags["git_commit"] == commit and len(commit) == 40
         for c in record.criteria:
             assert tags[f"criterion.{c.name}"] == ("pass" if c.passed else "fail")
@@ -189,7 +203,8 @@ def test_sweep_is_one_parent_with_one_nested_child_per_trial(tracker, store, mon
     # No secret reached any param or tag, by name or by value.
     for run in [parent, *runs.values()]:
         logged = json.dumps([run.data.params, run.data.tags])
-        assert SECRET not in logged and "env-token-value-42" not in logged and "abc" not in run.data.params.values()
+        assert SECRET not in logged and "env-token-value-42" not in logged
+        assert "abc" not in run.data.params.values()
 
 
 def test_log_trial_is_idempotent_per_trial_key(tracker, store):
@@ -280,13 +295,12 @@ def test_nothing_listening_raises_tracking_unavailable_within_seconds():
 
 
 @pytest.mark.slow
-def test_real_server_logging_then_kill_then_restart(tmp_path):
+def test_real_server_killed_mid_sweep_then_spool_then_sync(tmp_path):
     records = sample_sweep()
     with MlflowServer(tmp_path / "server") as server:
         tracker = Tracker(server.uri, experiment="kvbench-smoke")
         parent_id = tracker.start_sweep(milestone="smoke", sweep_key="sweep0005", config_yaml=CONFIG_YAML)
-        for record in records[:2]:
-            tracker.log_trial(parent_id, record)
+        first_ids = [tracker.log_trial(parent_id, record) for record in records[:2]]
 
         client = MlflowClient(server.uri)
         runs = children(client, parent_id)
@@ -302,13 +316,24 @@ def test_real_server_logging_then_kill_then_restart(tmp_path):
             with pytest.raises(TrackingUnavailable) as error:
                 call()
             assert time.monotonic() - start < 10, "a dead server must fail within seconds"
-            assert "Connection refused" in str(error.value) or "ConnectionError" in str(error.value)
+            assert "Connection refused" in str(error.value)
 
-        server.start()  # same port, same store: the tracker carries on
-        tracker.ping()
-        for record in records:  # re-uploading the first two is a no-op
-            tracker.log_trial(parent_id, record)
-        assert tracker.finish_sweep(parent_id, records) == "FAIL"
+        # The driver falls back to the spool for the rest of the sweep.
+        with Spool(tmp_path / "spool", "sweep0005") as spool:
+            spool.write_sweep(uri=server.uri, experiment="kvbench-smoke", milestone="smoke", parent_id=parent_id)
+            for record in records[2:]:
+                spool.write_trial(record)
+            spool.write_finish("FINISHED")
+
+        server.start()  # same port, same store
+        tracker.ping()  # the same Tracker works again
+        sync = subprocess.run([sys.executable, "-m", "orchestrator.sync", "--spool", str(tmp_path / "spool")],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert sync.returncode == 0, sync.stderr
+        assert "2 trial(s) uploaded to parent run " + parent_id in sync.stdout
         runs = children(client, parent_id)
         assert sorted(r.data.tags["trial_key"] for r in runs) == sorted(r.trial_key for r in records)
-        assert client.get_run(parent_id).data.metrics["n_trials"] == 4
+        assert set(first_ids) <= {r.info.run_id for r in runs}  # the first two were left alone
+        parent = client.get_run(parent_id)
+        assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == "FAIL"
+        assert parent.data.metrics["n_trials"] == 4 and parent.data.metrics["n_error"] == 1

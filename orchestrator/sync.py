@@ -1,0 +1,70 @@
+"""Upload the local spool to MLflow once the tracking server is back.
+
+    python -m orchestrator.sync                                   # ./spool, to the URI each sweep used
+    python -m orchestrator.sync --spool /path/to/spool --tracking-uri http://127.0.0.1:5000
+
+Every `<sweep_key>.jsonl` in the spool directory is replayed into MLflow (see
+`orchestrator/spool.py`): the sweep's parent run is found (or created, or a resumable one
+reopened), each trial becomes exactly one child run, and a finished sweep gets its verdict,
+table and plots. An uploaded file moves to `<spool>/synced/`. Running sync twice, or after an
+interrupted sync, uploads nothing twice.
+
+One line per spool file. Exit status: 0 when everything was uploaded (or there was nothing to
+do), 1 when a file could not be uploaded now (the store is still away, or a sweep is still
+writing it: run sync again later), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from orchestrator.spool import DEFAULT_SPOOL_DIR, sync_spool
+from orchestrator.tracking import TrackingUnavailable, resolve_tracking_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.sync", description=__doc__.split("\n")[0])
+    parser.add_argument("--spool", default=DEFAULT_SPOOL_DIR,
+                        help=f"spool directory (default: ./{DEFAULT_SPOOL_DIR})")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="upload here instead of the URI each sweep recorded")
+    args = parser.parse_args(argv)
+    directory = Path(args.spool).absolute()
+    if not directory.is_dir():
+        print(f"sync: no spool directory {directory}; nothing to upload", file=sys.stderr)
+        return 0
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri, Path.cwd()) if args.tracking_uri else None
+    except ValueError as error:
+        print(f"sync: {error}", file=sys.stderr)
+        return 2
+    files = sorted(directory.glob("*.jsonl"))
+    if not files:
+        print(f"sync: {directory} holds nothing to upload")
+        return 0
+    pending = 0
+    for path in files:
+        try:
+            result = sync_spool(path, uri=uri)
+        except TrackingUnavailable as error:
+            print(f"sync: {path.name}: not uploaded, {error}; run sync again later", file=sys.stderr)
+            pending += 1
+            continue
+        except ValueError as error:
+            print(f"sync: {path.name}: {error}", file=sys.stderr)
+            pending += 1
+            continue
+        if result is None:
+            print(f"sync: {path.name}: a running sweep still writes it; run sync after it ends",
+                  file=sys.stderr)
+            pending += 1
+            continue
+        parent_id, n_trials = result
+        print(f"sync: {path.name}: {n_trials} trial(s) uploaded to parent run {parent_id}")
+    return 1 if pending else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -55,7 +55,7 @@ from kvcore.storage import (
     dequantize,
     is_quantized,
     parse_dtype,
-    quantize,
+    quantize_into,
 )
 
 
@@ -66,10 +66,13 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def select_decode_attention(device: torch.device) -> Callable[..., torch.Tensor]:
-    """The single dispatch point of `attend`: the Triton kernel on CUDA when it imports, else
-    the torch reference path. Both share the signature of `kvcore.attention.decode_attention`."""
+    """The single dispatch point of `attend`: the Triton kernel on CUDA when it and Triton
+    import, else the torch reference path. Both share the signature of
+    `kvcore.attention.decode_attention`. (kvcore.triton_decode imports triton only when it
+    compiles, so Triton is imported here to learn whether the kernel can run.)"""
     if device.type == "cuda":
         try:
+            import triton  # noqa: F401
             from kvcore.triton_decode import decode_attention
         except ImportError:
             pass
@@ -278,9 +281,7 @@ class StreamingKVCache:
         if self._kv_scale is None:
             self._kv[half, layers, slots].copy_(src)
         else:
-            q, scale = quantize(src, self.dtype)
-            self._kv[half, layers, slots].copy_(q)
-            self._kv_scale[half, layers, slots].copy_(scale)
+            quantize_into(src, self._kv[half, layers, slots], self._kv_scale[half, layers, slots])
 
     def _write_pending(self, upto: int) -> None:
         """Write layers [_written, upto) of the position in progress in one batch."""
@@ -295,9 +296,7 @@ class StreamingKVCache:
             if self._kv_scale is None:
                 self._kv[:, lo:upto, slot].copy_(kv)
             else:
-                q, scale = quantize(kv, self.dtype)
-                self._kv[:, lo:upto, slot].copy_(q)
-                self._kv_scale[:, lo:upto, slot].copy_(scale)
+                quantize_into(kv, self._kv[:, lo:upto, slot], self._kv_scale[:, lo:upto, slot])
         self._pending_k[lo:upto] = [None] * n
         self._pending_v[lo:upto] = [None] * n
         self._written = upto

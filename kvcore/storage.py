@@ -23,7 +23,9 @@ u_out * |x_hat| plus half the smallest subnormal of out_dtype (u_out = 2^-24 flo
 
 Key decisions: scales are float32 (a float16 scale would add its own 2^-11 error and could
 underflow for small rows); rounding is round-half-to-even via torch.round for int8 and the
-cast's round-to-nearest for float8 after clamping to +-448 (some casts turn overflow into NaN).
+cast's round-to-nearest for float8. `quantize_into` writes straight into the cache's store
+(amax, divide, [round,] cast-copy: about four passes over the row data, not fused; a fused
+kernel would be the next step for quantized prefill speed).
 
 Run the tests: `python -m pytest tests/kvcore/test_storage.py -q`.
 """
@@ -60,18 +62,30 @@ def is_quantized(dtype: torch.dtype) -> bool:
     return dtype in QMAX
 
 
-def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize x [..., head_dim] (floating) to (q [..., head_dim] of dtype, scale [...] float32).
+def quantize_into(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    """Quantize x [..., head_dim] (floating) into out [..., head_dim] (int8 or float8_e4m3fn,
+    e.g. a slice of the cache's store) and out_scale [...] float32, in few passes over x.
 
-    One scale per row of the last dimension: scale = max(amax / qmax, SCALE_FLOOR).
+    scale = max(amax / qmax, SCALE_FLOOR). No clamp is needed: |x| / scale <= qmax up to one
+    float32 rounding, which rounds back to qmax (int8) or to 448 (float8, whose cast only
+    overflows from 464).
     """
-    qmax = QMAX[dtype]
-    x32 = x.to(torch.float32)
-    scale = (x32.abs().amax(dim=-1) / qmax).clamp_min_(SCALE_FLOOR)  # [...]
-    y = (x32 / scale.unsqueeze(-1)).clamp_(-qmax, qmax)  # [..., head_dim]
-    if dtype == torch.int8:
-        y.round_()
-    return y.to(dtype), scale
+    qmax = QMAX[out.dtype]
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, dtype=torch.float32)  # [...]
+    scale = (amax / qmax).clamp_min_(SCALE_FLOOR)
+    y = torch.div(x, scale.unsqueeze(-1))  # [..., head_dim] float32 (type promotion)
+    if out.dtype == torch.int8:
+        y.round_()  # the int8 cast truncates: round to nearest (half to even) first
+    out.copy_(y)
+    out_scale.copy_(scale)
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x [..., head_dim] to new tensors (q [..., head_dim] of dtype, scale [...] float32)."""
+    q = torch.empty(x.shape, dtype=dtype, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    quantize_into(x, q, scale)
+    return q, scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

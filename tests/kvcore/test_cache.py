@@ -287,9 +287,13 @@ def test_dispatch_picks_triton_on_cuda_only_when_it_imports(monkeypatch):
     fake = types.ModuleType("kvcore.triton_decode")
     fake.decode_attention = lambda *args: None
     monkeypatch.setitem(sys.modules, "kvcore.triton_decode", fake)
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
     assert select_decode_attention(torch.device("cuda", 0)) is fake.decode_attention
     assert select_decode_attention(torch.device("cpu")) is attention.decode_attention
-    monkeypatch.setitem(sys.modules, "kvcore.triton_decode", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "triton", None)  # import raises ImportError: no Triton
+    assert select_decode_attention(torch.device("cuda", 0)) is attention.decode_attention
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    monkeypatch.setitem(sys.modules, "kvcore.triton_decode", None)
     assert select_decode_attention(torch.device("cuda", 0)) is attention.decode_attention
 
 

@@ -92,6 +92,17 @@ def test_values_at_the_range_edge_do_not_overflow(device, storage):
     assert (x_hat - x).abs().max().item() <= 3.0e4 / 16
 
 
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_row_amax_maps_exactly_onto_qmax_without_overflow(device, storage):
+    # Thousands of amax values over 60 decades: x / scale must never pass qmax after rounding.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 7, generator=gen) * 10.0 ** (torch.rand(4096, 1, generator=gen) * 60 - 30)
+    q, _ = quantize(x.to(device), STORAGE_DTYPES[storage])
+    top = q.to(torch.float32).abs().amax(dim=-1)
+    assert torch.isfinite(q.to(torch.float32)).all()
+    assert (top == (127.0 if storage == "int8" else 448.0)).all()
+
+
 @given(
     rows=st.lists(
         st.lists(st.floats(-6e4, 6e4, allow_nan=False, width=32), min_size=3, max_size=3),

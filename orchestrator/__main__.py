@@ -21,7 +21,6 @@ import hydra
 from omegaconf import DictConfig
 
 from orchestrator.config import MilestoneMissing, command_overrides, load_sweep
-from orchestrator.sweep import execute
 
 _state = {"entered": False, "status": 0}
 
@@ -30,6 +29,8 @@ def run(cfg: DictConfig, cwd: str) -> int:
     """Check the composed config and run its sweep; the command's exit status."""
     try:
         sweep = load_sweep(cfg, cwd=cwd, overrides=command_overrides())
+        from orchestrator.sweep import execute  # Ray and MLflow load only for a valid config
+
         return execute(sweep, cwd)
     except MilestoneMissing as error:
         print(f"error: {error}", file=sys.stderr)
@@ -49,6 +50,13 @@ def main() -> None:
         _task()
     except SystemExit as stop:
         if not _state["entered"] and stop.code not in (0, None):
+            print(
+                "error: bad configuration: the command line or a config file is wrong (Hydra's "
+                "message above); overrides read key=value, e.g. model.num_layers=8 or "
+                "grid.cache.dtype=[float16]; `python -m orchestrator +milestone=m10 --cfg job` shows "
+                "the keys",
+                file=sys.stderr,
+            )
             sys.exit(2)
         raise
     sys.exit(_state["status"])

@@ -48,9 +48,10 @@ POLL_S = 1.0  # how often the progress line refreshes while trials run
 
 
 def make_record(spec: TrialSpec, result: dict[str, Any], criteria: Sequence[Criterion], attempts: int = 1) -> TrialRecord:
-    """Judge a trial's result dict (see orchestrator.trial) into its record."""
+    """Judge a trial's result dict (see orchestrator.trial) into its record; a trial that did
+    not run to the end (ERROR, SKIPPED) is not judged: it has no criterion outcomes."""
     status = result["status"]
-    outcomes = judge(result.get("metrics", {}), criteria)
+    outcomes = judge(result.get("metrics", {}), criteria) if status == "OK" else ()
     return TrialRecord(
         trial_key=spec.key,
         index=spec.index,
@@ -232,7 +233,9 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
             record = skipped_record(spec, reason, sweep.criteria)
             tracker.log_trial(parent, record)
             records.append(record)
-        progress = Progress(sweep.milestone, len(todo), err)
+        if unfit:
+            err.write(f"[{sweep.milestone}] {len(unfit)} trials fit no device: SKIPPED (reasons in the table)\n")
+        progress = Progress(sweep.milestone, len(runnable), err)
         records += run_trials(
             runnable,
             devices,

@@ -1,0 +1,100 @@
+"""Tests of the command's doors (orchestrator/__main__.py): every bad configuration exits with
+status 2 and a clear message before any trial runs, and writes nothing to MLflow.
+
+Run: python -m pytest tests/orchestrator/test_cli.py -q
+
+The commands run as real subprocesses, all at once (each spends most of its time importing).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# name: (arguments, what stderr must say)
+CASES = {
+    "no milestone": ([], r"error: no milestone given; run e.g. `python -m orchestrator +milestone=m10` "
+                         r"(available: m10, m11, m12, m8, m9, smoke)"),
+    "unknown milestone": (["+milestone=m99"], "Could not find 'milestone/m99'"),
+    "malformed override": (["+milestone=smoke", "model.num_layers=[3"], "no viable alternative at input '[3'"),
+    "wrong type": (["+milestone=smoke", "model.num_layers=three"], "model.num_layers"),
+    "negative context": (["+milestone=smoke", "milestone.context_length=-4096"],
+                         "error: bad configuration: bad milestone.context_length: context_length must be "
+                         "a positive int, got -4096"),
+    "missing criterion": (["+milestone=smoke", "~milestone.criteria.kv_cache"],
+                          "error: bad configuration: milestone 'smoke' lacks the criteria ['kv_cache']"),
+    "unknown tracking scheme": (["+milestone=smoke", "tracking.uri=mongodb://db/x"],
+                                "error: bad configuration: tracking.uri='mongodb://db/x' has the scheme 'mongodb'"),
+    "unreachable cluster": (["+milestone=smoke", f"cluster.address=127.0.0.1:{free_port()}"],
+                            "error: bad configuration: cluster.address='127.0.0.1:"),
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Run every case at once, each in its own empty directory: name -> (status, stderr, dir, seconds)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    running = {}
+    for name, (args, _) in CASES.items():
+        cwd = tmp_path_factory.mktemp(name.replace(" ", "_"))
+        process = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        running[name] = (process, cwd, time.monotonic())
+    done = {}
+    for name, (process, cwd, start) in running.items():
+        _, err = process.communicate(timeout=300)
+        done[name] = (process.returncode, err, cwd, time.monotonic() - start)
+    return done
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_configuration_exits_2_with_a_clear_message_and_no_run(results, name):
+    status, err, cwd, _ = results[name]
+    assert status == 2, err
+    assert CASES[name][1] in err
+    assert sorted(p.name for p in cwd.iterdir() if p.name != "outputs") == [], "nothing recorded"
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][1].startswith("error:")])
+def test_our_checks_print_one_line(results, name):
+    status, err, _, _ = results[name]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(CASES[name][1]), err
+
+
+@pytest.mark.parametrize("name", ["unknown milestone", "malformed override", "wrong type"])
+def test_hydra_errors_end_with_our_hint(results, name):
+    _, err, _, _ = results[name]
+    assert err.rstrip().splitlines()[-1].startswith("error: bad configuration: the command line or a config file")
+
+
+def test_unreachable_cluster_fails_fast(results):
+    status, err, _, seconds = results["unreachable cluster"]
+    assert "start one with `ray start --head" in err
+    assert seconds < 60
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "+milestone=m10", "grid.cache.dtype=[float16]",
+                           "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "name: m10" in done.stdout and "context_length: 16384" in done.stdout
+    assert "- float16" in done.stdout and "float32\n    - float16" not in done.stdout
+    assert list(tmp_path.iterdir()) == []

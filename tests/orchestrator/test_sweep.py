@@ -1,0 +1,198 @@
+"""Tests of the sweep driver (orchestrator/sweep.py): placement on devices (a scripted cluster),
+then the real thing end to end: the `smoke` milestone through real Ray and a real SQLite MLflow
+store, in this process (the session's Ray) and as the real command in a subprocess.
+
+Run: python -m pytest tests/orchestrator/test_sweep.py -q
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+from orchestrator.capacity import Device
+from orchestrator.config import CONF_DIR, load_sweep
+from orchestrator.criteria import Criterion
+from orchestrator.grid import TrialSpec
+from orchestrator.record import TrialRecord
+from orchestrator.sweep import Progress, execute, exit_status, make_record, run_trials
+
+REPO = Path(__file__).resolve().parents[2]
+CRITERIA = (Criterion("fill_rate", "fill_rate_pos_s", ">", 10.0),)
+FIGURES = {"fill_rate_pos_s", "retrieve_rate_ops_s", "decode_tok_s", "kv_cache_gb", "total_vram_gb",
+           "peak_mem_gb", "copy_gbps", "decode_gbps"}
+ENVIRONMENT_TAGS = {"device_name", "gpu_uuid", "driver_version", "cuda_version", "torch_version",
+                    "hostname", "git_commit"}
+
+
+def trial(index: int, gb: float) -> TrialSpec:
+    """A trial whose need is about `gb` GB (weights only, a one-position cache)."""
+    params = {"milestone.context_length": 1, "model.num_layers": 1, "model.num_kv_heads": 1,
+              "model.head_dim": 1, "model.weights_gb": gb, "cache.dtype": "float32"}
+    return TrialSpec(index=index, key=f"key{index}", params=params)
+
+
+def device(name: str, gb: float) -> Device:
+    return Device(node_id=f"node-{name}", kind="gpu", name=name, uuid=f"GPU-{name}",
+                  memory_bytes=int(gb * 1e9), usable_bytes=int(gb * 1e9), cpus=4)
+
+
+class ScriptedCluster:
+    """Stands in for scheduling.Cluster: records submissions, finishes the running trial
+    submitted first on each wait, returns a fill rate equal to 100 x the trial's index."""
+
+    def __init__(self):
+        self.submitted: list[tuple[int, str]] = []
+        self.running: list[tuple[TrialSpec, Device]] = []
+
+    def submit(self, spec, device, max_retries):
+        assert max_retries == 3
+        busy = [d.name for _, d in self.running]
+        assert device.name not in busy, "a device runs one trial at a time"
+        self.submitted.append((spec.index, device.name))
+        self.running.append((spec, device))
+        return spec.index
+
+    def wait(self, refs, timeout_s):
+        assert sorted(refs) == sorted(spec.index for spec, _ in self.running)
+        spec, _ = self.running.pop(0)
+        return [spec.index]
+
+    def fetch(self, ref):
+        if ref == 2:
+            return {"status": "ERROR", "reason": "crash: WorkerCrashedError: died", "metrics": {}, "info": {}}
+        return {"status": "OK", "reason": "", "metrics": {"fill_rate_pos_s": 100.0 * ref},
+                "info": {"device_name": "x"}, "started_at": 1.0, "finished_at": 2.0}
+
+
+def test_run_trials_places_each_trial_on_a_free_device_that_holds_it():
+    trials = [trial(0, 50.0), trial(1, 1.0), trial(2, 1.0), trial(3, 60.0)]
+    devices = [device("small", 20.0), device("big", 80.0)]
+    cluster = ScriptedCluster()
+    seen: list[TrialRecord] = []
+    stream = io.StringIO()
+    records = run_trials(trials, devices, cluster, CRITERIA, on_record=seen.append, max_retries=3,
+                         progress=Progress("t", 4, stream))
+    # 0 needs the big card, 1 takes the small one; 2 takes the big card when 0 is done;
+    # 3 fits only the big card and waits for it although the small one frees first
+    assert cluster.submitted == [(0, "big"), (1, "small"), (2, "big"), (3, "big")]
+    assert [r.index for r in records] == [r.index for r in seen]
+    by_index = {r.index: r for r in records}
+    assert by_index[0].verdict == "FAIL" and by_index[1].verdict == "PASS" and by_index[3].verdict == "PASS"
+    assert by_index[2].verdict == "ERROR" and by_index[2].criteria == ()
+    assert by_index[2].started_at > 1e9, "a Ray failure gets the submission time"
+    assert stream.getvalue().splitlines()[-1].startswith("[t] 4/4 done, 0 running, 0 pending")
+
+
+def test_make_record_and_exit_status():
+    spec = trial(5, 1.0)
+    ok = make_record(spec, {"status": "OK", "metrics": {"fill_rate_pos_s": 11.0}}, CRITERIA)
+    assert (ok.trial_key, ok.index, ok.verdict, ok.criteria[0].margin) == ("key5", 5, "PASS", 1.0)
+    skipped = make_record(spec, {"status": "SKIPPED", "reason": "too big"}, CRITERIA)
+    assert (skipped.verdict, skipped.criteria) == ("SKIPPED", ())
+    assert exit_status([ok]) == 0
+    assert exit_status([ok, skipped]) == 1
+    assert exit_status([]) == 1
+
+
+def test_progress_line_counts_and_eta():
+    progress = Progress("m10", 5, io.StringIO())
+    line = progress.line(2, [10.0], 2, [60.0, 60.0], 1)
+    assert line.startswith("[m10] 2/5 done, 1 running, 2 pending, elapsed ")
+    assert line.endswith("ETA 2m50s")  # 2 pending x 60 s + 50 s left of the running one, 1 device
+
+
+# ---- end to end --------------------------------------------------------------------------
+
+
+def parent_and_children(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("run_type") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    return client, parents, children
+
+
+def test_smoke_sweep_in_process_skips_what_fits_nowhere(ray_session, tmp_path):
+    overrides = ["+milestone=smoke", "grid.cache.dtype=[float16]", "+grid.model.weights_gb=[0.001,100000]",
+                 f"tracking.uri=sqlite:///{tmp_path}/store.db"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    sweep = load_sweep(cfg, cwd=tmp_path, overrides=overrides)
+    out, err = io.StringIO(), io.StringIO()
+    assert execute(sweep, tmp_path, out=out, err=err) == 1, err.getvalue()
+
+    client, parents, children = parent_and_children(f"sqlite:///{tmp_path}/store.db", "kvbench-smoke")
+    assert len(parents) == 1 and parents[0].data.tags["verdict"] == "FAIL"
+    verdicts = {r.data.params["model.weights_gb"]: r.data.tags for r in children}
+    assert verdicts["0.001"]["verdict"] == "PASS"
+    skipped = verdicts["100000.0"]
+    assert skipped["verdict"] == "SKIPPED"
+    assert skipped["reason"].startswith("needs 100000.50 GB (cache 0.00 + weights 100000.00 + margin 0.50)")
+    assert "(cpu) on " in skipped["reason"] and "GB available host memory" in skipped["reason"]
+    text = out.getvalue()
+    assert "SKIPPED" in text and "PASS" in text
+    assert text.rstrip().endswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/store.db")
+    assert "[smoke] 1/1 done, 0 running, 0 pending" in err.getvalue()
+    assert ray_session.is_initialized(), "the session's Ray is reused, not stopped"
+
+
+def test_local_ray_listens_on_loopback_only(ray_session):
+    ray_processes = psutil.Process().children(recursive=True)
+    listening = [c.laddr for p in ray_processes for c in _connections(p) if c.status == psutil.CONN_LISTEN]
+    assert listening, "Ray's servers should be found among this process's children"
+    for address in listening:
+        assert address.ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1"), f"listening on {address}"
+
+
+def _connections(process: psutil.Process):
+    try:
+        return process.net_connections(kind="tcp")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def test_the_command_runs_smoke_end_to_end(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "+milestone=smoke"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert done.stdout.rstrip().endswith(f"mlflow ui --backend-store-uri {uri}")
+    assert "[smoke] 2/2 done" in done.stderr
+
+    client, parents, children = parent_and_children(uri, "kvbench-smoke")
+    [parent] = parents
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["milestone"] == "smoke" and parent.data.tags["verdict"] == "PASS"
+    assert parent.data.metrics["n_trials"] == 2 and parent.data.metrics["n_pass"] == 2
+    assert {"config.yaml", "summary.md", "summary.csv", "plots"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    config = Path(client.download_artifacts(parent.info.run_id, "config.yaml")).read_text()
+    assert "name: smoke" in config
+
+    assert len(children) == 2
+    assert {r.data.params["cache.dtype"] for r in children} == {"float32", "float16"}
+    for run in children:
+        tags, metrics = run.data.tags, run.data.metrics
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["verdict"] == "PASS" and tags["milestone"] == "smoke"
+        assert len(tags["trial_key"]) == 16
+        assert ENVIRONMENT_TAGS <= set(tags) and tags["hostname"] == socket.gethostname()
+        assert FIGURES <= set(metrics)
+        for name in ("fill_rate", "retrieve_rate", "kv_cache", "token_gen", "total_vram"):
+            assert tags[f"criterion.{name}"] == "pass"
+            assert metrics[f"criterion.{name}.margin"] > 0
+        assert run.data.params["model.num_layers"] == "3"
+        record = TrialRecord.from_json(Path(client.download_artifacts(run.info.run_id, "result.json")).read_text())
+        assert record.trial_key == tags["trial_key"] and record.verdict == "PASS"

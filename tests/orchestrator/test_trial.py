@@ -1,0 +1,70 @@
+"""Tests of the trial body (orchestrator/trial.py), called directly as plain functions: no Ray.
+
+Run: python -m pytest tests/orchestrator/test_trial.py -q
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from kvcore.bench import BenchResult
+from orchestrator.grid import TrialSpec, trial_key
+from orchestrator.trial import TRIAL_FIELDS, bench_config, run_trial, split_figures
+
+
+def spec(**overrides) -> TrialSpec:
+    """A tiny odd trial (3 layers, 6 heads over 2 KV heads, head dim 5) with short time boxes."""
+    params = {
+        "milestone.context_length": 24, "model.num_layers": 3, "model.num_heads": 6,
+        "model.num_kv_heads": 2, "model.head_dim": 5, "model.weights_gb": 0.0001,
+        "cache.dtype": "float16", "cache.sink_positions": 2, "bench.repetitions": 2,
+        "bench.decode_steps": 4, "bench.rep_budget_s": 0.05, "model.name": "tiny",
+    }
+    params.update(overrides)
+    return TrialSpec(index=3, key=trial_key(params), params=params)
+
+
+def test_bench_config_maps_every_trial_parameter():
+    cfg = bench_config(spec().params, device="cpu")
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (3, 6, 2, 5)
+    assert (cfg.context_length, cfg.dtype, cfg.sink_positions, cfg.weights_gb) == (24, "float16", 2, 0.0001)
+    assert (cfg.repetitions, cfg.decode_steps, cfg.rep_budget_s, cfg.device) == (2, 4, 0.05, "cpu")
+    assert set(TRIAL_FIELDS.values()) <= {f for f in cfg.__dataclass_fields__}
+
+
+def test_split_figures_numbers_to_metrics_strings_to_info():
+    metrics, info = split_figures({"a": 1, "b": 2.5, "ok": True, "name": "cpu", "bad": math.nan})
+    assert metrics == {"a": 1.0, "b": 2.5, "ok": 1.0}
+    assert info == {"name": "cpu", "bad": "nan"}
+
+
+def test_run_trial_measures_every_figure_on_the_cpu():
+    result = run_trial(spec())
+    assert result["status"] == "OK", result["reason"]
+    assert result["reason"] == ""
+    metrics, info = result["metrics"], result["info"]
+    for figure in ("fill_rate_pos_s", "retrieve_rate_ops_s", "decode_tok_s", "kv_cache_gb", "total_vram_gb"):
+        assert metrics[figure] > 0
+    # 2 (K, V) x 3 layers x 24 positions x 2 KV heads x 5 x 2 bytes
+    assert metrics["kv_cache_gb"] == pytest.approx(2 * 3 * 24 * 2 * 5 * 2 / 1e9)
+    assert info["trial_device"] == "cpu" and info["device"] == "cpu"
+    assert set(metrics) | set(info) >= {f for f in BenchResult.__dataclass_fields__}
+    assert 0 < result["started_at"] <= result["finished_at"]
+
+
+def test_out_of_memory_is_an_error_result_naming_need_and_capacity():
+    # 10 PB of weights: the CPU allocator refuses at once, nothing is touched
+    result = run_trial(spec(**{"model.weights_gb": 1e7}))
+    assert result["status"] == "ERROR"
+    assert result["reason"].startswith("oom: needed about 10000000.50 GB (cache + weights + margin), cpu had ")
+    assert "can't allocate memory" in result["reason"]
+    assert result["metrics"] == {}
+
+
+def test_other_failures_are_crash_results_with_a_traceback():
+    result = run_trial(spec(**{"cache.dtype": "float64"}))  # bypasses the config's checks
+    assert result["status"] == "ERROR"
+    assert result["reason"].startswith("crash: ValueError: dtype must be one of")
+    assert "Traceback" in result["info"]["traceback"]

@@ -148,7 +148,7 @@ def write_plots(records: Sequence[TrialRecord], out_dir: str | Path, title: str 
         for ax in (ax_ctx, ax_dt):
             if log_y:
                 ax.set_yscale("log")
-            _draw_thresholds(ax, thresholds, first.op)
+            _draw_thresholds(ax, thresholds, first.op, [v for _, v in points])
             ax.set_ylabel(first.metric)
             ax.grid(True, axis="y", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:  # under the panel, never over the data
@@ -279,20 +279,21 @@ def _series_label(record: TrialRecord, points: list[tuple[TrialRecord, float]], 
     return ", ".join(parts)
 
 
-def _draw_thresholds(ax: Any, thresholds: list[float], op: str) -> None:
-    """Dashed line per threshold, kept inside the axes; with one threshold, shade the failing side."""
+def _draw_thresholds(ax: Any, thresholds: list[float], op: str, values: list[float]) -> None:
+    """Dashed line per threshold; with one threshold, shade the failing side.
+
+    The y range spans the figures and the thresholds with 8% to spare on each side (in log
+    space on a log axis), and starts at zero on a linear axis when nothing is negative.
+    """
     log = ax.get_yscale() == "log"
-    low, high = ax.get_ylim()
     fwd = math.log10 if log else float
     back = (lambda y: 10.0**y) if log else float
-    lo, hi = fwd(low), fwd(high)
-    for t in thresholds:
-        pad = 0.1 * (max(hi, fwd(t)) - min(lo, fwd(t)) or 1.0)
-        lo, hi = min(lo, fwd(t) - pad), max(hi, fwd(t) + pad)
-    low, high = back(lo), back(hi)
-    if not log and ax.get_ylim()[0] >= 0:
-        low = max(low, 0.0)  # figures that cannot go negative keep a zero baseline
-    ax.set_ylim(low, high)
+    span = [fwd(v) for v in [*values, *thresholds]]
+    lo, hi = min(span), max(span)
+    pad = 0.08 * (hi - lo) or (0.5 if log else abs(hi) * 0.1 or 1.0)
+    low, high = back(lo - pad), back(hi + pad)
+    if not log and lo >= 0:
+        low = 0.0
     for i, t in enumerate(thresholds):
         ax.axhline(t, color="tab:red", linestyle="--", linewidth=1.5,
                    label=f"threshold {op} {_fmt_threshold(t)}" if i == 0 else None)
@@ -303,7 +304,7 @@ def _draw_thresholds(ax: Any, thresholds: list[float], op: str) -> None:
             ax.axhspan(low, t, color="tab:red", alpha=0.08)
         else:
             ax.axhspan(t, high, color="tab:red", alpha=0.08)
-        ax.set_ylim(low, high)
+    ax.set_ylim(low, high)
 
 
 # ---- helpers -----------------------------------------------------------------------------

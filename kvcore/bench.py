@@ -836,6 +836,10 @@ def _release(device: torch.device) -> None:
             torch.cuda.synchronize(device)
         except RuntimeError:
             pass  # a failed kernel: empty what can be emptied anyway
+        # cuBLAS keeps its workspace (32 MiB on Hopper) in the caching allocator until told
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -27,6 +27,8 @@ reported as median, min and max):
    weight traffic). Then the peak memory and NVML's view are taken.
 7. baseline_decode: the same steps with the torch SDPA path of kvcore/attention.py
    (`decode_attention`), on the same cache; `decode_speedup` = decode_cache / baseline.
+   Where `attend` already runs that path (CPU, CUDA without Triton) the decode_cache
+   figures are the baseline's (speedup 1.0) instead of a second run of the same code.
 8. One more step of each decode path is checked against float64 reference attention.
 
 Key decisions:
@@ -388,7 +390,9 @@ class _HostPeak:
         except OSError:
             self.source = "rusage"
         rss = _proc_status_kb("VmRSS")
-        self.start_kb = rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if rss is None:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.start_kb = rss
 
     def growth_bytes(self) -> int:
         peak = _proc_status_kb("VmHWM") if self.source == "vmhwm" else None
@@ -577,17 +581,182 @@ def _copy_measurement(cfg: BenchConfig, device: torch.device, gen: torch.Generat
     return m, src.nbytes
 
 
+class _Trial:
+    """What the regions of one trial share: the cache, its random inputs, the weights, and
+    the position counter (fill, decode and the checks all append from the same pool)."""
+
+    def __init__(self, cfg: BenchConfig, device: torch.device, gen: torch.Generator,
+                 cache: StreamingKVCache) -> None:
+        self.cfg, self.device, self.gen, self.cache = cfg, device, gen, cache
+        self.target_s, self.budget_s = 4 * cfg.min_region_s, cfg.rep_budget_s
+        L, H, D = cfg.num_layers, cfg.num_heads, cfg.head_dim
+        Hkv, P = cache.num_kv_heads, cfg.context_length
+        self.dtype = cache.out_dtype  # what append/extend/attend take
+        self.weights = None
+        if cfg.weights_gb > 0:
+            wdtype = WEIGHT_DTYPES[cfg.weights_dtype]
+            self.weights = _random_weights(int(cfg.weights_gb * 1e9), H * D, wdtype, device, gen)
+            self.w_in = _random((H * D,), wdtype, device, gen)  # [H*D]
+            self.w_out = torch.empty(self.weights.shape[0], dtype=wdtype, device=device)
+        self.npool = min(_POOL_POSITIONS, P)
+        pool_k = _random((self.npool, L, Hkv, D), self.dtype, device, gen)
+        pool_v = _random((self.npool, L, Hkv, D), self.dtype, device, gen)
+        self.pos_k = [list(k.unbind(0)) for k in pool_k]  # [npool][L] of [Hkv, D]
+        self.pos_v = [list(v.unbind(0)) for v in pool_v]
+        self.queries = list(_random((L, H, D), self.dtype, device, gen).unbind(0))  # L x [H, D]
+        self.in_bytes_per_pos = 2 * L * Hkv * D * pool_k.element_size()  # K and V, all layers
+        self.chunk = min(cfg.prefill_chunk, P - cfg.sink_positions)
+        self.src_k = _random((L, self.chunk, Hkv, D), self.dtype, device, gen)
+        self.src_v = _random((L, self.chunk, Hkv, D), self.dtype, device, gen)
+        self.tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.counter = 0  # positions appended one by one so far
+
+    def measure(self, name: str, seconds_of: Callable[[int], float], want: int,
+                **kwargs) -> Measurement:
+        return measure(name, seconds_of, want, self.target_s, self.budget_s,
+                       self.cfg.repetitions, **kwargs)
+
+    def timed(self, run: Callable[[int], object]) -> Callable[[int], float]:
+        return lambda n: _timed(self.device, lambda: run(n))
+
+    # ------------------------------------------------------------------ fill and prefill
+
+    def append_positions(self, n: int) -> None:
+        """n positions, each appended layer by layer as a decode loop does."""
+        append, pos_k, pos_v, npool = self.cache.append, self.pos_k, self.pos_v, self.npool
+        for p in range(self.counter, self.counter + n):
+            for layer, (k, v) in enumerate(zip(pos_k[p % npool], pos_v[p % npool])):
+                append(layer, k, v)
+        self.counter += n
+
+    def extend_positions(self, n: int) -> None:
+        """n positions through extend: whole chunks, then the tail made by make_tail."""
+        extend = self.cache.extend
+        for _ in range(n // self.chunk):
+            extend(self.src_k, self.src_v)
+        if n % self.chunk:
+            extend(*self.tails[n % self.chunk])
+
+    def make_tail(self, n: int) -> None:
+        """The last, shorter chunk of an n-position fill, made before the fill is timed."""
+        m = n % self.chunk
+        if m and m not in self.tails:  # contiguous, like a model's chunk
+            self.tails[m] = (self.src_k[:, :m].contiguous(), self.src_v[:, :m].contiguous())
+
+    def fills(self, write: Callable[[int], object], n: int,
+              prepare: Callable[[int], object] = lambda m: None) -> float:
+        """Seconds of n positions written from an empty cache, clearing every P positions."""
+        seconds, P = 0.0, self.cfg.context_length
+        while n > 0:
+            m = min(n, P)
+            self.cache.clear()
+            prepare(m)
+            seconds += _timed(self.device, lambda: write(m))
+            n -= m
+        return seconds
+
+    def measure_fill(self) -> Measurement:
+        P = self.cfg.context_length
+        return self.measure("fill", lambda n: self.fills(self.append_positions, n), P,
+                            round_units=lambda n: _whole_fills(n, P, 1))
+
+    def measure_prefill(self) -> Measurement:
+        P, chunk = self.cfg.context_length, self.chunk
+        return self.measure(
+            "prefill", lambda n: self.fills(self.extend_positions, n, self.make_tail), P,
+            first=chunk, round_units=lambda n: _whole_fills(n, P, chunk))
+
+    def settle(self) -> None:
+        """Fill to capacity and wrap the ring (untimed): the steady state of a long decode.
+        Each chunk is scaled by its own random factor, so no two blocks of the ring repeat."""
+        cache, chunk, P = self.cache, self.chunk, self.cfg.context_length
+        total = P + max(1, min(chunk, (P - self.cfg.sink_positions) // 2))
+        scales = torch.rand((total // chunk + 1, 2), generator=self.gen, device=self.device)
+        scales = (scales + 0.5).to(self.dtype)
+        cache.clear()
+        for i, start in enumerate(range(0, total, chunk)):
+            n = min(chunk, total - start)
+            cache.extend((self.src_k[:, :n] * scales[i, 0]).contiguous(),
+                         (self.src_v[:, :n] * scales[i, 1]).contiguous())
+        self.src_k = self.src_v = None  # the prefill sources are not needed any more
+        self.tails.clear()
+        assert len(cache) == P and cache.total_appended > P, "steady state not reached"
+
+    # ------------------------------------------------------------------ retrieve
+
+    def measure_retrieve(self) -> tuple[Measurement, int, float]:
+        """get_valid of layer after layer, every element read into a checksum on the device.
+        Returns the measurement in ops ((valid positions x layers) per repetition), the layer
+        reads per repetition, and the checksum's relative error against the storage."""
+        cache, L, P = self.cache, self.cfg.num_layers, self.cfg.context_length
+        probe = _random((self.cfg.head_dim,), self.dtype, self.device, self.gen)
+        acc = torch.zeros((), dtype=torch.float64, device=self.device)
+
+        def read_layers(n: int) -> None:
+            for i in range(n):
+                k, v = cache.get_valid(i % L)
+                acc.add_(_read_norm2(k, probe))
+                acc.add_(_read_norm2(v, probe))
+
+        def timed_reads(n: int) -> float:
+            acc.zero_()  # the last call's sum is checked
+            return _timed(self.device, lambda: read_layers(n))
+
+        layer_reads = self.measure("retrieve", timed_reads, L)
+        reads = layer_reads.units
+        per_layer = [reads // L + (layer < reads % L) for layer in range(L)]
+        expected = sum(count * _expected_norm2(cache, layer, probe)
+                       for layer, count in enumerate(per_layer) if count)
+        error = abs(float(acc) - expected) / max(expected, 1e-30)
+        return replace(layer_reads, units=reads * P), reads, error
+
+    # ------------------------------------------------------------------ decode
+
+    def decode_steps(self, n: int, with_weights: bool) -> None:
+        for _ in range(n):
+            p = self.counter % self.npool
+            decode_step(self.cache, self.pos_k[p], self.pos_v[p], self.queries)
+            self.counter += 1
+            if with_weights and self.weights is not None:
+                torch.mv(self.weights, self.w_in, out=self.w_out)  # [rows]
+
+    def measure_decode(self, name: str, with_weights: bool) -> Measurement:
+        return self.measure(name, self.timed(lambda n: self.decode_steps(n, with_weights)),
+                            self.cfg.decode_steps)
+
+    def checked_step(self) -> float:
+        """One more decode step; its outputs' error against float64 reference attention."""
+        p = self.counter % self.npool
+        self.counter += 1
+        outputs = decode_step(self.cache, self.pos_k[p], self.pos_v[p], self.queries)
+        return _decode_error(self.cache, outputs, self.queries)
+
+
+def _memory_seen(device: torch.device, host_peak: _HostPeak) -> dict[str, object]:
+    """Peak memory since the reset, NVML's view, and the CUDA context beyond the pool."""
+    if device.type != "cuda":
+        return {"peak": host_peak.growth_bytes(), "peak_source": host_peak.source,
+                "context": 0.0, "nvml_used_gb": 0.0, "nvml_source": "unavailable",
+                "driver_version": "", "gpu_uuid": ""}
+    _sync(device)
+    seen = _nvml(device)
+    if seen["nvml_source"] != "unavailable":
+        used = seen["nvml_used_gb"] * 1e9
+    else:  # the driver's view of the whole device, through torch
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+    return {**seen, "peak": torch.cuda.max_memory_allocated(device),
+            "peak_source": "cuda_allocator",
+            "context": max(0.0, used - torch.cuda.memory_reserved(device))}
+
+
 def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
     wall_start = time.perf_counter()
-    target_s = 4 * cfg.min_region_s
-    reps, budget = cfg.repetitions, cfg.rep_budget_s
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
-    L, H, D, P = cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.context_length
-    Hkv = cfg.num_kv_heads or H
+    copy, copy_bytes = _copy_measurement(cfg, device, gen, 4 * cfg.min_region_s)
 
-    copy, copy_bytes = _copy_measurement(cfg, device, gen, target_s)
-    gc.collect()
+    gc.collect()  # the copy buffers are gone: the memory figures start here
     host_peak = _HostPeak()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -595,10 +764,10 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         before = torch.cuda.memory_allocated(device)
     else:
         host_peak.reset()
-
-    cache = StreamingKVCache(num_layers=L, max_positions=P, num_heads=H, head_dim=D,
-                             num_kv_heads=Hkv, dtype=cfg.dtype, device=str(device),
-                             sink_positions=cfg.sink_positions)
+    cache = StreamingKVCache(num_layers=cfg.num_layers, max_positions=cfg.context_length,
+                             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                             num_kv_heads=cfg.num_kv_heads, dtype=cfg.dtype,
+                             device=str(device), sink_positions=cfg.sink_positions)
     cache_bytes = cache.memory_bytes()
     if device.type == "cuda":
         measured, measured_source = torch.cuda.memory_allocated(device) - before, "allocator"
@@ -607,163 +776,30 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         measured_source = "storage"
     kv_ok = abs(measured - cache_bytes) <= max(1 << 20, 1e-3 * cache_bytes)
 
-    wdtype = WEIGHT_DTYPES[cfg.weights_dtype]
-    weights = None
-    if cfg.weights_gb > 0:
-        weights = _random_weights(int(cfg.weights_gb * 1e9), H * D, wdtype, device, gen)
-        w_in = _random((H * D,), wdtype, device, gen)
-        w_out = torch.empty(weights.shape[0], dtype=wdtype, device=device)
-    weight_bytes = 0 if weights is None else weights.nbytes
-
-    in_dtype = cache.out_dtype  # what append/extend/attend take
-    npool = min(_POOL_POSITIONS, P)
-    pool_k = _random((npool, L, Hkv, D), in_dtype, device, gen)
-    pool_v = _random((npool, L, Hkv, D), in_dtype, device, gen)
-    pos_k = [list(pool_k[i].unbind(0)) for i in range(npool)]  # [npool][L] of [Hkv, D]
-    pos_v = [list(pool_v[i].unbind(0)) for i in range(npool)]
-    queries = list(_random((L, H, D), in_dtype, device, gen).unbind(0))  # L x [H, D]
-    in_bytes_per_pos = 2 * L * Hkv * D * pool_k.element_size()
-    cache_bytes_per_pos = cache_bytes / P
-
-    # fill: append layer by layer from an empty cache
-    counter = [0]
-
-    def append_positions(n: int) -> None:
-        append, start = cache.append, counter[0]
-        for p in range(start, start + n):
-            for layer, (k, v) in enumerate(zip(pos_k[p % npool], pos_v[p % npool])):
-                append(layer, k, v)
-        counter[0] = start + n
-
-    def fills(segment: Callable[[int], object], n: int,
-              prepare: Callable[[int], object] = lambda m: None) -> float:
-        """Seconds of n positions written from an empty cache, clearing every P positions."""
-        seconds = 0.0
-        while n > 0:
-            m = min(n, P)
-            cache.clear()
-            prepare(m)
-            seconds += _timed(device, lambda: segment(m))
-            n -= m
-        return seconds
-
-    fill = measure("fill", lambda n: fills(append_positions, n), P, target_s, budget, reps,
-                   round_units=lambda n: _whole_fills(n, P, 1))
-
-    # prefill: extend in chunks
-    chunk = min(cfg.prefill_chunk, P - cfg.sink_positions)
-    src_k = _random((L, chunk, Hkv, D), in_dtype, device, gen)
-    src_v = _random((L, chunk, Hkv, D), in_dtype, device, gen)
-    tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def make_tail(m: int) -> None:
-        """The last, shorter chunk of an m-position fill, made before the fill is timed."""
-        if m % chunk and m % chunk not in tails:  # contiguous, like a model's chunk
-            tails[m % chunk] = (src_k[:, : m % chunk].contiguous(),
-                                src_v[:, : m % chunk].contiguous())
-
-    def extend_positions(n: int) -> None:
-        extend = cache.extend
-        for _ in range(n // chunk):
-            extend(src_k, src_v)
-        if n % chunk:
-            extend(*tails[n % chunk])
-
-    prefill = measure("prefill", lambda n: fills(extend_positions, n, make_tail), P, target_s,
-                      budget, reps, first=chunk, round_units=lambda n: _whole_fills(n, P, chunk))
-
-    # steady state: full and wrapped, each chunk scaled differently so blocks differ
-    cache.clear()
-    wrap = max(1, min(chunk, (P - cfg.sink_positions) // 2))
-    scales = torch.rand(((P + wrap) // chunk + 1, 2), generator=gen, device=device) + 0.5
-    for i, start in enumerate(range(0, P + wrap, chunk)):
-        n = min(chunk, P + wrap - start)
-        cache.extend((src_k[:, :n] * scales[i, 0].to(in_dtype)).contiguous(),
-                     (src_v[:, :n] * scales[i, 1].to(in_dtype)).contiguous())
-    del src_k, src_v, tails
-    assert len(cache) == P and cache.total_appended > P, "steady state not reached"
-
-    # retrieve: get_valid of layer after layer, every element read into a checksum
-    probe = _random((D,), in_dtype, device, gen)
-    acc = torch.zeros((), dtype=torch.float64, device=device)
-
-    def read_layers(n: int) -> None:
-        for i in range(n):
-            k, v = cache.get_valid(i % L)
-            acc.add_(_read_norm2(k, probe))
-            acc.add_(_read_norm2(v, probe))
-
-    def timed_reads(n: int) -> float:
-        acc.zero_()  # what the last call adds up is checked
-        return _timed(device, lambda: read_layers(n))
-
-    layer_reads = measure("retrieve", timed_reads, L, target_s, budget, reps)
-    reads = layer_reads.units
-    retrieve = replace(layer_reads, units=reads * P)  # ops: valid positions x layers read
-    per_layer = [reads // L + (layer < reads % L) for layer in range(L)]
-    expected = sum(c * _expected_norm2(cache, layer, probe)
-                   for layer, c in enumerate(per_layer) if c)
-    retrieve_err = abs(float(acc) - expected) / max(expected, 1e-30)
-    retrieve_ok = retrieve_err <= RETRIEVE_TOLERANCE[in_dtype]
-
-    # decode: per step every layer appends one position and attends one query
-    def steps(with_weights: bool) -> Callable[[int], None]:
-        def run(n: int) -> None:
-            for _ in range(n):
-                p = counter[0]
-                decode_step(cache, pos_k[p % npool], pos_v[p % npool], queries)
-                counter[0] = p + 1
-                if with_weights and weights is not None:
-                    torch.mv(weights, w_in, out=w_out)
-        return run
-
-    def decode_region(name: str, run: Callable[[int], None]) -> Measurement:
-        return measure(name, lambda n: _timed(device, lambda: run(n)), cfg.decode_steps,
-                       target_s, budget, reps)
-
-    decode_cache = decode_region("decode_cache", steps(False))
-    decode = decode_region("decode", steps(True))
-
-    if device.type == "cuda":
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        nvml = _nvml(device)
-        if nvml["nvml_source"] != "unavailable":
-            seen = nvml["nvml_used_gb"] * 1e9
-        else:  # the driver's view of the whole device, through torch
-            free, total = torch.cuda.mem_get_info(device)
-            seen = total - free
-        context_bytes = max(0.0, seen - torch.cuda.memory_reserved(device))
-        peak_source = "cuda_allocator"
-    else:
-        peak, peak_source = host_peak.growth_bytes(), host_peak.source
-        nvml = {"nvml_used_gb": 0.0, "nvml_source": "unavailable", "driver_version": "",
-                "gpu_uuid": ""}
-        context_bytes = 0.0
-    backend = cache.attention_backend
-
-    def checked_step() -> float:
-        """One more decode step, its outputs' error against float64 reference attention."""
-        p = counter[0]
-        counter[0] = p + 1
-        outputs = decode_step(cache, pos_k[p % npool], pos_v[p % npool], queries)
-        return _decode_error(cache, outputs, queries)
-
-    decode_err = checked_step()
+    trial = _Trial(cfg, device, gen, cache)
+    fill = trial.measure_fill()
+    prefill = trial.measure_prefill()
+    trial.settle()
+    retrieve, reads, retrieve_err = trial.measure_retrieve()
+    decode_cache = trial.measure_decode("decode_cache", with_weights=False)
+    decode = trial.measure_decode("decode", with_weights=True)
+    memory = _memory_seen(device, host_peak)  # before the baseline: our path's footprint
+    decode_err = trial.checked_step()
     torch_path = _TorchAttention(cache)
     if torch_path.same:  # attend already is the baseline: the same figures, not a re-run
         baseline, baseline_err = replace(decode_cache, name="baseline_decode"), decode_err
     else:
         with torch_path:
-            baseline = decode_region("baseline_decode", steps(False))
-            baseline_err = checked_step()
-    tolerance = DECODE_TOLERANCE[in_dtype]
+            baseline = trial.measure_decode("baseline_decode", with_weights=False)
+            baseline_err = trial.checked_step()
 
     measurements = [copy, fill, prefill, retrieve, decode_cache, decode, baseline]
     reasons = assess(measurements, cfg.min_region_s, cfg.max_spread)
+    retrieve_ok = retrieve_err <= RETRIEVE_TOLERANCE[trial.dtype]
     if not retrieve_ok:
         reasons.append(f"retrieve: checksum off by {retrieve_err:.3g} (relative), so get_valid "
                        "did not return the stored data")
+    tolerance = DECODE_TOLERANCE[trial.dtype]
     for name, err in (("decode", decode_err), ("baseline_decode", baseline_err)):
         if not err <= tolerance:
             reasons.append(f"{name}: output off float64 reference by {err:.3g} > {tolerance:g}")
@@ -771,48 +807,49 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         reasons.append(f"kv_cache_gb {cache_bytes / 1e9:.6g} differs from the {measured_source} "
                        f"figure {measured / 1e9:.6g}")
 
-    figures = {m.name: m.summary() for m in measurements}
-    copy_gbps = figures["copy"][0] * 2 * copy_bytes / 1e9
-    step_bytes = cache_bytes + weight_bytes
-    decode_gbps = figures["decode"][0] * step_bytes / 1e9
-    decode_cache_gbps = figures["decode_cache"][0] * cache_bytes / 1e9
-    peak_gb = peak / 1e9
+    rate = {m.name: m.summary() for m in measurements}  # (median, min, max) per second
+    L, P = cfg.num_layers, cfg.context_length
+    weight_bytes = 0 if trial.weights is None else trial.weights.nbytes
+    write_bytes = trial.in_bytes_per_pos + cache_bytes / P  # per position, fill and prefill
+    copy_gbps = [r * 2 * copy_bytes / 1e9 for r in rate["copy"]]
+    decode_gbps = rate["decode"][0] * (cache_bytes + weight_bytes) / 1e9
+    decode_cache_gbps = rate["decode_cache"][0] * cache_bytes / 1e9
     return BenchResult(
-        num_layers=L, num_heads=H, num_kv_heads=Hkv, head_dim=D, context_length=P,
-        dtype=cfg.dtype, sink_positions=cfg.sink_positions, device=str(device),
-        repetitions=reps, attention_backend=backend,
-        **_triple("fill_rate_pos_s", figures["fill"]),
-        fill_gbps=figures["fill"][0] * (in_bytes_per_pos + cache_bytes_per_pos) / 1e9,
-        fill_positions_timed=fill.units,
-        **_triple("prefill_rate_pos_s", figures["prefill"]),
-        prefill_gbps=figures["prefill"][0] * (in_bytes_per_pos + cache_bytes_per_pos) / 1e9,
-        prefill_positions_timed=prefill.units, prefill_chunk=chunk,
-        **_triple("retrieve_rate_ops_s", figures["retrieve"]),
-        retrieve_gbps=figures["retrieve"][0] * cache_bytes_per_pos / L / 1e9,
+        num_layers=L, num_heads=cfg.num_heads, num_kv_heads=cache.num_kv_heads,
+        head_dim=cfg.head_dim, context_length=P, dtype=cfg.dtype,
+        sink_positions=cfg.sink_positions, device=str(device), repetitions=cfg.repetitions,
+        attention_backend=cache.attention_backend,
+        **_triple("fill_rate_pos_s", rate["fill"]),
+        fill_gbps=rate["fill"][0] * write_bytes / 1e9, fill_positions_timed=fill.units,
+        **_triple("prefill_rate_pos_s", rate["prefill"]),
+        prefill_gbps=rate["prefill"][0] * write_bytes / 1e9,
+        prefill_positions_timed=prefill.units, prefill_chunk=trial.chunk,
+        **_triple("retrieve_rate_ops_s", rate["retrieve"]),
+        retrieve_gbps=rate["retrieve"][0] * cache_bytes / (L * P) / 1e9,
         retrieve_layers_timed=reads, retrieve_check_ok=retrieve_ok,
         retrieve_check_err=retrieve_err,
-        **_triple("decode_tok_s", figures["decode"]),
+        **_triple("decode_tok_s", rate["decode"]),
         decode_gbps=decode_gbps, decode_steps_timed=decode.units,
-        **_triple("decode_cache_tok_s", figures["decode_cache"]),
+        **_triple("decode_cache_tok_s", rate["decode_cache"]),
         decode_cache_gbps=decode_cache_gbps, decode_cache_steps_timed=decode_cache.units,
-        **_triple("baseline_decode_tok_s", figures["baseline_decode"]),
-        baseline_decode_gbps=figures["baseline_decode"][0] * cache_bytes / 1e9,
+        **_triple("baseline_decode_tok_s", rate["baseline_decode"]),
+        baseline_decode_gbps=rate["baseline_decode"][0] * cache_bytes / 1e9,
         baseline_decode_steps_timed=baseline.units,
-        decode_speedup=figures["decode_cache"][0] / figures["baseline_decode"][0],
-        decode_roofline_frac=decode_gbps / copy_gbps,
-        decode_cache_roofline_frac=decode_cache_gbps / copy_gbps,
+        decode_speedup=rate["decode_cache"][0] / rate["baseline_decode"][0],
+        decode_roofline_frac=decode_gbps / copy_gbps[0],
+        decode_cache_roofline_frac=decode_cache_gbps / copy_gbps[0],
         decode_check_ok=decode_err <= tolerance, decode_check_err=decode_err,
         baseline_check_ok=baseline_err <= tolerance, baseline_check_err=baseline_err,
-        copy_gbps=copy_gbps, copy_gbps_min=figures["copy"][1] * 2 * copy_bytes / 1e9,
-        copy_gbps_max=figures["copy"][2] * 2 * copy_bytes / 1e9, copy_gb=copy_bytes / 1e9,
+        **_triple("copy_gbps", copy_gbps), copy_gb=copy_bytes / 1e9,
         kv_cache_gb=cache_bytes / 1e9, kv_cache_measured_gb=measured / 1e9,
         kv_cache_measured_source=measured_source, kv_cache_ok=kv_ok,
         weights_gb=weight_bytes / 1e9, weights_dtype=cfg.weights_dtype,
-        peak_mem_gb=peak_gb, peak_mem_source=peak_source,
-        nvml_used_gb=float(nvml["nvml_used_gb"]), nvml_source=str(nvml["nvml_source"]),
-        cuda_context_gb=context_bytes / 1e9, total_vram_gb=peak_gb + context_bytes / 1e9,
+        peak_mem_gb=memory["peak"] / 1e9, peak_mem_source=str(memory["peak_source"]),
+        nvml_used_gb=float(memory["nvml_used_gb"]), nvml_source=str(memory["nvml_source"]),
+        cuda_context_gb=memory["context"] / 1e9,
+        total_vram_gb=(memory["peak"] + memory["context"]) / 1e9,
         valid=not reasons, invalid_reason="; ".join(reasons),
-        driver_version=str(nvml["driver_version"]), gpu_uuid=str(nvml["gpu_uuid"]),
+        driver_version=str(memory["driver_version"]), gpu_uuid=str(memory["gpu_uuid"]),
         **_environment(device),
         wall_s=time.perf_counter() - wall_start,
     )
@@ -898,7 +935,8 @@ def format_table(result: BenchResult) -> str:
                  f"(err {d['decode_check_err']:.2g}), baseline {d['baseline_check_ok']}, "
                  f"kv_cache {d['kv_cache_ok']} ({d['kv_cache_measured_source']}); "
                  f"nvml: {d['nvml_source']}; peak: {d['peak_mem_source']}")
-    lines.append(f"valid: {d['valid']}" + (f" ({d['invalid_reason']})" if d["invalid_reason"] else ""))
+    reason = f" ({d['invalid_reason']})" if d["invalid_reason"] else ""
+    lines.append(f"valid: {d['valid']}{reason}")
     return "\n".join(lines)
 
 

@@ -193,9 +193,10 @@ def _kernels():
         else:
             n = n_arg
         n = tl.minimum(tl.maximum(n, 0), capacity)
-        chunk = tl.cdiv(tl.cdiv(n, num_splits), BLOCK_N) * BLOCK_N
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, n)  # hi <= lo: empty split, the loop does not run
+        # whole tiles shared out evenly (counts differ by at most one); lo == hi: an empty split
+        n_tiles = tl.cdiv(n, BLOCK_N).to(tl.int64)
+        lo = ((split * n_tiles) // num_splits).to(tl.int32) * BLOCK_N
+        hi = tl.minimum((((split + 1) * n_tiles) // num_splits).to(tl.int32) * BLOCK_N, n)
 
         d = tl.arange(0, D_PAD)
         d_mask = d < HEAD_DIM

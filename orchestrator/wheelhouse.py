@@ -546,7 +546,7 @@ def lay_out_batches(out: Path, limit: int) -> list[list[str]]:
         folder.mkdir()
         for name in names:
             shutil.move(str(out / name), folder / name)
-        print(f"  batch{i}/  {human(sum(sizes[n] for n in names))}, {len(names)} files:")
+        print(f"  batch{i}/  {human(sum(sizes[n] for n in names))}, {len(names)} file{'s' if len(names) > 1 else ''}:")
         for name in names:
             print(f"    {human(sizes[name]):>10}  {name}")
     print(f"wheelhouse: {len(batches)} batches of at most {human(limit)}; "

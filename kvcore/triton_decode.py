@@ -113,13 +113,22 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_config(storage_dtype: torch.dtype, group: int) -> KernelConfig:
-    """Block size, warps and stages for a storage dtype and a GQA group size."""
+    """Block size, warps, stages and path for a storage dtype and a GQA group size.
+
+    Picked from `--sweep` on an H100 80GB HBM3 (docs/kernel-notes.md): the elementwise rows
+    with the register prefetch for MHA, tl.dot with cp.async pipelining for GQA.
+    """
     if group == 1:
-        block_n = 32 if storage_dtype == torch.float32 else 64
-        return KernelConfig(block_n=block_n, num_warps=4, num_stages=3, use_dot=False)
+        if storage_dtype == torch.float32:
+            return KernelConfig(block_n=32, num_warps=4, num_stages=1, use_dot=False)
+        if storage_dtype == torch.int8:
+            return KernelConfig(block_n=32, num_warps=4, num_stages=1, use_dot=False, fast_convert=False)
+        return KernelConfig(block_n=64, num_warps=4, num_stages=1, use_dot=False, waves=2)
     if storage_dtype == torch.float32:  # the ieee dot needs 8 warps at 32 slots to stay in registers
         return KernelConfig(block_n=32, num_warps=8, num_stages=3, use_dot=True)
-    return KernelConfig(block_n=64, num_warps=4, num_stages=3, use_dot=True)
+    if storage_dtype in QUANTIZED_DTYPES:
+        return KernelConfig(block_n=128, num_warps=4, num_stages=3, use_dot=True, waves=2)
+    return KernelConfig(block_n=64, num_warps=4, num_stages=3, use_dot=True, waves=2)
 
 
 def choose_splits(n_max: int, num_kv_heads: int, block_n: int, num_sms: int, waves: int = _WAVES) -> int:
@@ -638,22 +647,25 @@ def bench_case(storage, num_kv_heads, *, num_heads=32, head_dim=128, positions=1
 
 
 def _sweep_configs(storage, group):
-    """Candidate (config, splits=None) pairs for --sweep: path x block size x warps x stages x options."""
+    """Candidate configs for --sweep: path x block size x warps x stages x splits x options."""
     converts = (True, False) if storage == torch.int8 else (True,)
     configs = []
-    if group == 1:  # elementwise rows, with and without the register prefetch
-        for block_n in (16, 32, 64) if storage == torch.float32 else (32, 64, 128):
+    if group == 1:  # elementwise rows with the register prefetch
+        for block_n in (16, 32, 64):
             for warps in (4, 8):
-                for prefetch in (True, False):
+                for waves in (2, 4):
                     for fast in converts:
-                        configs.append(KernelConfig(block_n, warps, 1, False, fast_convert=fast, prefetch=prefetch))
-    for block_n in (32, 64) if storage == torch.float32 else (32, 64, 128):  # tl.dot
+                        configs.append(KernelConfig(block_n, warps, 1, False, waves=waves, fast_convert=fast))
+    if group == 1 and storage in QUANTIZED_DTYPES:  # 8-bit dot operands go through shared memory bytewise
+        return [(cfg, None) for cfg in configs]
+    for block_n in (32, 64) if storage == torch.float32 else (64, 128):  # tl.dot
         for warps in (4, 8):
             for stages in (2, 3):
-                for precision in ("ieee", "tf32x3") if storage == torch.float32 else ("ieee",):
-                    for fast in converts:
-                        configs.append(KernelConfig(block_n, warps, stages, True, fp32_precision=precision,
-                                                    fast_convert=fast))
+                for waves in (1, 4):
+                    for precision in ("ieee", "tf32x3") if storage == torch.float32 else ("ieee",):
+                        for fast in converts:
+                            configs.append(KernelConfig(block_n, warps, stages, True, waves=waves,
+                                                        fp32_precision=precision, fast_convert=fast))
     return [(cfg, None) for cfg in configs]
 
 
@@ -705,7 +717,7 @@ def main(argv=None) -> int:
         for hkv in map(int, args.kv_heads.split(",")):
             configs = None
             if args.sweep:
-                configs = _sweep_configs(storage, 32 // hkv) + [(None, s) for s in (8, 16, 32, 64, 128) if s * hkv >= 64]
+                configs = _sweep_configs(storage, 32 // hkv)
             case_rows = bench_case(storage, hkv, positions=args.positions, reps=args.reps, copy_gbs=copy_gbs,
                                    configs=configs, sdpa=not args.sweep, eager=not args.sweep)
             rows += case_rows

@@ -254,8 +254,8 @@ class StreamingKVCache:
         self._check_tensor(values, "values", shape)
         slot = slot_of(self._total, self.max_positions, self.sink_positions)
         with torch.no_grad():
-            self._store(0, slice(None), slot, keys)
-            self._store(1, slice(None), slot, values)
+            self._store((0, slice(None), slot), keys)
+            self._store((1, slice(None), slot), values)
         self._total += 1
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -272,16 +272,17 @@ class StreamingKVCache:
         runs = write_runs(self._total, keys.shape[1], self.max_positions, self.sink_positions)
         with torch.no_grad():
             for offset, slot, n in runs:
-                self._store(0, slice(None), slice(slot, slot + n), keys[:, offset : offset + n])
-                self._store(1, slice(None), slice(slot, slot + n), values[:, offset : offset + n])
+                slots = slice(slot, slot + n)
+                self._store((0, slice(None), slots), keys[:, offset : offset + n])
+                self._store((1, slice(None), slots), values[:, offset : offset + n])
         self._total += keys.shape[1]
 
-    def _store(self, half: int, layers: slice, slots: int | slice, src: torch.Tensor) -> None:
-        """Write src into K (half 0) or V (half 1) at [layers, slots], quantizing if needed."""
+    def _store(self, index: tuple, src: torch.Tensor) -> None:
+        """Write src into _kv[index] (index: half, layers, slots), quantizing if needed."""
         if self._kv_scale is None:
-            self._kv[half, layers, slots].copy_(src)
+            self._kv[index].copy_(src)
         else:
-            quantize_into(src, self._kv[half, layers, slots], self._kv_scale[half, layers, slots])
+            quantize_into(src, self._kv[index], self._kv_scale[index])
 
     def _write_pending(self, upto: int) -> None:
         """Write layers [_written, upto) of the position in progress in one batch."""
@@ -292,11 +293,7 @@ class StreamingKVCache:
         n = upto - lo
         with torch.no_grad():
             kv = torch.stack(self._pending_k[lo:upto] + self._pending_v[lo:upto])  # [2n, Hkv, D]
-            kv = kv.view(2, n, self.num_kv_heads, self.head_dim)
-            if self._kv_scale is None:
-                self._kv[:, lo:upto, slot].copy_(kv)
-            else:
-                quantize_into(kv, self._kv[:, lo:upto, slot], self._kv_scale[:, lo:upto, slot])
+            self._store((slice(None), slice(lo, upto), slot), kv.view(2, n, *self._kv_shape))
         self._pending_k[lo:upto] = [None] * n
         self._pending_v[lo:upto] = [None] * n
         self._written = upto

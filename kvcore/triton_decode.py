@@ -54,7 +54,6 @@ STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8, torc
 QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 QUERY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_WAVES = 4  # programs per SM to aim for (KV heads x splits ~ _WAVES x SM count)
 _MIN_TILES = 4  # fewest BLOCK_N tiles a split should hold
 _MAX_SPLITS = 256
 _INTERPRETER_SMS = 4  # stands in for the SM count when kernels run in Triton's interpreter
@@ -67,7 +66,7 @@ class KernelConfig(NamedTuple):
     num_warps: int
     num_stages: int
     use_dot: bool  # tl.dot on a padded group of query heads, else elementwise per row
-    waves: int = _WAVES
+    waves: int = 1  # full waves of programs: KV heads x splits ~ waves x SMs x programs resident per SM
     fp32_precision: str = "ieee"  # tl.dot input_precision for float32 storage: "ieee" or "tf32x3"
     fast_convert: bool = True  # int8 -> float by an integer add and a float subtraction, not a cvt
     prefetch: bool = True  # elementwise path: load the next tile before computing this one
@@ -123,19 +122,43 @@ def default_config(storage_dtype: torch.dtype, group: int) -> KernelConfig:
             return KernelConfig(block_n=32, num_warps=4, num_stages=1, use_dot=False)
         if storage_dtype == torch.int8:
             return KernelConfig(block_n=32, num_warps=4, num_stages=1, use_dot=False, fast_convert=False)
-        return KernelConfig(block_n=64, num_warps=4, num_stages=1, use_dot=False, waves=2)
+        return KernelConfig(block_n=64, num_warps=4, num_stages=1, use_dot=False)
     if storage_dtype == torch.float32:  # the ieee dot needs 8 warps at 32 slots to stay in registers
         return KernelConfig(block_n=32, num_warps=8, num_stages=3, use_dot=True)
     if storage_dtype in QUANTIZED_DTYPES:
-        return KernelConfig(block_n=128, num_warps=4, num_stages=3, use_dot=True, waves=2)
-    return KernelConfig(block_n=64, num_warps=4, num_stages=3, use_dot=True, waves=2)
+        return KernelConfig(block_n=128, num_warps=4, num_stages=3, use_dot=True)
+    return KernelConfig(block_n=64, num_warps=4, num_stages=3, use_dot=True)
 
 
-def choose_splits(n_max: int, num_kv_heads: int, block_n: int, num_sms: int, waves: int = _WAVES) -> int:
-    """Splits per KV head: enough programs to fill `waves` x SMs, each with >= _MIN_TILES tiles."""
-    wanted = math.ceil(waves * num_sms / num_kv_heads)
+def choose_splits(n_max: int, num_kv_heads: int, block_n: int, slots: int) -> int:
+    """Splits per KV head so that KV heads x splits fills, without going over, the `slots`
+    programs the GPU runs at once (a partial second wave would leave most SMs idle at the end),
+    with at least _MIN_TILES tiles per split."""
     most = max(1, math.ceil(n_max / (block_n * _MIN_TILES)))
-    return max(1, min(wanted, most, _MAX_SPLITS))
+    return max(1, min(slots // num_kv_heads, most, _MAX_SPLITS))
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_programs(key, kernel, args, kwargs) -> int:
+    """Programs of this compiled kernel one SM holds at once (registers, shared memory, threads)."""
+    device = key[0]
+    if device.type != "cuda":
+        return 1
+    if key not in _RESIDENT:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        if hasattr(compiled, "_init_handles"):
+            compiled._init_handles()  # loads the module; sets n_regs
+        props = torch.cuda.get_device_properties(device)
+        warps = kwargs["num_warps"]
+        regs_per_warp = math.ceil(max(compiled.n_regs, 1) * 32 / 256) * 256  # allocated per warp in 256s
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps)
+        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+        shared = compiled.metadata.shared + 1024  # the driver reserves 1 KB per block
+        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // shared
+        _RESIDENT[key] = max(1, min(by_regs, by_threads, by_smem, 32))
+    return _RESIDENT[key]
 
 
 @cache
@@ -415,6 +438,18 @@ def decode_attention(
                             or out.dtype not in QUERY_DTYPES or out_dtype not in (None, out.dtype)):
         raise ValueError(f"out must be a {QUERY_DTYPES} tensor of shape {tuple(query.shape)} on {query.device}"
                          f" matching out_dtype={out_dtype}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return _launch(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale, out_dtype, out,
+                   num_splits, config)
+
+
+def plan_splits(query, k_layer, v_layer, k_scale, v_scale, n_valid, *, config: KernelConfig | None = None) -> int:
+    """The split count `decode_attention` picks for these inputs (compiles the kernel; runs nothing)."""
+    _check_inputs(query, k_layer, v_layer, k_scale, v_scale, n_valid, None)
+    return _launch(query, k_layer, v_layer, k_scale, v_scale, n_valid, None, None, None, None, config, dry_run=True)
+
+
+def _launch(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale, out_dtype, out, num_splits, config,
+            dry_run=False):
     split_kernel, merge_kernel = _kernels()
     capacity, num_kv_heads, head_dim = k_layer.shape
     num_heads = query.shape[0]
@@ -430,12 +465,6 @@ def decode_attention(
     elif group != 1:
         raise ValueError(f"config.use_dot=False needs num_heads == num_kv_heads, got {num_heads} and {num_kv_heads}")
     on_device = isinstance(n_valid, torch.Tensor)
-    n_max = capacity if on_device else n_valid
-    if num_splits is None:
-        num_splits = choose_splits(n_max, num_kv_heads, cfg.block_n, _num_sms(query.device), cfg.waves)
-    if not 1 <= num_splits <= _MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
-
     quantized = storage in QUANTIZED_DTYPES
     triton_language = sys.modules["triton.language"]
     op_dtype = triton_language.bfloat16 if storage == torch.bfloat16 else triton_language.float16
@@ -443,19 +472,11 @@ def decode_attention(
     # (every bfloat16 x bfloat16 product is exact in float32, like on the tensor cores).
     dot_dtype = triton_language.float32 if (_interpreting() and storage == torch.bfloat16) else op_dtype
     scale = (1.0 / math.sqrt(head_dim)) if sm_scale is None else float(sm_scale)
-
     device = query.device
-    mid_o = torch.empty((num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
-    mid_lse = torch.empty((num_heads, num_splits), dtype=torch.float32, device=device)
     if out is None:
         out = torch.empty((num_heads, head_dim), dtype=out_dtype or query.dtype, device=device)
-    ks, vs = (k_scale, v_scale) if quantized else (mid_lse, mid_lse)  # placeholders, never read
-    split_kernel[(num_kv_heads, num_splits)](
-        query, k_layer, v_layer, ks, vs, n_valid,
-        mid_o, mid_lse,
-        scale * math.log2(math.e), capacity, num_splits,
-        query.stride(0), k_layer.stride(0), k_layer.stride(1), v_layer.stride(0), v_layer.stride(1),
-        ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1),
+    ks, vs = (k_scale, v_scale) if quantized else (out, out)  # placeholders, never read
+    constexprs = dict(
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=cfg.block_n,
         QUANTIZED=quantized, N_ON_DEVICE=on_device, USE_DOT=use_dot,
@@ -464,6 +485,26 @@ def decode_attention(
         PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+    def launch_args(mid_o, mid_lse, splits):
+        return (query, k_layer, v_layer, ks, vs, n_valid, mid_o, mid_lse,
+                scale * math.log2(math.e), capacity, splits,
+                query.stride(0), k_layer.stride(0), k_layer.stride(1), v_layer.stride(0), v_layer.stride(1),
+                ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1))
+
+    if num_splits is None:
+        key = (device, cfg, storage, query.dtype, group, head_dim, on_device)
+        probe = torch.empty((1, 1), dtype=torch.float32, device=device)
+        resident = _resident_programs(key, split_kernel, launch_args(probe, probe, 1), constexprs)
+        slots = _num_sms(device) * resident * cfg.waves
+        num_splits = choose_splits(capacity if on_device else n_valid, num_kv_heads, cfg.block_n, slots)
+    if dry_run:
+        return num_splits
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
+    mid_o = torch.empty((num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+    mid_lse = torch.empty((num_heads, num_splits), dtype=torch.float32, device=device)
+    split_kernel[(num_kv_heads, num_splits)](*launch_args(mid_o, mid_lse, num_splits), **constexprs)
     merge_kernel[(num_heads,)](
         mid_o, mid_lse, out, out.stride(0), num_splits,
         HEAD_DIM=head_dim, D_PAD=_next_pow2(head_dim), SPLITS_PAD=_next_pow2(num_splits),
@@ -607,8 +648,8 @@ def bench_case(storage, num_kv_heads, *, num_heads=32, head_dim=128, positions=1
     rows = []
     for cfg, splits in configs or [(None, None)]:
         cfg = cfg or default_config(storage, num_heads // num_kv_heads)
-        if splits is None:
-            splits = choose_splits(positions, num_kv_heads, cfg.block_n, _num_sms(device), cfg.waves)
+        if splits is None:  # what decode_attention picks by itself
+            splits = plan_splits(*args(0), n_dev, config=cfg)
 
         def run_eager():
             for layer in range(num_layers):

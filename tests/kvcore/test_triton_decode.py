@@ -137,12 +137,15 @@ def test_not_available_on_cpu():
     assert not td.available(torch.device("cpu"), torch.float16)
 
 
-def test_choose_splits_fills_the_gpu():
-    # M10 on an H100: 32 KV heads x 17 splits = 544 programs, about 4 per SM
-    assert td.choose_splits(16384, 32, 64, 132) == 17
-    assert td.choose_splits(16384, 8, 64, 132) == 64  # 66 wanted, but >= 4 tiles of 64 each
-    assert td.choose_splits(100, 32, 64, 132) == 1  # too short to split
-    assert td.choose_splits(10**7, 1, 16, 132) == 256  # capped
+def test_choose_splits_fills_one_wave():
+    # M10 on an H100 (132 SMs): 2 programs resident per SM -> 264 slots -> 32 KV heads x 8 splits
+    assert td.choose_splits(16384, 32, 64, 132 * 2) == 8
+    assert td.choose_splits(16384, 32, 32, 132 * 4) == 16  # 512 programs, not 544 (a partial wave)
+    assert td.choose_splits(16384, 8, 64, 132 * 2) == 33
+    assert td.choose_splits(16384, 8, 128, 132 * 2) == 32  # at least 4 tiles per split
+    assert td.choose_splits(100, 32, 64, 264) == 1  # too short to split
+    assert td.choose_splits(16384, 64, 64, 32) == 1  # more KV heads than slots
+    assert td.choose_splits(10**7, 1, 16, 528) == 256  # capped
 
 
 @pytest.mark.parametrize(

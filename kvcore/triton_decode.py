@@ -694,7 +694,7 @@ def _sweep_configs(storage, group):
     if group == 1:  # elementwise rows with the register prefetch
         for block_n in (16, 32, 64):
             for warps in (4, 8):
-                for waves in (2, 4):
+                for waves in (1, 2):
                     for fast in converts:
                         configs.append(KernelConfig(block_n, warps, 1, False, waves=waves, fast_convert=fast))
     if group == 1 and storage in QUANTIZED_DTYPES:  # 8-bit dot operands go through shared memory bytewise
@@ -702,7 +702,7 @@ def _sweep_configs(storage, group):
     for block_n in (32, 64) if storage == torch.float32 else (64, 128):  # tl.dot
         for warps in (4, 8):
             for stages in (2, 3):
-                for waves in (1, 4):
+                for waves in (1, 2):
                     for precision in ("ieee", "tf32x3") if storage == torch.float32 else ("ieee",):
                         for fast in converts:
                             configs.append(KernelConfig(block_n, warps, stages, True, waves=waves,

@@ -121,7 +121,7 @@ def default_config(storage_dtype: torch.dtype, group: int) -> KernelConfig:
         if storage_dtype == torch.float32:
             return KernelConfig(block_n=32, num_warps=4, num_stages=1, use_dot=False)
         if storage_dtype == torch.int8:
-            return KernelConfig(block_n=32, num_warps=4, num_stages=1, use_dot=False, fast_convert=False)
+            return KernelConfig(block_n=16, num_warps=4, num_stages=1, use_dot=False, fast_convert=False)
         return KernelConfig(block_n=64, num_warps=4, num_stages=1, use_dot=False)
     if storage_dtype == torch.float32:  # the ieee dot needs 8 warps at 32 slots to stay in registers
         return KernelConfig(block_n=32, num_warps=8, num_stages=3, use_dot=True)

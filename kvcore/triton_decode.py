@@ -1,8 +1,9 @@
 """Flash-decoding attention over one layer of the KV cache, as Triton kernels.
 
 Run on a CUDA machine to check the kernel against float64 and time it at the M10 shape:
-    python -m kvcore.triton_decode            # check + timing table (< 60 s on an H100)
-    python -m kvcore.triton_decode --sweep    # also time block sizes, warps, stages, splits
+    python -m kvcore.triton_decode            # check + timing table (~25 s on an H100)
+    python -m kvcore.triton_decode --sweep    # every candidate config instead of the defaults
+Measurements and the reasoning behind the defaults: docs/kernel-notes.md.
 
 `decode_attention(query, k_layer, v_layer, k_scale, v_scale, n_valid)` computes, for one
 decode step, softmax(q k^T * sm_scale) v over the valid prefix [0, n_valid) of one layer of
@@ -16,13 +17,16 @@ Key decisions:
   in registers (the per-(slot, head) scale multiplies the score and the softmax weight, a
   vector, instead of the tile), runs the online softmax in float32 and writes a partial
   (output / sum, log2-sum-exp). A second small kernel merges the splits of each query head.
-- The split count is picked on the host so that KV heads x splits fills the GPU several
-  times over (`_WAVES` x SM count), with at least `_MIN_TILES` tiles per split.
+- The split count is picked on the host so that KV heads x splits fills exactly one wave of
+  the programs the GPU holds at once (SMs x programs per SM, read off the compiled kernel's
+  registers and shared memory): a partial second wave leaves most SMs idle at the end. Whole
+  tiles are shared out evenly; each split gets at least `_MIN_TILES` tiles.
 - Two inner loops, chosen by the group size G = H / Hkv:
   * G == 1 (MHA, the M10 shape): elementwise products, and each of the BLOCK_N rows of a
     tile keeps its own running max / sum / accumulator, so the loop has no reduction across
     rows (no shared-memory round trip per tile); the rows are merged once at the end.
-    Exact float32 arithmetic.
+    Exact float32 arithmetic; the next tile is loaded into registers before the current one
+    is used (Triton software-pipelines only loads that feed a tl.dot).
   * G > 1 (GQA, MQA): tl.dot with the group padded to 16 rows (masked). The tensor cores
     make the padding free. K and V go in their own 16-bit type (int8 and float8 convert to
     float16 exactly, bfloat16 stays bfloat16), and the float32 operands (query, softmax

@@ -751,7 +751,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     print(f"# {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 1e6:.0f} MB, "
-          f"torch {torch.__version__}, triton {sys.modules['triton'].__version__ if 'triton' in sys.modules else '?'}")
+          f"torch {torch.__version__}, triton {sys.modules['triton'].__version__}")
     copy_gbs = measure_copy_gbs(device)
     print(f"# device-to-device copy of 1.07 GB: {copy_gbs:.0f} GB/s (read + write)")
     meta = {"card": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,

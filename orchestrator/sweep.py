@@ -102,14 +102,17 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """The live progress line on `stream`: rewritten in place on a terminal, else one line
-    per change."""
+    """The live progress line on `stream`: rewritten in place on a terminal; elsewhere (a log
+    file) one line per change of the counts, and at least one a minute."""
+
+    HEARTBEAT_S = 60.0
 
     def __init__(self, label: str, total: int, stream: TextIO):
         self.label, self.total, self.stream = label, total, stream
         self.start = time.monotonic()
         self.tty = stream.isatty()
         self.last = ""
+        self.last_written = 0.0
 
     def line(self, done: int, running: Sequence[float], pending: int, durations: Sequence[float], slots: int) -> str:
         """`running`: how long each running trial has run; `durations`: wall times of done trials."""
@@ -125,10 +128,12 @@ class Progress:
 
     def show(self, *args: Any) -> None:
         text = self.line(*args)
+        now = time.monotonic()
         if self.tty:
             self.stream.write("\r\033[K" + text)
-        elif text.split(", elapsed")[0] != self.last.split(", elapsed")[0]:
+        elif text.split(", elapsed")[0] != self.last.split(", elapsed")[0] or now - self.last_written >= self.HEARTBEAT_S:
             self.stream.write(text + "\n")
+            self.last_written = now
         self.stream.flush()
         self.last = text
 

@@ -111,6 +111,19 @@ def test_progress_line_counts_and_eta():
     assert line.endswith("ETA 2m50s")  # 2 pending x 60 s + 50 s left of the running one, 1 device
 
 
+def test_progress_in_a_log_writes_changes_and_a_heartbeat():
+    stream = io.StringIO()
+    progress = Progress("m10", 2, stream)
+    progress.show(0, [1.0], 1, [], 1)
+    progress.show(0, [2.0], 1, [], 1)  # same counts: nothing new
+    assert len(stream.getvalue().splitlines()) == 1
+    progress.show(1, [], 1, [3.0], 1)
+    assert len(stream.getvalue().splitlines()) == 2
+    progress.HEARTBEAT_S = 0.0  # a minute has passed
+    progress.show(1, [], 1, [3.0], 1)
+    assert len(stream.getvalue().splitlines()) == 3
+
+
 # ---- end to end --------------------------------------------------------------------------
 
 

@@ -5,7 +5,9 @@ Without a milestone it lists the available ones. `--cfg job` prints the composed
 
 Exit status: 0 every trial passed; 1 a trial failed, errored or was skipped; 2 a bad
 configuration (malformed override, unknown milestone, wrong type, failed check, unknown
-tracking URI scheme, unreachable cluster.address), reported before any trial runs.
+tracking URI scheme, unreachable cluster.address), reported before any trial runs; 130
+interrupted (Ctrl-C: running trials cancelled, the sweep's parent run marked KILLED, and
+running the same command again resumes it).
 
 Key decision: Hydra itself exits with status 1 when composing fails (a malformed override, a
 missing config), before the task function runs. `main` notes whether the task was entered
@@ -22,6 +24,7 @@ from omegaconf import DictConfig
 
 from orchestrator.config import MilestoneMissing, command_overrides, load_sweep
 
+INTERRUPTED_STATUS = 130  # Ctrl-C (128 + SIGINT), as orchestrator.sweep returns it
 _state = {"entered": False, "status": 0}
 
 
@@ -32,6 +35,9 @@ def run(cfg: DictConfig, cwd: str) -> int:
         from orchestrator.sweep import execute  # Ray and MLflow load only for a valid config
 
         return execute(sweep, cwd)
+    except KeyboardInterrupt:  # before the trials started (execute handles it from then on)
+        print("\ninterrupted before any trial ran; run the same command again to start over", file=sys.stderr)
+        return INTERRUPTED_STATUS
     except MilestoneMissing as error:
         print(f"error: {error}", file=sys.stderr)
     except ValueError as error:  # configuration mistakes only: trials never raise

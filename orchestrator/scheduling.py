@@ -52,10 +52,31 @@ class ClusterUnreachable(ValueError):
 
 
 @ray.remote(max_calls=1)
-def _trial_task(spec: TrialSpec) -> dict[str, Any]:
+def _trial_task(spec: TrialSpec, fault: str | None = None) -> dict[str, Any]:
+    """run_trial here, plus where it ran (info `node_id`, `device_key`) and which attempt it was."""
     from orchestrator.trial import run_trial
 
-    return run_trial(spec)
+    attempt = _attempt_number()
+    result = run_trial(spec, attempt=attempt, fault=fault)
+    node_id = ray.get_runtime_context().get_node_id()
+    gpus = _visible_gpus() if result.get("info", {}).get("trial_device", "cpu") != "cpu" else []
+    result["attempt"] = attempt
+    result.setdefault("info", {}).update(node_id=node_id, device_key=device_key(node_id, gpus[0]["uuid"] if gpus else ""))
+    return result
+
+
+def _attempt_number() -> int:
+    """1 on a task's first run, 2 on Ray's first retry, ... Ray counts attempts in the core
+    worker (0-based); Ray 2.60 has no public API for it, so a missing one reads as 1."""
+    try:
+        return int(ray._private.worker.global_worker.core_worker.get_current_task_attempt_number()) + 1
+    except (AttributeError, TypeError, ValueError):
+        return 1
+
+
+def device_key(node_id: str, gpu_uuid: str) -> str:
+    """A stable id of the card or CPU node a trial ran on: its GPU UUID, else "<node id>:cpu"."""
+    return gpu_uuid or f"{node_id}:cpu"
 
 
 def _visible_gpus() -> list[dict[str, Any]]:
@@ -201,8 +222,9 @@ class Cluster:
             probe["cpus"] = int(node["Resources"].get("CPU", 0))
         return probes
 
-    def submit(self, spec: TrialSpec, device: Device, max_retries: int) -> ray.ObjectRef:
-        """Start one trial on `device`'s node: one GPU there, or all of its CPUs."""
+    def submit(self, spec: TrialSpec, device: Device, max_retries: int, fault: str | None = None) -> ray.ObjectRef:
+        """Start one trial on `device`'s node: one GPU there, or all of its CPUs. `fault`: a
+        fault to inject (tests only, see orchestrator.trial)."""
         if device.kind == "gpu":
             resources = {"num_gpus": 1, "num_cpus": 1}
         else:
@@ -213,7 +235,7 @@ class Cluster:
             retry_exceptions=False,
             scheduling_strategy=NodeAffinitySchedulingStrategy(device.node_id, soft=False),
             name=f"trial-{spec.index}-{spec.key}",
-        ).remote(spec)
+        ).remote(spec, fault)
 
     @staticmethod
     def wait(refs: Sequence[ray.ObjectRef], timeout_s: float) -> list[ray.ObjectRef]:
@@ -237,6 +259,10 @@ class Cluster:
             reason = f"oom: killed by Ray's memory monitor: {str(error).strip().splitlines()[0][:300]}"
         except ray.exceptions.TaskCancelledError:
             reason = "cancelled"
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as error:
+            first = (str(error).strip().splitlines() or [""])[0]
+            reason = f"crash: the worker died on every attempt: {type(error).__name__}: {first}"[:500]
+            return {"status": "ERROR", "reason": reason, "metrics": {}, "info": {}, "retries_exhausted": True}
         except ray.exceptions.RayError as error:
             first = (str(error).strip().splitlines() or [""])[0]
             reason = f"crash: {type(error).__name__}: {first}"[:500]

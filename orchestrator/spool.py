@@ -25,7 +25,7 @@ File format, `<spool dir>/<sweep_key>.jsonl`, one JSON object per line:
     {"kind": "sweep", "uri", "experiment", "milestone", "sweep_key", "tags", "params",
      "config_yaml", "parent_id": str | null, "written_at"}
     {"kind": "trial", "record": {TrialRecord fields}}
-    {"kind": "finish", "status": "FINISHED" | "KILLED" | "FAILED"}
+    {"kind": "finish", "status": "FINISHED" | "KILLED" | "FAILED", "metrics": {name: float}}
 
 Key decisions:
 - Each line is written with one `os.write` on an O_APPEND descriptor and `fsync`ed before the
@@ -55,10 +55,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from orchestrator.record import TrialRecord
-from orchestrator.tracking import SWEEP_STATUSES, Tracker, redact, redact_text, redact_yaml
+from orchestrator.tracking import (
+    SWEEP_STATUSES,
+    Tracker,
+    TrackingUnavailable,
+    redact,
+    redact_text,
+    redact_yaml,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -103,10 +110,11 @@ class Spool:
         """Append one finished trial; on return it is on disk."""
         self._append({"kind": "trial", "record": asdict(record)})
 
-    def write_finish(self, status: str) -> None:
+    def write_finish(self, status: str, metrics: Mapping[str, float] | None = None) -> None:
+        """The sweep's end: its status and the parent's extra metrics (`finish_sweep`'s)."""
         if status not in SWEEP_STATUSES:
             raise ValueError(f"status must be one of {SWEEP_STATUSES}, got {status!r}")
-        self._append({"kind": "finish", "status": status})
+        self._append({"kind": "finish", "status": status, "metrics": dict(metrics or {})})
 
     def _append(self, entry: dict[str, Any]) -> None:
         if self._fd is None:
@@ -133,6 +141,7 @@ class SpooledSweep:
     header: dict[str, Any] = field(default_factory=dict)  # the merged "sweep" lines
     records: dict[str, TrialRecord] = field(default_factory=dict)  # by trial_key
     finish: str | None = None  # the sweep's final status, if the driver got that far
+    finish_metrics: dict[str, float] = field(default_factory=dict)  # the parent's extra metrics
     torn: int = 0  # lines that could not be read (a crash mid-write)
 
 
@@ -152,6 +161,7 @@ def read_spool(path: str | os.PathLike[str]) -> SpooledSweep:
                 spooled.records[record.trial_key] = record
             elif kind == "finish":
                 spooled.finish = entry["status"]
+                spooled.finish_metrics = {k: float(v) for k, v in entry.get("metrics", {}).items()}
             else:
                 raise ValueError(f"unknown kind {kind!r}")
         except (ValueError, KeyError, TypeError, AssertionError) as error:
@@ -192,7 +202,8 @@ def upload(
     for record in sorted(spooled.records.values(), key=lambda r: r.index):
         tracker.log_trial(parent_id, record)
     if spooled.finish is not None:
-        tracker.finish_sweep(parent_id, list(spooled.records.values()), status=spooled.finish)
+        tracker.finish_sweep(parent_id, list(spooled.records.values()), status=spooled.finish,
+                             metrics=spooled.finish_metrics)
     return parent_id
 
 
@@ -229,6 +240,133 @@ def sync_spool(path: str | os.PathLike[str], tracker: Tracker | None = None,
         return parent_id, len(spooled.records)
     finally:
         os.close(fd)
+
+
+class Recorder:
+    """Where the driver records one sweep: MLflow while it answers, else the sweep's spool.
+
+    The recipe of the module docstring as one object:
+
+        recorder = Recorder(uri, experiment, spool_dir, sweep_key, milestone, tags, params,
+                            config_yaml, err=sys.stderr)
+        done = recorder.open(resume=True)      # trial_keys already recorded (when resuming)
+        recorder.record(record)                # returns once it is in MLflow or on disk
+        recorder.finish(records, "FINISHED", metrics)
+        recorder.close()
+
+    `open` first uploads a spool this sweep left earlier (so nothing is re-run that was
+    recorded, and the spool never overwrites a newer result), then opens or reopens the
+    parent run. The first `TrackingUnavailable` switches to the spool for the rest of the
+    sweep, with one line on `err`; `finish` then tries one upload, in case MLflow is back.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        spool_dir: str | os.PathLike[str],
+        sweep_key: str,
+        milestone: str,
+        tags: Mapping[str, Any],
+        params: Mapping[str, Any],
+        config_yaml: str,
+        err: TextIO,
+        label: str = "",
+    ):
+        self.uri, self.experiment, self.milestone = uri, experiment, milestone
+        self.spool_dir, self.sweep_key = Path(spool_dir), sweep_key
+        self.tags, self.params, self.config_yaml = dict(tags), dict(params), config_yaml
+        self.err, self.label = err, label or f"[{milestone}]"
+        self.tracker: Tracker | None = None
+        self.parent_id: str | None = None
+        self.spool: Spool | None = None
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir / f"{self.sweep_key}.jsonl"
+
+    def open(self, resume: bool) -> set[str]:
+        """Open the sweep's parent run (reopened when resuming); the trial_keys already recorded."""
+        try:
+            self.tracker = Tracker(self.uri, experiment=self.experiment)
+            if self.spool_path.exists():
+                uploaded = sync_spool(self.spool_path, tracker=self.tracker)
+                if uploaded is None:
+                    raise ValueError(
+                        f"{self.spool_path} is locked: another driver is running this sweep now; "
+                        "wait for it to end, or press Ctrl-C there"
+                    )
+                self._say(f"uploaded {uploaded[1]} trial(s) that {self.spool_path} held from an earlier run")
+            self.parent_id = self.tracker.start_sweep(
+                milestone=self.milestone, sweep_key=self.sweep_key, tags=self.tags, params=self.params,
+                config_yaml=self.config_yaml, resume=resume,
+            )
+            return self.tracker.finished_trial_keys(self.parent_id) if resume else set()
+        except TrackingUnavailable as error:
+            self._to_spool(error)
+            return spooled_trial_keys(self.spool_dir, self.sweep_key) if resume else set()
+
+    def earlier_records(self) -> list[TrialRecord]:
+        """The records this sweep holds from earlier runs (MLflow's, else the spool's)."""
+        if self.spool is None:
+            assert self.tracker is not None and self.parent_id is not None, "open() first"
+            try:
+                return self.tracker.trial_records(self.parent_id)
+            except TrackingUnavailable as error:
+                self._to_spool(error)
+        return list(read_spool(self.spool_path).records.values())
+
+    def record(self, record: TrialRecord) -> None:
+        """Record one finished trial; on return it is in MLflow or fsynced in the spool."""
+        if self.spool is None:
+            assert self.tracker is not None and self.parent_id is not None, "open() first"
+            try:
+                self.tracker.log_trial(self.parent_id, record)
+                return
+            except TrackingUnavailable as error:
+                self._to_spool(error)
+        assert self.spool is not None
+        self.spool.write_trial(record)
+
+    def finish(self, records: list[TrialRecord], status: str, metrics: Mapping[str, float]) -> None:
+        """End the sweep: `Tracker.finish_sweep`, or its line in the spool and one upload try."""
+        if self.spool is None:
+            assert self.tracker is not None and self.parent_id is not None, "open() first"
+            try:
+                self.tracker.finish_sweep(self.parent_id, records, status=status, metrics=metrics)
+                return
+            except TrackingUnavailable as error:
+                self._to_spool(error)
+        assert self.spool is not None
+        self.spool.write_finish(status, metrics)
+        self.spool.close()
+        try:
+            tracker = self.tracker or Tracker(self.uri, experiment=self.experiment)
+            uploaded = sync_spool(self.spool_path, tracker=tracker)
+        except TrackingUnavailable:
+            self._say(f"MLflow is still away: the results wait in {self.spool_path}; upload them with "
+                      f"`python -m orchestrator.sync --spool {self.spool_dir}` (or rerun the sweep)")
+            return
+        if uploaded is not None:
+            self._say(f"MLflow is back: uploaded the {uploaded[1]} spooled trial(s) to parent run {uploaded[0]}")
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
+    def _to_spool(self, error: TrackingUnavailable) -> None:
+        if self.spool is not None:
+            return
+        self._say(f"{error}; until the sweep ends, results go to the spool {self.spool_path}")
+        self.spool = Spool(self.spool_dir, self.sweep_key)
+        self.spool.write_sweep(
+            uri=self.uri, experiment=self.experiment, milestone=self.milestone, tags=self.tags,
+            params=self.params, config_yaml=self.config_yaml, parent_id=self.parent_id,
+        )
+
+    def _say(self, text: str) -> None:
+        self.err.write(f"{self.label} {text}\n")
+        self.err.flush()
 
 
 # ---- files ----------------------------------------------------------------------------------

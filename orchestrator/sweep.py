@@ -31,25 +31,40 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from orchestrator import report
-from orchestrator.capacity import Device, devices_from_probe, fitting_devices, skip_reason, trial_need_bytes
-from orchestrator.config import ConfigurationError, Sweep
+from orchestrator.capacity import (
+    Device,
+    devices_from_probe,
+    fitting_devices,
+    skip_reason,
+    trial_need_bytes,
+    trial_need_parts,
+)
+from orchestrator.config import ConfigurationError, Sweep, TrialSettings
 from orchestrator.criteria import Criterion, judge, verdict
 from orchestrator.grid import TrialSpec
 from orchestrator.record import TrialRecord
-from orchestrator.scheduling import Cluster
-from orchestrator.tracking import Tracker, resolve_tracking_uri
+from orchestrator.scheduling import Cluster, device_key
+from orchestrator.spool import Recorder
+from orchestrator.tracking import resolve_tracking_uri
+from orchestrator.trial import injected_fault
 
-POLL_S = 1.0  # how often the progress line refreshes while trials run
+POLL_S = 1.0  # how often the progress line refreshes and deadlines are checked while trials run
+TIMEOUT_BASE_S = 600.0  # derived deadline: this much for any trial ...
+TIMEOUT_S_PER_GB = 120.0  # ... plus this much per GB of cache and weights (8 MB/s, very slow)
+CANCEL_RETRY_S = 10.0  # a cancelled trial whose task is not gone yet is cancelled again this often
+INTERRUPT_WAIT_S = 30.0  # on Ctrl-C, how long the driver waits for cancelled trials to be gone
+INTERRUPTED_STATUS = 130  # the exit status of a sweep stopped by Ctrl-C (128 + SIGINT)
 
 
-def make_record(spec: TrialSpec, result: dict[str, Any], criteria: Sequence[Criterion], attempts: int = 1) -> TrialRecord:
+def make_record(spec: TrialSpec, result: dict[str, Any], criteria: Sequence[Criterion], attempts: int | None = None) -> TrialRecord:
     """Judge a trial's result dict (see orchestrator.trial) into its record; a trial that did
-    not run to the end (ERROR, SKIPPED) is not judged: it has no criterion outcomes."""
+    not run to the end (ERROR, SKIPPED) is not judged: it has no criterion outcomes.
+    `attempts`: how many times it ran (default: the result's `attempt`, else 1)."""
     status = result["status"]
     outcomes = judge(result.get("metrics", {}), criteria) if status == "OK" else ()
     return TrialRecord(
@@ -60,9 +75,9 @@ def make_record(spec: TrialSpec, result: dict[str, Any], criteria: Sequence[Crit
         verdict=verdict(status, outcomes),
         reason=result.get("reason", ""),
         metrics=dict(result.get("metrics", {})),
-        info=dict(result.get("info", {})),
+        info={k: str(v) for k, v in result.get("info", {}).items()},
         criteria=outcomes,
-        attempts=attempts,
+        attempts=int(result.get("attempt", 1)) if attempts is None else attempts,
         started_at=result.get("started_at", 0.0),
         finished_at=result.get("finished_at", 0.0),
     )
@@ -143,12 +158,44 @@ class Progress:
             self.stream.flush()
 
 
+def trial_timeout_s(params: Mapping[str, Any], settings: TrialSettings) -> float:
+    """A trial's deadline, seconds from submission: trial.timeout_s, else derived from its size,
+    generously: TIMEOUT_BASE_S + TIMEOUT_S_PER_GB per GB of cache and weights + 20 time boxes
+    per repetition (m10 float32, 21 GB: about 54 min; smoke: about 10 min)."""
+    if settings.timeout_s is not None:
+        return float(settings.timeout_s)
+    cache, weights, _ = trial_need_parts(params)
+    boxes = 20 * params["bench.repetitions"] * params["bench.rep_budget_s"]
+    return TIMEOUT_BASE_S + TIMEOUT_S_PER_GB * (cache + weights) / 1e9 + boxes
+
+
 @dataclass
 class _Running:
     spec: TrialSpec
     device: Device
     started: float  # time.monotonic() at submission
-    started_at: float  # unix seconds at submission
+    submitted_at: float  # unix seconds at submission
+    timeout_s: float
+    cancelled: float | None = None  # time.monotonic() of the last cancel, once past the deadline
+
+    def result(self, raw: dict[str, Any], settings: TrialSettings) -> dict[str, Any]:
+        """The task's result with the driver's side added: times, where it ran, why it ended."""
+        received = time.time()
+        result = {**raw, "info": dict(raw.get("info", {}))}
+        result.setdefault("started_at", self.submitted_at)
+        result.setdefault("finished_at", received)
+        info = result["info"]
+        info.setdefault("node_id", self.device.node_id)
+        info.setdefault("device_key", device_key(self.device.node_id, self.device.uuid))
+        info["driver_submitted_at"] = f"{self.submitted_at:.6f}"
+        info["driver_received_at"] = f"{received:.6f}"
+        if self.cancelled is not None and result["status"] != "OK":
+            source = "trial.timeout_s" if settings.timeout_s is not None else "derived from its size; set trial.timeout_s"
+            result["status"] = "ERROR"
+            result["reason"] = f"timeout: no result within {self.timeout_s:.0f} s ({source}); the task was cancelled"
+        if result.pop("retries_exhausted", False):
+            result["attempt"] = settings.max_retries + 1
+        return result
 
 
 def run_trials(
@@ -157,10 +204,15 @@ def run_trials(
     cluster: Cluster,
     criteria: Sequence[Criterion],
     on_record: Callable[[TrialRecord], None],
-    max_retries: int,
+    settings: TrialSettings,
     progress: Progress | None = None,
 ) -> list[TrialRecord]:
-    """Run trials that each fit at least one of `devices`; records in completion order."""
+    """Run trials that each fit at least one of `devices`; records in completion order.
+
+    A trial past its deadline is cancelled (again every CANCEL_RETRY_S until its task is gone)
+    and recorded as ERROR "timeout: ..." once it is; its device is free again only then. On
+    KeyboardInterrupt every running trial is cancelled, the driver waits up to INTERRUPT_WAIT_S
+    for their tasks to be gone, and the interrupt goes on to the caller."""
     needs = {spec.key: trial_need_bytes(spec.params) for spec in trials}
     assert all(fitting_devices(needs[s.key], devices) for s in trials), "a trial fits no device"
     free = list(devices)
@@ -168,31 +220,58 @@ def run_trials(
     running: dict[Any, _Running] = {}
     records: list[TrialRecord] = []
     durations: list[float] = []
-    while pending or running:
-        for spec in list(pending):
-            device = next((d for d in free if needs[spec.key] <= d.usable_bytes), None)
-            if device is None:
-                continue
-            free.remove(device)
-            pending.remove(spec)
-            ref = cluster.submit(spec, device, max_retries=max_retries)
-            running[ref] = _Running(spec, device, time.monotonic(), time.time())
-        for ref in cluster.wait(list(running), timeout_s=POLL_S):
-            trial = running.pop(ref)
-            free.append(trial.device)
-            result = cluster.fetch(ref)
-            result.setdefault("started_at", trial.started_at)
-            result.setdefault("finished_at", time.time())
-            durations.append(time.monotonic() - trial.started)
-            record = make_record(trial.spec, result, criteria)
-            records.append(record)
-            on_record(record)
-        if progress is not None:
+    try:
+        while pending or running:
+            for spec in list(pending):
+                device = next((d for d in free if needs[spec.key] <= d.usable_bytes), None)
+                if device is None:
+                    continue
+                free.remove(device)
+                pending.remove(spec)
+                submitted_at = time.time()
+                ref = cluster.submit(spec, device, max_retries=settings.max_retries, fault=injected_fault(spec.index))
+                running[ref] = _Running(spec, device, time.monotonic(), submitted_at, trial_timeout_s(spec.params, settings))
+            for ref in cluster.wait(list(running), timeout_s=POLL_S):
+                trial = running.pop(ref)
+                free.append(trial.device)
+                result = trial.result(cluster.fetch(ref), settings)
+                durations.append(time.monotonic() - trial.started)
+                record = make_record(trial.spec, result, criteria)
+                on_record(record)  # returns once the record is in MLflow or the spool
+                records.append(record)
             now = time.monotonic()
-            progress.show(len(records), [now - r.started for r in running.values()], len(pending), durations, len(devices))
-    if progress is not None:
-        progress.close()
+            for ref, trial in running.items():
+                overdue = now - trial.started >= trial.timeout_s
+                if overdue and (trial.cancelled is None or now - trial.cancelled >= CANCEL_RETRY_S):
+                    cluster.cancel(ref)
+                    trial.cancelled = now
+            if progress is not None:
+                progress.show(len(records), [now - r.started for r in running.values()], len(pending), durations, len(devices))
+    except KeyboardInterrupt:
+        _cancel_all(cluster, list(running))
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
     return records
+
+
+def _cancel_all(cluster: Cluster, refs: list[Any]) -> None:
+    """Cancel every running trial and wait (up to INTERRUPT_WAIT_S) until their tasks are gone."""
+    for ref in refs:
+        cluster.cancel(ref)
+    deadline = time.monotonic() + INTERRUPT_WAIT_S
+    while refs and time.monotonic() < deadline:
+        for ref in cluster.wait(refs, timeout_s=POLL_S):
+            refs.remove(ref)
+
+
+def sweep_timing(records: Sequence[TrialRecord]) -> dict[str, float]:
+    """`sweep_wall_s`: the driver's wall time from its first submission to its last result,
+    over the trials this run submitted (0 when it submitted none)."""
+    submitted = [float(r.info["driver_submitted_at"]) for r in records if "driver_submitted_at" in r.info]
+    received = [float(r.info["driver_received_at"]) for r in records if "driver_received_at" in r.info]
+    return {"sweep_wall_s": max(received) - min(submitted) if submitted and received else 0.0}
 
 
 def _describe_devices(devices: Sequence[Device]) -> str:
@@ -205,59 +284,62 @@ def _describe_devices(devices: Sequence[Device]) -> str:
 
 
 def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Run the whole sweep (see the module docstring); returns the exit status (0 or 1).
+    """Run the whole sweep (see the module docstring); returns the exit status: 0 every trial
+    passed, 1 not, 130 interrupted (Ctrl-C).
 
-    Raises ConfigurationError (a bad tracking URI, a dead cluster.address) before any trial
-    starts or anything is written to MLflow."""
+    Raises ConfigurationError (a bad tracking URI, a dead cluster.address, a malformed
+    $KVBENCH_INJECT_FAULT) before any trial starts or anything is written to MLflow."""
     try:
         uri = resolve_tracking_uri(sweep.tracking_uri, cwd)
+        injected_fault(-1)  # checks $KVBENCH_INJECT_FAULT
         cluster = Cluster.connect(sweep.cluster)
     except ValueError as error:
-        raise ConfigurationError(str(error)) from error
+        raise ConfigurationError(str(error)) from None
+    label = f"[{sweep.milestone}]"
+    status = "FINISHED"
+    recorder = Recorder(
+        uri, sweep.experiment, sweep.spool_dir, sweep.key, sweep.milestone,
+        tags={"title": sweep.title, "overrides": " ".join(sweep.overrides), "cluster": cluster.address},
+        params=sweep.params, config_yaml=sweep.config_yaml, err=err, label=label,
+    )
+    records: list[TrialRecord] = []
+    earlier: list[TrialRecord] = []
     try:
         devices = devices_from_probe(
             cluster.probe(), sweep.cluster.gpu_memory_fraction, sweep.cluster.host_memory_fraction
         )
-        err.write(f"[{sweep.milestone}] {len(sweep.trials)} trials on {_describe_devices(devices)}\n")
-        tracker = Tracker(uri, experiment=sweep.experiment)
-        parent = tracker.start_sweep(
-            milestone=sweep.milestone,
-            sweep_key=sweep.key,
-            tags={"title": sweep.title, "overrides": " ".join(sweep.overrides), "cluster": cluster.address},
-            params=sweep.params,
-            config_yaml=sweep.config_yaml,
-            resume=sweep.resume,
-        )
-        done = tracker.finished_trial_keys(parent) if sweep.resume else set()
+        err.write(f"{label} {len(sweep.trials)} trials on {_describe_devices(devices)}\n")
+        done = recorder.open(resume=sweep.resume)
         todo = [spec for spec in sweep.trials if spec.key not in done]
         if done:
-            err.write(f"[{sweep.milestone}] resuming: {len(sweep.trials) - len(todo)} trials already recorded\n")
+            err.write(f"{label} resuming: {len(sweep.trials) - len(todo)} trials already recorded\n")
+        earlier = recorder.earlier_records() if done else []
         runnable, unfit = split_by_capacity(todo, devices)
-        records = []
         for spec, reason in unfit:
             record = skipped_record(spec, reason, sweep.criteria)
-            tracker.log_trial(parent, record)
+            recorder.record(record)
             records.append(record)
         if unfit:
-            err.write(f"[{sweep.milestone}] {len(unfit)} trials fit no device: SKIPPED (reasons in the table)\n")
+            err.write(f"{label} {len(unfit)} trials fit no device: SKIPPED (reasons in the table)\n")
         progress = Progress(sweep.milestone, len(runnable), err)
-        records += run_trials(
-            runnable,
-            devices,
-            cluster,
-            sweep.criteria,
-            on_record=lambda record: tracker.log_trial(parent, record),
-            max_retries=sweep.trial.max_retries,
-            progress=progress,
-        )
-        every = {r.trial_key: r for r in tracker.trial_records(parent)} if done else {}
-        every.update((r.trial_key, r) for r in records)
-        tracker.finish_sweep(parent, records, status="FINISHED")
+        try:
+            run_trials(runnable, devices, cluster, sweep.criteria,
+                       on_record=lambda record: (recorder.record(record), records.append(record)),
+                       settings=sweep.trial, progress=progress)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            err.write(f"\n{label} interrupted: running trials cancelled; the sweep is recorded as KILLED. "
+                      f"Run the same command again to resume it.\n")
+        metrics = {**sweep_timing(records), "num_devices": float(len(devices))}
+        recorder.finish(records, status=status, metrics=metrics)
     finally:
+        recorder.close()
         cluster.close()
+    every = {r.trial_key: r for r in earlier}
+    every.update((r.trial_key, r) for r in records)
     everything = sorted(every.values(), key=lambda r: r.index)
     out.write(f"\n{sweep.milestone} {sweep.title}: {len(everything)} trials\n")
     out.write(report.format_table(everything) + "\n\n")
     out.write(f"mlflow ui --backend-store-uri {uri}\n")
     out.flush()
-    return exit_status(everything)
+    return INTERRUPTED_STATUS if status == "KILLED" else exit_status(everything)

@@ -16,12 +16,13 @@ What lands where:
 - Parent run (tag `run_type=sweep`): tags `milestone`, `sweep_key`, the sweep's tags, the git
   commit; the sweep's params; artifact `config.yaml`. `finish_sweep` adds tag `verdict`
   (PASS only if every trial passed), metrics `n_trials`, `n_pass`, `n_fail`, `n_error`,
-  `n_skipped`, and artifacts `summary.md`, `summary.csv`, `plots/<criterion>.png`.
+  `n_skipped` and the driver's (`sweep_wall_s`, `num_devices`), and artifacts `summary.md`, `summary.csv`, `plots/<criterion>.png`.
 - Child run (tag `run_type=trial`, `mlflow.parentRunId`): params = the trial's flattened
-  config; metrics = its finite figures (NaN and infinities stay in result.json only) plus
-  `criterion.<name>.threshold` / `.margin`; tags `verdict`, `status`, `reason`, `trial_key`,
-  `attempts`, `criterion.<name>` = pass|fail, the record's `info` (GPU name and UUID, driver,
-  CUDA, torch, host, ...), `git_commit`, and the sweep's tags repeated so the UI's filters find
+  config; metrics = its finite figures (NaN and infinities stay in result.json only),
+  `attempts` and `criterion.<name>.threshold` / `.margin`; tags `verdict`, `status`, `reason`,
+  `trial_key`, `attempts`, `criterion.<name>` = pass|fail, the record's `info` (GPU name and
+  UUID, driver, CUDA, torch, host, where and when it ran: `device_key`, `node_id`,
+  `driver_submitted_at`, `driver_received_at`, ...), `git_commit`, and the sweep's tags repeated so the UI's filters find
   trials; artifact `result.json` (the TrialRecord); start and end time from the record. ERROR
   trials end as FAILED runs, the others as FINISHED.
 
@@ -57,10 +58,14 @@ Key decisions:
   that again for every trial; `ping()` tells when the store is back. It also sets
   MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true: MLflow's per-run "View run ... at" lines would
   break the driver's progress line.
-- Secrets: params, tags and the record's info pass through `redact`: keys whose words name a
-  secret (token, password, secret, key, credential, auth, ...) are dropped; passwords in URIs
-  (`scheme://user:pass@host`) and the values of secret-named environment variables are masked.
-  The config artifact gets the same treatment. Nothing is read from the environment to log.
+- Secrets: params, tags and the record's info pass through `redact`: keys that name a secret
+  are dropped (a word password, secret, credential(s), auth, apikey, cookie, bearer, ... anywhere;
+  a dotted part ending in the word token(s), as in `ray.token` or `cluster.auth_token`; a bare
+  `key` or a qualified one, `api_key`, `private_key`, `SECRET_ACCESS_KEY`). Words that merely
+  begin with or contain such a word stay: `milestone.criteria.token_gen.*`, `tokenizer_path`,
+  `trial_key`, `keyboard`. Passwords in URIs (`scheme://user:pass@host` -> `user:***@host`) and
+  the values of secret-named environment variables are masked. The config artifact gets the
+  same treatment. Nothing is read from the environment to log.
 - A SQLite store keeps its artifacts next to the database (`<db dir>/mlartifacts/`), not in
   whatever directory the process runs from; `mlflow ui --backend-store-uri <uri>` serves both.
 """
@@ -116,10 +121,17 @@ SWEEP_STATUSES = ("FINISHED", "KILLED", "FAILED")
 # Parent-only tags: everything else on the parent is a sweep tag that children repeat.
 _PARENT_ONLY_TAGS = {"run_type", "verdict", "resumes", "git_commit", "git_dirty"}
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.:-]+")
+# A key names a secret when one of its words is one of these, anywhere in the key ...
 _SECRET_WORDS = {
-    "token", "tokens", "password", "passwords", "passwd", "pwd", "secret", "secrets", "key", "keys",
-    "apikey", "credential", "credentials", "auth", "authorization", "cookie", "bearer", "signature",
+    "password", "passwords", "passwd", "pwd", "secret", "secrets", "apikey", "credential",
+    "credentials", "auth", "authorization", "cookie", "cookies", "bearer", "signature", "passphrase",
 }
+# ... or when a dotted part of it ends in one of these words ("ray.token", "cluster.auth_token",
+# "GITHUB_TOKEN", "apiKey", "private_key"), not where they only begin a word group
+# ("criteria.token_gen", "tokenizer_path", "sweep_key"): a key qualified as below
+_SECRET_LAST_WORDS = {"token", "tokens"}
+_SECRET_KEY_QUALIFIERS = {"api", "access", "secret", "private", "signing", "encryption", "ssh", "client",
+                          "master", "session", "auth"}
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@")
 _UNAVAILABLE_ERRNOS = {
     errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
@@ -200,10 +212,19 @@ def _absolute_sqlite(uri: str, base: Path, source: str) -> str:
 
 
 def is_secret_name(name: str) -> bool:
-    """True when a key's words name a secret: 'cluster.auth_token', 'db.Password', 'apiKey'."""
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
-    words = {w.lower() for w in re.split(r"[^A-Za-z0-9]+", spaced) if w}
-    return bool(words & _SECRET_WORDS)
+    """True when a key names a secret: 'cluster.auth_token', 'db.Password', 'apiKey',
+    'AWS_SECRET_ACCESS_KEY', 'ray.token'; not 'milestone.criteria.token_gen.threshold',
+    'tokenizer_path' or 'trial_key'. Words are split at '.', '_', '-' and camelCase."""
+    for part in re.split(r"[.\s/:]+", name):
+        spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", part)
+        words = [w.lower() for w in re.split(r"[^A-Za-z0-9]+", spaced) if w]
+        if not words:
+            continue
+        if set(words) & _SECRET_WORDS or words[-1] in _SECRET_LAST_WORDS:
+            return True
+        if words[-1] in ("key", "keys") and (len(words) == 1 or words[-2] in _SECRET_KEY_QUALIFIERS):
+            return True
+    return False
 
 
 def redact_text(text: str) -> str:
@@ -385,12 +406,19 @@ class Tracker:
         return None
 
     @_translating
-    def finish_sweep(self, parent_id: str, records: Sequence[TrialRecord], status: str = "FINISHED") -> str:
+    def finish_sweep(
+        self,
+        parent_id: str,
+        records: Sequence[TrialRecord],
+        status: str = "FINISHED",
+        metrics: Mapping[str, float] | None = None,
+    ) -> str:
         """Judge the sweep, attach its table and plots, end the parent run; return its verdict.
 
         `records` are merged (by trial_key, the given ones winning) with the records already
         logged under the parent, so a resumed sweep is judged whole. The verdict is PASS only
-        if there is at least one trial and every trial passed.
+        if there is at least one trial and every trial passed. `metrics` are logged on the
+        parent too (the driver's `sweep_wall_s` and `num_devices`).
         """
         if status not in SWEEP_STATUSES:
             raise ValueError(f"status must be one of {SWEEP_STATUSES}, got {status!r}")
@@ -409,10 +437,10 @@ class Tracker:
             report.write_plots(everything, out / "plots", title=milestone)
             self.client.log_artifacts(parent_id, tmp)
         now = int(time.time() * 1000)
-        metrics = {"n_trials": len(everything), **counts}
+        figures = {**(metrics or {}), "n_trials": len(everything), **counts}
         self.client.log_batch(
             parent_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            metrics=[Metric(k, float(v), now, 0) for k, v in figures.items() if math.isfinite(float(v))],
             tags=[RunTag("verdict", verdict)],
         )
         self.client.set_terminated(parent_id, status)
@@ -466,6 +494,7 @@ class Tracker:
             trial_index=str(record.index), record_digest=digest,
         )
         metrics = {k: float(v) for k, v in record.metrics.items()}
+        metrics["attempts"] = float(record.attempts)
         for c in record.criteria:
             tags[f"criterion.{c.name}"] = "pass" if c.passed else "fail"
             metrics[f"criterion.{c.name}.threshold"] = float(c.threshold)

@@ -21,11 +21,21 @@ Key decisions:
   in MLflow's charts); strings are info.
 - Trial parameters are dotted config paths (`model.num_layers`); `TRIAL_FIELDS` maps each to
   the BenchConfig field it sets. `model.name` is a label only.
+
+Fault injection, so tests inject each fault for real through this same code path: the driver
+reads $KVBENCH_INJECT_FAULT (e.g. "kill:0,hang:2,oom:1": fault kind and grid index) and hands
+the trial its fault, which `run_trial` then commits:
+- `kill`: SIGKILL this worker process at the start of the trial's first attempt (Ray retries);
+- `hang`: sleep forever (the driver's deadline cancels it);
+- `oom`: allocate 2^62 bytes on the trial's device, which fails as a real out-of-memory error.
+Unset (always, outside tests), nothing is injected.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 import traceback
 from collections.abc import Mapping
@@ -53,6 +63,33 @@ TRIAL_FIELDS: dict[str, str] = {
     "bench.rep_budget_s": "rep_budget_s",
 }
 LABELS = ("model.name",)  # trial parameters that name things but do not change the benchmark
+FAULT_ENV = "KVBENCH_INJECT_FAULT"
+FAULTS = ("kill", "hang", "oom")
+
+
+def injected_fault(index: int, text: str | None = None) -> str | None:
+    """The fault $KVBENCH_INJECT_FAULT (or `text`) injects into grid point `index`, if any."""
+    text = os.environ.get(FAULT_ENV, "") if text is None else text
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, where = item.partition(":")
+        if kind not in FAULTS or not where.strip().isdigit():
+            raise ValueError(
+                f"{FAULT_ENV} items read <fault>:<grid index> with fault one of {list(FAULTS)}, "
+                f"got {item!r}; e.g. {FAULT_ENV}=kill:0,hang:2"
+            )
+        if int(where) == index:
+            return kind
+    return None
+
+
+def _commit_fault(fault: str | None, attempt: int, device: str) -> None:
+    if fault == "kill" and attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == "hang":
+        while True:
+            time.sleep(3600)
+    elif fault == "oom":
+        torch.empty(1 << 62, dtype=torch.uint8, device=device)
 
 
 def bench_config(params: Mapping[str, Any], device: str) -> BenchConfig:
@@ -103,12 +140,14 @@ def _oom_reason(spec: TrialSpec, device: str, error: BaseException) -> str:
     )
 
 
-def run_trial(spec: TrialSpec) -> dict[str, Any]:
-    """Run one trial's benchmark here; never raises for a failing trial (see module doc)."""
+def run_trial(spec: TrialSpec, attempt: int = 1, fault: str | None = None) -> dict[str, Any]:
+    """Run one trial's benchmark here; never raises for a failing trial (see module doc).
+    `attempt`: 1 for the first run, 2 for Ray's first retry, ...; `fault`: see module doc."""
     started = time.time()
     device = trial_device()
     info = {"trial_device": device}
     try:
+        _commit_fault(fault, attempt, device)
         result = run_benchmark(bench_config(spec.params, device)).to_dict()
     except Exception as error:  # a failing trial is a result; KeyboardInterrupt still stops
         if _is_oom(error):

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from orchestrator.capacity import Device
-from orchestrator.config import CONF_DIR, load_sweep
+from orchestrator.config import CONF_DIR, TrialSettings, load_sweep
 from orchestrator.criteria import Criterion
 from orchestrator.grid import TrialSpec
 from orchestrator.record import TrialRecord
@@ -37,7 +37,8 @@ ENVIRONMENT_TAGS = {"device_name", "gpu_uuid", "driver_version", "cuda_version",
 def trial(index: int, gb: float) -> TrialSpec:
     """A trial whose need is about `gb` GB (weights only, a one-position cache)."""
     params = {"milestone.context_length": 1, "model.num_layers": 1, "model.num_kv_heads": 1,
-              "model.head_dim": 1, "model.weights_gb": gb, "cache.dtype": "float32"}
+              "model.head_dim": 1, "model.weights_gb": gb, "cache.dtype": "float32",
+              "bench.repetitions": 2, "bench.rep_budget_s": 0.5}
     return TrialSpec(index=index, key=f"key{index}", params=params)
 
 
@@ -54,8 +55,8 @@ class ScriptedCluster:
         self.submitted: list[tuple[int, str]] = []
         self.running: list[tuple[TrialSpec, Device]] = []
 
-    def submit(self, spec, device, max_retries):
-        assert max_retries == 3
+    def submit(self, spec, device, max_retries, fault=None):
+        assert max_retries == 3 and fault is None
         busy = [d.name for _, d in self.running]
         assert device.name not in busy, "a device runs one trial at a time"
         self.submitted.append((spec.index, device.name))
@@ -80,8 +81,8 @@ def test_run_trials_places_each_trial_on_a_free_device_that_holds_it():
     cluster = ScriptedCluster()
     seen: list[TrialRecord] = []
     stream = io.StringIO()
-    records = run_trials(trials, devices, cluster, CRITERIA, on_record=seen.append, max_retries=3,
-                         progress=Progress("t", 4, stream))
+    records = run_trials(trials, devices, cluster, CRITERIA, on_record=seen.append,
+                         settings=TrialSettings(max_retries=3, timeout_s=None), progress=Progress("t", 4, stream))
     # 0 needs the big card, 1 takes the small one; 2 takes the big card when 0 is done;
     # 3 fits only the big card and waits for it although the small one frees first
     assert cluster.submitted == [(0, "big"), (1, "small"), (2, "big"), (3, "big")]

@@ -119,11 +119,15 @@ def test_resolve_tracking_uri_rejects_unknown_scheme_and_memory(tmp_path, monkey
 
 
 def test_secret_names_and_values_are_redacted(monkeypatch):
-    for name in ("tracking.password", "cluster.auth_token", "db.Password", "apiKey", "AWS_SECRET_ACCESS_KEY",
-                 "ray.token", "credentials.file", "private_key", "x.auth"):
+    for name in ("tracking.password", "cluster.auth_token", "db.Password", "apiKey", "api-key", "AWS_SECRET_ACCESS_KEY",
+                 "ray.token", "RAY_AUTH_TOKEN", "GITHUB_TOKEN", "authToken", "hf.tokens", "credentials.file",
+                 "private_key", "x.auth", "MLFLOW_TRACKING_PASSWORD", "db.passwd", "ssh.key"):
         assert is_secret_name(name), name
+    # "token" begins these words or word groups without naming a secret; "key" is not qualified
     for name in ("cache.dtype", "model.num_kv_heads", "milestone.context_length", "tokenizer_path",
-                 "keyboard", "monkey", "bench.repetitions"):
+                 "keyboard", "monkey", "bench.repetitions", "milestone.criteria.token_gen.metric",
+                 "milestone.criteria.token_gen.threshold", "token_count", "trial_key", "sweep_key", "device_key",
+                 "MLFLOW_TRACKING_USERNAME"):
         assert not is_secret_name(name), name
     monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-0123456789")
     kept = redact({"cache.dtype": "float16", "tracking.password": SECRET, "n": 3,
@@ -146,11 +150,13 @@ def test_sweep_is_one_parent_with_one_nested_child_per_trial(tracker, store, mon
         milestone="smoke", sweep_key="sweep0001",
         tags={"overrides": "grid.cache.dtype=[float32,float16]", "ray_token": "env-token-value-42"},
         params={"milestone.name": "smoke", "tracking.password": SECRET, "cluster.auth_token": "abc",
-                "tracking.uri": f"postgresql://bench:{SECRET}@db/mlflow", "bench.repetitions": 3},
+                "tracking.uri": f"postgresql://bench:{SECRET}@db/mlflow", "bench.repetitions": 3,
+                "milestone.criteria.token_gen.threshold": 20.0},
         config_yaml=CONFIG_YAML,
     )
     child_ids = [tracker.log_trial(parent_id, r) for r in records]
-    assert tracker.finish_sweep(parent_id, records, status="FINISHED") == "FAIL"
+    assert tracker.finish_sweep(parent_id, records, status="FINISHED",
+                                metrics={"sweep_wall_s": 12.5, "num_devices": 2}) == "FAIL"
 
     client = MlflowClient(store)
     parent = client.get_run(parent_id)
@@ -158,9 +164,11 @@ def test_sweep_is_one_parent_with_one_nested_child_per_trial(tracker, store, mon
     assert only_parent.info.run_id == parent_id and parent.info.status == "FINISHED"
     assert parent.data.tags["milestone"] == "smoke" and parent.data.tags["sweep_key"] == "sweep0001"
     assert parent.data.tags["verdict"] == "FAIL" and parent.data.tags["run_type"] == "sweep"
-    assert parent.data.metrics == {"n_trials": 4, "n_pass": 1, "n_fail": 1, "n_error": 1, "n_skipped": 1}
+    assert parent.data.metrics == {"n_trials": 4, "n_pass": 1, "n_fail": 1, "n_error": 1, "n_skipped": 1,
+                                   "sweep_wall_s": 12.5, "num_devices": 2}
     assert parent.data.params == {"milestone.name": "smoke", "bench.repetitions": "3",
-                                  "tracking.uri": "postgresql://bench:***@db/mlflow"}
+                                  "tracking.uri": "postgresql://bench:***@db/mlflow",
+                                  "milestone.criteria.token_gen.threshold": "20.0"}
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"config.yaml", "summary.md", "summary.csv", "plots"} <= artifacts
     plots = {a.path: a.file_size for a in client.list_artifacts(parent_id, "plots")}
@@ -191,7 +199,8 @@ def test_sweep_is_one_parent_with_one_nested_child_per_trial(tracker, store, mon
             assert tags[f"criterion.{c.name}"] == ("pass" if c.passed else "fail")
             assert metrics[f"criterion.{c.name}.threshold"] == c.threshold
             assert metrics.get(f"criterion.{c.name}.margin") == c.margin
-        assert {k: v for k, v in metrics.items() if not k.startswith("criterion.")} == record.metrics
+        assert metrics["attempts"] == record.attempts
+        assert {k: v for k, v in metrics.items() if not k.startswith("criterion.") and k != "attempts"} == record.metrics
         assert run.info.start_time == int(record.started_at * 1000)
         assert run.info.end_time == int(record.finished_at * 1000)
         assert run.info.status == ("FAILED" if record.status == "ERROR" else "FINISHED")

@@ -28,26 +28,39 @@ def decode_attention(
     v_layer: torch.Tensor,  # [max_positions, num_kv_heads, head_dim], storage dtype
     k_scale_layer: torch.Tensor | None,  # [max_positions, num_kv_heads] float32, or None
     v_scale_layer: torch.Tensor | None,  # [max_positions, num_kv_heads] float32, or None
-    n_valid: int,
+    n_valid: int | torch.Tensor,
     sm_scale: float,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """softmax(q k^T * sm_scale) v over slots [0, n_valid) of one layer -> [num_heads, head_dim].
 
     Float storage is read through views; the query must have the storage dtype (or out_dtype
-    for quantized storage). The result has out_dtype.
+    for quantized storage). The result has out_dtype. n_valid: an int in [1, max_positions],
+    or a 0-d integer tensor on the layer's device (a count kept on the device, as in CUDA
+    graphs): then every slot is read and those at or past the count are masked out (the
+    count is at least 1; slots past it must hold finite values, as a zero-initialised or
+    written store does).
     """
-    assert n_valid > 0, "attention over an empty layer"
-    k = k_layer[:n_valid]  # [n, Hkv, D] view
-    v = v_layer[:n_valid]
-    if k_scale_layer is not None:
-        k = dequantize(k, k_scale_layer[:n_valid], out_dtype)
-        v = dequantize(v, v_scale_layer[:n_valid], out_dtype)
+    mask = None
+    if isinstance(n_valid, torch.Tensor):
+        k, v, k_scale, v_scale = k_layer, v_layer, k_scale_layer, v_scale_layer
+        slots = torch.arange(k_layer.shape[0], device=k_layer.device)
+        mask = (slots < n_valid).view(1, 1, -1)  # [1, 1, P] over [Hq, 1, P] scores
+    else:
+        assert n_valid > 0, "attention over an empty layer"
+        k = k_layer[:n_valid]  # [n, Hkv, D] view
+        v = v_layer[:n_valid]
+        k_scale = None if k_scale_layer is None else k_scale_layer[:n_valid]
+        v_scale = None if v_scale_layer is None else v_scale_layer[:n_valid]
+    if k_scale is not None:
+        k = dequantize(k, k_scale, out_dtype)
+        v = dequantize(v, v_scale, out_dtype)
     num_heads, num_kv_heads = query.shape[0], k.shape[1]
     out = F.scaled_dot_product_attention(
         query.to(k.dtype).unsqueeze(1),  # [Hq, 1, D]
         k.transpose(0, 1),  # [Hkv, n, D]
         v.transpose(0, 1),
+        attn_mask=mask,
         scale=sm_scale,
         enable_gqa=num_heads != num_kv_heads,
     )  # [Hq, 1, D]

@@ -74,8 +74,9 @@ from datetime import datetime, timezone
 
 import torch
 
-from kvcore.attention import decode_attention, reference_attention
+from kvcore.attention import reference_attention
 from kvcore.cache import StreamingKVCache
+from kvcore.graphs import DecodeStep
 from kvcore.storage import STORAGE_DTYPES, dequantize
 
 WEIGHT_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -206,6 +207,12 @@ class BenchResult:
     fill_rate_pos_s_max: float
     fill_gbps: float
     fill_positions_timed: int  # positions per repetition
+    # append_all: one position of every layer per call, from an empty cache
+    append_all_rate_pos_s: float
+    append_all_rate_pos_s_min: float
+    append_all_rate_pos_s_max: float
+    append_all_gbps: float
+    append_all_positions_timed: int
     # prefill: extend in chunks
     prefill_rate_pos_s: float
     prefill_rate_pos_s_min: float
@@ -227,6 +234,7 @@ class BenchResult:
     decode_tok_s_max: float
     decode_gbps: float
     decode_steps_timed: int
+    decode_method: str  # how decode/decode_cache steps ran: "cuda_graph" | "eager_per_layer"
     decode_cache_tok_s: float
     decode_cache_tok_s_min: float
     decode_cache_tok_s_max: float
@@ -237,6 +245,7 @@ class BenchResult:
     baseline_decode_tok_s_max: float
     baseline_decode_gbps: float
     baseline_decode_steps_timed: int
+    baseline_method: str  # how baseline steps ran: "eager_per_layer" (the stock torch path)
     decode_speedup: float  # decode_cache_tok_s / baseline_decode_tok_s
     decode_roofline_frac: float  # decode_gbps / copy_gbps
     decode_cache_roofline_frac: float  # decode_cache_gbps / copy_gbps
@@ -508,25 +517,6 @@ def decode_step(cache: StreamingKVCache, keys: list[torch.Tensor], values: list[
     return outputs
 
 
-class _TorchAttention:
-    """Makes cache.attend run the torch SDPA path of kvcore/attention.py (the baseline).
-
-    Uses the cache's private dispatch slot `_decode_attention`: the public API has no way to
-    pick the backend, and the baseline must run the same appends on the same cache.
-    `same` says whether attend runs that path anyway (CPU, or CUDA without Triton)."""
-
-    def __init__(self, cache: StreamingKVCache) -> None:
-        self.cache = cache
-        self.same = cache._attention_fn() is decode_attention
-
-    def __enter__(self) -> None:
-        self.saved = self.cache._attention_fn()
-        self.cache._decode_attention = decode_attention
-
-    def __exit__(self, *exc: object) -> None:
-        self.cache._decode_attention = self.saved
-
-
 def _layer_values(cache: StreamingKVCache, layer: int, half: int,
                   dtype: torch.dtype) -> torch.Tensor:
     """Valid slot prefix of one layer's K (half 0) or V (half 1), dequantized, in dtype."""
@@ -601,9 +591,16 @@ class _Trial:
         self.npool = min(_POOL_POSITIONS, P)
         pool_k = _random((self.npool, L, Hkv, D), self.dtype, device, gen)
         pool_v = _random((self.npool, L, Hkv, D), self.dtype, device, gen)
+        self.pool_k, self.pool_v = pool_k, pool_v  # [npool, L, Hkv, D]: append_all, graph steps
         self.pos_k = [list(k.unbind(0)) for k in pool_k]  # [npool][L] of [Hkv, D]
         self.pos_v = [list(v.unbind(0)) for v in pool_v]
         self.queries = list(_random((L, H, D), self.dtype, device, gen).unbind(0))  # L x [H, D]
+        # Decode steps: one CUDA graph per step where it can run, else layer by layer.
+        self.step = None
+        if device.type == "cuda" and cache.attention_backend == "triton":
+            self.step = DecodeStep(cache, graph=True)
+            self.step.queries.copy_(torch.stack(self.queries))
+        self.decode_method = "eager_per_layer" if self.step is None else self.step.method
         self.in_bytes_per_pos = 2 * L * Hkv * D * pool_k.element_size()  # K and V, all layers
         self.chunk = min(cfg.prefill_chunk, P - cfg.sink_positions)
         self.src_k = _random((L, self.chunk, Hkv, D), self.dtype, device, gen)
@@ -627,6 +624,13 @@ class _Trial:
         for p in range(self.counter, self.counter + n):
             for layer, (k, v) in enumerate(zip(pos_k[p % npool], pos_v[p % npool])):
                 append(layer, k, v)
+        self.counter += n
+
+    def append_all_positions(self, n: int) -> None:
+        """n positions, each through one append_all of every layer."""
+        append_all, pool_k, pool_v, npool = self.cache.append_all, self.pool_k, self.pool_v, self.npool
+        for p in range(self.counter, self.counter + n):
+            append_all(pool_k[p % npool], pool_v[p % npool])
         self.counter += n
 
     def extend_positions(self, n: int) -> None:
@@ -658,6 +662,11 @@ class _Trial:
     def measure_fill(self) -> Measurement:
         P = self.cfg.context_length
         return self.measure("fill", lambda n: self.fills(self.append_positions, n), P,
+                            round_units=lambda n: _whole_fills(n, P, 1))
+
+    def measure_append_all(self) -> Measurement:
+        P = self.cfg.context_length
+        return self.measure("append_all", lambda n: self.fills(self.append_all_positions, n), P,
                             round_units=lambda n: _whole_fills(n, P, 1))
 
     def measure_prefill(self) -> Measurement:
@@ -712,24 +721,27 @@ class _Trial:
 
     # ------------------------------------------------------------------ decode
 
-    def decode_steps(self, n: int, with_weights: bool) -> None:
+    def one_step(self, graph: bool) -> list[torch.Tensor]:
+        """One decode step from the pool: the captured step (graph) or layer by layer."""
+        p = self.counter % self.npool
+        self.counter += 1
+        if graph:
+            return list(self.step(self.pool_k[p], self.pool_v[p]).unbind(0))
+        return decode_step(self.cache, self.pos_k[p], self.pos_v[p], self.queries)
+
+    def decode_steps(self, n: int, with_weights: bool, graph: bool) -> None:
         for _ in range(n):
-            p = self.counter % self.npool
-            decode_step(self.cache, self.pos_k[p], self.pos_v[p], self.queries)
-            self.counter += 1
+            self.one_step(graph)
             if with_weights and self.weights is not None:
                 torch.mv(self.weights, self.w_in, out=self.w_out)  # [rows]
 
-    def measure_decode(self, name: str, with_weights: bool) -> Measurement:
-        return self.measure(name, self.timed(lambda n: self.decode_steps(n, with_weights)),
+    def measure_decode(self, name: str, with_weights: bool, graph: bool) -> Measurement:
+        return self.measure(name, self.timed(lambda n: self.decode_steps(n, with_weights, graph)),
                             self.cfg.decode_steps)
 
-    def checked_step(self) -> float:
+    def checked_step(self, graph: bool) -> float:
         """One more decode step; its outputs' error against float64 reference attention."""
-        p = self.counter % self.npool
-        self.counter += 1
-        outputs = decode_step(self.cache, self.pos_k[p], self.pos_v[p], self.queries)
-        return _decode_error(self.cache, outputs, self.queries)
+        return _decode_error(self.cache, self.one_step(graph), self.queries)
 
 
 def _memory_seen(device: torch.device, host_peak: _HostPeak) -> dict[str, object]:
@@ -778,22 +790,28 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
 
     trial = _Trial(cfg, device, gen, cache)
     fill = trial.measure_fill()
+    append_all = trial.measure_append_all()
     prefill = trial.measure_prefill()
     trial.settle()
     retrieve, reads, retrieve_err = trial.measure_retrieve()
-    decode_cache = trial.measure_decode("decode_cache", with_weights=False)
-    decode = trial.measure_decode("decode", with_weights=True)
+    graph = trial.step is not None
+    decode_cache = trial.measure_decode("decode_cache", with_weights=False, graph=graph)
+    decode = trial.measure_decode("decode", with_weights=True, graph=graph)
     memory = _memory_seen(device, host_peak)  # before the baseline: our path's footprint
-    decode_err = trial.checked_step()
-    torch_path = _TorchAttention(cache)
-    if torch_path.same:  # attend already is the baseline: the same figures, not a re-run
+    decode_err = trial.checked_step(graph)
+    if cache.attention_backend == "torch" and not graph:
+        # attend already is the baseline, run the same way: the same figures, not a re-run
         baseline, baseline_err = replace(decode_cache, name="baseline_decode"), decode_err
-    else:
-        with torch_path:
-            baseline = trial.measure_decode("baseline_decode", with_weights=False)
-            baseline_err = trial.checked_step()
+    else:  # the stock path: torch SDPA through attend, layer by layer, on the same cache
+        mode = cache.attention
+        cache.attention = "torch"
+        try:
+            baseline = trial.measure_decode("baseline_decode", with_weights=False, graph=False)
+            baseline_err = trial.checked_step(graph=False)
+        finally:
+            cache.attention = mode
 
-    measurements = [copy, fill, prefill, retrieve, decode_cache, decode, baseline]
+    measurements = [copy, fill, append_all, prefill, retrieve, decode_cache, decode, baseline]
     reasons = assess(measurements, cfg.min_region_s, cfg.max_spread)
     retrieve_ok = retrieve_err <= RETRIEVE_TOLERANCE[trial.dtype]
     if not retrieve_ok:
@@ -821,6 +839,9 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         attention_backend=cache.attention_backend,
         **_triple("fill_rate_pos_s", rate["fill"]),
         fill_gbps=rate["fill"][0] * write_bytes / 1e9, fill_positions_timed=fill.units,
+        **_triple("append_all_rate_pos_s", rate["append_all"]),
+        append_all_gbps=rate["append_all"][0] * write_bytes / 1e9,
+        append_all_positions_timed=append_all.units,
         **_triple("prefill_rate_pos_s", rate["prefill"]),
         prefill_gbps=rate["prefill"][0] * write_bytes / 1e9,
         prefill_positions_timed=prefill.units, prefill_chunk=trial.chunk,
@@ -830,11 +851,12 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         retrieve_check_err=retrieve_err,
         **_triple("decode_tok_s", rate["decode"]),
         decode_gbps=decode_gbps, decode_steps_timed=decode.units,
+        decode_method=trial.decode_method,
         **_triple("decode_cache_tok_s", rate["decode_cache"]),
         decode_cache_gbps=decode_cache_gbps, decode_cache_steps_timed=decode_cache.units,
         **_triple("baseline_decode_tok_s", rate["baseline_decode"]),
         baseline_decode_gbps=rate["baseline_decode"][0] * cache_bytes / 1e9,
-        baseline_decode_steps_timed=baseline.units,
+        baseline_decode_steps_timed=baseline.units, baseline_method="eager_per_layer",
         decode_speedup=rate["decode_cache"][0] / rate["baseline_decode"][0],
         decode_roofline_frac=decode_gbps / copy_gbps[0],
         decode_cache_roofline_frac=decode_cache_gbps / copy_gbps[0],
@@ -906,6 +928,7 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
 
 _TABLE = (  # figure, the result field whose median/min/max it shows, its GB/s field
     ("fill (append)", "fill_rate_pos_s", "fill_gbps"),
+    ("fill (append_all)", "append_all_rate_pos_s", "append_all_gbps"),
     ("prefill (extend)", "prefill_rate_pos_s", "prefill_gbps"),
     ("retrieve (get_valid)", "retrieve_rate_ops_s", "retrieve_gbps"),
     ("decode (cache+weights)", "decode_tok_s", "decode_gbps"),
@@ -921,7 +944,8 @@ def format_table(result: BenchResult) -> str:
         f"{d['device_name']} ({d['device']}), torch {d['torch_version']}, {d['date_utc']}",
         f"{d['num_layers']} layers x {d['num_heads']} heads ({d['num_kv_heads']} KV) x "
         f"{d['head_dim']}, {d['context_length']} positions, {d['dtype']}, "
-        f"{d['sink_positions']} sinks, attention: {d['attention_backend']}",
+        f"{d['sink_positions']} sinks, attention: {d['attention_backend']}, decode: "
+        f"{d['decode_method']}, baseline: {d['baseline_method']}",
         f"{'figure':<24} {'field':<22} {'median':>12} {'min':>12} {'max':>12} {'GB/s':>9}",
     ]
     for label, field, gbps in _TABLE:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from collections.abc import Callable
 
 import torch
@@ -65,12 +66,32 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def select_decode_attention(device: torch.device) -> Callable[..., torch.Tensor]:
-    """The single dispatch point of `attend`: the Triton kernel on CUDA when it and Triton
-    import, else the torch reference path. Both share the signature of
+ATTENTION_MODES = ("auto", "torch", "triton")
+
+
+def _triton_kernels_usable(device: torch.device) -> bool:
+    """Whether kvcore's Triton kernels can run on tensors of `device`: CUDA with Triton
+    importable, or any device under Triton's interpreter (TRITON_INTERPRET=1, tests)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_decode_attention(device: torch.device, mode: str = "auto") -> Callable[..., torch.Tensor]:
+    """The single dispatch point of `attend`. mode "auto": the Triton kernel on CUDA when it and
+    Triton import, else the torch reference path; "torch": always the torch path; "triton":
+    the kernel, ValueError where it cannot run. Both share the signature of
     `kvcore.attention.decode_attention`. (kvcore.triton_decode imports triton only when it
     compiles, so Triton is imported here to learn whether the kernel can run.)"""
-    if device.type == "cuda":
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {mode!r}")
+    if mode == "torch":
+        return attention.decode_attention
+    if device.type == "cuda" or (mode == "triton" and _triton_kernels_usable(device)):
         try:
             import triton  # noqa: F401
             from kvcore.triton_decode import decode_attention
@@ -78,6 +99,11 @@ def select_decode_attention(device: torch.device) -> Callable[..., torch.Tensor]
             pass
         else:
             return decode_attention
+    if mode == "triton":
+        raise ValueError(
+            f"attention='triton' needs a CUDA device and an importable triton, got device "
+            f"{device}; use attention='auto' (Triton where it can run) or 'torch'"
+        )
     return attention.decode_attention
 
 
@@ -93,6 +119,10 @@ class StreamingKVCache:
         out_dtype: float32, float16 or bfloat16: what reads and `attend` return for quantized
             storage, and the dtype keys, values and queries must have then. Ignored for float
             storage, where everything is the storage dtype (`cache.out_dtype` says which).
+        attention: which decode-attention implementation `attend` runs: "auto" (the Triton
+            kernel on CUDA when Triton imports, else torch), "torch" (SDPA, the reference and
+            baseline) or "triton" (ValueError where it cannot run). Settable later through
+            the `attention` property; `attention_backend` says what runs.
     """
 
     def __init__(
@@ -106,6 +136,7 @@ class StreamingKVCache:
         device: str = "cpu",
         sink_positions: int = 0,
         out_dtype: str = "float16",
+        attention: str = "auto",
     ) -> None:
         self.num_layers = _positive_int("num_layers", num_layers)
         self.max_positions = _positive_int("max_positions", max_positions)
@@ -136,13 +167,17 @@ class StreamingKVCache:
             ) from error
 
         L, P, H, D = self.num_layers, self.max_positions, self.num_kv_heads, self.head_dim
-        self._kv = torch.empty((2, L, P, H, D), dtype=self.dtype, device=requested)
+        # Zeros on CUDA (a memset at copy speed): the device-count attention of CUDA graphs
+        # masks slots past the count, and a masked NaN of uninitialised memory would still
+        # poison SDPA. CPU keeps torch.empty: pages are touched only as positions arrive.
+        alloc = torch.zeros if requested.type == "cuda" else torch.empty
+        self._kv = alloc((2, L, P, H, D), dtype=self.dtype, device=requested)
         self.k_store, self.v_store = self._kv.unbind(0)  # [L, P, Hkv, D] each
         self._kv_scale: torch.Tensor | None = None
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
         if self.quantized:
-            self._kv_scale = torch.empty((2, L, P, H), dtype=torch.float32, device=requested)
+            self._kv_scale = alloc((2, L, P, H), dtype=torch.float32, device=requested)
             self.k_scale, self.v_scale = self._kv_scale.unbind(0)  # [L, P, Hkv] each
         self.device = self._kv.device  # resolved: "cuda" becomes "cuda:0"
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)
@@ -150,12 +185,17 @@ class StreamingKVCache:
         self._kv_shape = torch.Size((H, D))
         self._flat_shape = torch.Size((H * D,))
         self._kv_dims = {"num_kv_heads": H, "head_dim": D}
+        self._attention = "auto"
         self._decode_attention: Callable[..., torch.Tensor] | None = None
+        self.attention = attention  # validates; resolved on first use
+        # Fused Triton writes (kvcore/triton_store.py): CUDA with Triton, or the interpreter.
+        self._fused = _triton_kernels_usable(self.device)
+        self._writer = None  # kvcore.graphs.DeviceWriter, made on first graph write (CUDA)
+        self._stage: torch.Tensor | None = None  # [2L, Hkv, D]: the pending position, stacked
         self._total = 0  # complete positions ever appended
         self._pending = 0  # layers already given the position in progress
         self._written = 0  # of those, layers already written to storage
-        self._pending_k: list[torch.Tensor | None] = [None] * L
-        self._pending_v: list[torch.Tensor | None] = [None] * L
+        self._pending_kv: list[torch.Tensor | None] = [None] * (2 * L)  # K of layers, then V
 
     # ------------------------------------------------------------------ size and bookkeeping
 
@@ -185,8 +225,7 @@ class StreamingKVCache:
     def clear(self) -> None:
         """Forget every position (including one in progress); keep the memory."""
         self._total = self._pending = self._written = 0
-        self._pending_k = [None] * self.num_layers
-        self._pending_v = [None] * self.num_layers
+        self._pending_kv = [None] * (2 * self.num_layers)
 
     def positions(self, layer: int | None = None) -> torch.Tensor:
         """Absolute positions of get_valid's rows, oldest first, as a CPU LongTensor.
@@ -199,6 +238,16 @@ class StreamingKVCache:
         if not ranges:
             return torch.empty(0, dtype=torch.long)
         return torch.cat([torch.arange(a, b, dtype=torch.long) for a, b in ranges])
+
+    @property
+    def attention(self) -> str:
+        """The requested attention mode: "auto", "torch" or "triton" (settable)."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, mode: str) -> None:
+        fn = select_decode_attention(self.device, mode)  # ValueError for a bad mode
+        self._attention, self._decode_attention = mode, fn
 
     @property
     def attention_backend(self) -> str:
@@ -234,36 +283,44 @@ class StreamingKVCache:
             layer = self._check_next_layer(layer)
             key = self._check_kv(key, "key")
             value = self._check_kv(value, "value")
-        self._pending_k[layer] = key
-        self._pending_v[layer] = value
-        if layer + 1 == self.num_layers:
+        pending = self._pending_kv
+        pending[layer] = key
+        pending[self.num_layers + layer] = value
+        if layer + 1 < self.num_layers:
+            self._pending = layer + 1
+        else:
             self._write_pending(self.num_layers)
             self._total += 1
             self._pending = self._written = 0
-        else:
-            self._pending = layer + 1
 
     def append_all(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append one position in every layer: keys/values [num_layers, num_kv_heads, head_dim].
 
-        One copy for K and one for V (plus scales for 8-bit storage).
+        On CUDA with Triton: one replay of a CUDA graph that writes K and V of every layer
+        (quantized in the same kernel) at the slot the cache's position counter on the device
+        points to. Graphs are kept per pair of input addresses (up to
+        `kvcore.graphs.MAX_WRITE_GRAPHS`), so static input buffers replay one graph. Elsewhere
+        one copy for K and one for V (plus the quantization passes for 8-bit storage).
         """
         self._check_no_pending("append_all")
         shape = {"num_layers": self.num_layers, **self._kv_dims}
         self._check_tensor(keys, "keys", shape)
         self._check_tensor(values, "values", shape)
-        slot = slot_of(self._total, self.max_positions, self.sink_positions)
         with torch.no_grad():
-            self._store((0, slice(None), slot), keys)
-            self._store((1, slice(None), slot), values)
+            if self.device.type == "cuda" and self._fused:
+                self._device_writer().write(keys.unsqueeze(1), values.unsqueeze(1))
+            else:
+                slot = slot_of(self._total, self.max_positions, self.sink_positions)
+                self._store_run(slice(None), slot, keys.unsqueeze(1), values.unsqueeze(1))
         self._total += 1
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Bulk prefill of T positions: keys/values [num_layers, T, num_kv_heads, head_dim].
 
         T may exceed capacity: only the positions that survive are written, and the result
-        equals T single appends (sinks included). At most two copies per K/V where the ring
-        wraps (three when the same call also fills the last free sinks).
+        equals T single appends (sinks included). At most two writes where the ring wraps
+        (three when the same call also fills the last free sinks); each write is one fused
+        Triton kernel for K and V (quantizing in registers) on CUDA, else a copy per K/V.
         """
         self._check_no_pending("extend")
         shape = {"num_layers": self.num_layers, "T": None, **self._kv_dims}
@@ -272,31 +329,59 @@ class StreamingKVCache:
         runs = write_runs(self._total, keys.shape[1], self.max_positions, self.sink_positions)
         with torch.no_grad():
             for offset, slot, n in runs:
-                slots = slice(slot, slot + n)
-                self._store((0, slice(None), slots), keys[:, offset : offset + n])
-                self._store((1, slice(None), slots), values[:, offset : offset + n])
+                part = slice(offset, offset + n)
+                self._store_run(slice(None), slot, keys[:, part], values[:, part], fused=True)
         self._total += keys.shape[1]
 
-    def _store(self, index: tuple, src: torch.Tensor) -> None:
-        """Write src into _kv[index] (index: half, layers, slots), quantizing if needed."""
-        if self._kv_scale is None:
-            self._kv[index].copy_(src)
-        else:
-            quantize_into(src, self._kv[index], self._kv_scale[index])
+    def _store_run(self, layers: slice, slot: int, keys: torch.Tensor, values: torch.Tensor,
+                   fused: bool = False) -> None:
+        """Write keys/values [n_layers, T, Hkv, D] into slots [slot, slot + T) of `layers`
+        (contiguous slots: the caller split the run where the ring wraps), quantizing if
+        needed. One fused Triton kernel where it can run and it pays (8-bit storage, or
+        `fused` for bulk writes), else torch copies."""
+        if self._fused and (fused or self._kv_scale is not None):
+            from kvcore.triton_store import store_slots
+
+            scale = None if self._kv_scale is None else self._kv_scale[:, layers]
+            store_slots(self._kv[:, layers], scale, keys, values, slot)
+            return
+        slots = slice(slot, slot + keys.shape[1])
+        for half, src in ((0, keys), (1, values)):
+            if self._kv_scale is None:
+                self._kv[half, layers, slots].copy_(src)
+            else:
+                quantize_into(src, self._kv[half, layers, slots], self._kv_scale[half, layers, slots])
 
     def _write_pending(self, upto: int) -> None:
-        """Write layers [_written, upto) of the position in progress in one batch."""
-        lo = self._written
+        """Write layers [_written, upto) of the position in progress in one batch: one stack,
+        then (a whole position on CUDA) one graph replay, else one write."""
+        lo, L = self._written, self.num_layers
         if lo >= upto:
             return
-        slot = slot_of(self._total, self.max_positions, self.sink_positions)
-        n = upto - lo
+        pending = self._pending_kv
         with torch.no_grad():
-            kv = torch.stack(self._pending_k[lo:upto] + self._pending_v[lo:upto])  # [2n, Hkv, D]
-            self._store((slice(None), slice(lo, upto), slot), kv.view(2, n, *self._kv_shape))
-        self._pending_k[lo:upto] = [None] * n
-        self._pending_v[lo:upto] = [None] * n
+            if lo == 0 and upto == L and self.device.type == "cuda" and self._fused:
+                if self._stage is None:
+                    self._stage = torch.empty((2 * L, *self._kv_shape), dtype=self.out_dtype,
+                                              device=self.device)
+                kv = torch.stack(pending, out=self._stage).view(2, L, 1, *self._kv_shape)
+                self._device_writer().write(kv[0], kv[1])
+            else:
+                n = upto - lo
+                kv = torch.stack(pending[lo:upto] + pending[L + lo : L + upto])  # [2n, Hkv, D]
+                kv = kv.view(2, n, 1, *self._kv_shape)
+                slot = slot_of(self._total, self.max_positions, self.sink_positions)
+                self._store_run(slice(lo, upto), slot, kv[0], kv[1])
+        pending[lo:upto] = pending[L + lo : L + upto] = [None] * (upto - lo)
         self._written = upto
+
+    def _device_writer(self):
+        """The position counter on the device and the CUDA graphs that write at it."""
+        if self._writer is None:
+            from kvcore.graphs import DeviceWriter
+
+            self._writer = DeviceWriter(self)
+        return self._writer
 
     # ------------------------------------------------------------------ reads
 
@@ -373,17 +458,21 @@ class StreamingKVCache:
                 f"layer {layer} holds no positions; append to it before attend"
             )
         self._flush_for(layer)
+        return self._attend_slots(layer, query, min(count, self.max_positions))
+
+    def _attend_slots(self, layer: int, query: torch.Tensor, n_valid: int | torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over slots [0, n_valid) of a layer, unchecked: n_valid an int, or a 0-d
+        device tensor (clamped to max_positions; CUDA graphs). `out` [H, D] receives it."""
+        fn = self._attention_fn()
         scales = (None, None) if self._kv_scale is None else (self.k_scale[layer], self.v_scale[layer])
-        return self._attention_fn()(
-            query,
-            self.k_store[layer],
-            self.v_store[layer],
-            scales[0],
-            scales[1],
-            min(count, self.max_positions),
-            self.sm_scale,
-            self.out_dtype,
-        )
+        args = (query, self.k_store[layer], self.v_store[layer], *scales, n_valid, self.sm_scale,
+                self.out_dtype)
+        if out is None:
+            return fn(*args)
+        if fn is attention.decode_attention:
+            return out.copy_(fn(*args))
+        return fn(*args, out=out)
 
     def _attention_fn(self) -> Callable[..., torch.Tensor]:
         if self._decode_attention is None:

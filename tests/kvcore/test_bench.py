@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import kvcore.attention
 import kvcore.bench as bench
+import kvcore.cache
 from kvcore.bench import (
     BenchConfig,
     BenchResult,
@@ -209,15 +211,22 @@ def test_benchmark_checks_its_decode_against_float64(tiny_result, monkeypatch):
 
 
 def test_baseline_runs_the_torch_sdpa_path(monkeypatch):
-    real = bench.decode_attention
+    real = kvcore.attention.decode_attention
     calls = []
 
     def wrong_sdpa(*args):
         calls.append(args[5])  # n_valid: the whole ring
         return real(*args) * 1.01
 
-    monkeypatch.setattr(bench, "decode_attention", wrong_sdpa)
+    def kernel(*args, **kwargs):  # stands in for the Triton kernel of attention="auto"
+        return real(*args)
+
+    # attention="torch" (the baseline, through the public switch) gets the wrong SDPA path
+    monkeypatch.setattr(kvcore.attention, "decode_attention", wrong_sdpa)
+    monkeypatch.setattr(kvcore.cache, "select_decode_attention",
+                        lambda device, mode="auto": wrong_sdpa if mode == "torch" else kernel)
     r = run_benchmark(tiny_config(repetitions=1))
+    assert r.attention_backend == "triton" and r.baseline_method == "eager_per_layer"
     assert r.decode_check_ok and not r.baseline_check_ok  # only the baseline went through it
     assert "baseline_decode: output off float64 reference" in r.invalid_reason
     assert calls and set(calls) == {37}

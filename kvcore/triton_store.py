@@ -1,0 +1,177 @@
+"""Fused writes into the KV cache store, as one Triton kernel: copy, or quantize + scale + store.
+
+    store_slots(kv, kv_scale, keys, values, slot)                  # host-planned run of slots
+    store_at_count(kv, kv_scale, keys, values, count, sinks)       # at the device counter
+
+write T positions of every layer, K and V, in one launch: keys/values [L, T, Hkv, D] (any
+strides with a contiguous last axis) go to the cache's one allocation `kv` [2, L, P, Hkv, D]
+(layout in kvcore/cache.py, or a slice of its layers), either into slots [slot, slot + T)
+or at the slots of positions count .. count + T - 1, with `count` read on the device. For int8 / float8_e4m3fn storage each (position, head) row is
+quantized in registers, exactly as kvcore/storage.py documents (scale = max(amax / qmax,
+2^-126), q = x / scale, int8 rounded half to even), and its float32 scale goes to
+`kv_scale` [2, L, P, Hkv]: one read of the input, one write of the store and the scales,
+instead of the four passes and float32 temporaries of `storage.quantize_into`.
+
+Key decisions:
+- With a counter, the slot of each position is computed in the kernel (kvcore.slots.slot_of:
+  p below P, else s + (p - s) % (P - s)): a CUDA graph captured once then writes wherever
+  the cache's position counter (a 0-d int64 tensor on the device) points. The caller advances
+  the counter; the kernel never writes it (all its programs read it first).
+- One program per BLOCK_R rows of one half (K or V); offsets into the store are int64 (an M10
+  float32 cache holds 4.3e9 elements).
+- Rounding in float32 arithmetic, half to even as torch does: int8 by adding and subtracting
+  1.5 * 2^23 (exact for |y| <= 2^22, here <= 127); float8_e4m3fn by the same trick at the
+  value's own spacing, so the final cast is exact and no conversion instruction's rounding
+  mode matters (Triton's interpreter rounds float8 casts differently from the GPU). Division
+  by `div_rn` (IEEE), as in torch.
+- Triton is imported lazily (kvcore imports only torch). With TRITON_INTERPRET=1 the kernel
+  runs on CPU tensors (tests in tests/kvcore/test_triton_store.py).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+
+from kvcore.storage import QMAX, SCALE_FLOOR
+
+_BLOCK_ROWS = 16  # (position, head) rows per program
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds to an integer, half to even
+
+
+@cache
+def _kernels():
+    """Compile-on-demand kernel; triton is imported here, never at module import."""
+    global triton, tl, _round_e4m3  # the kernel looks these names up in the module's globals
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _round_e4m3(y):
+        """y (float32, |y| <= 448) rounded half to even onto the float8_e4m3fn grid: the
+        spacing is 2^(e - 3) for |y| in [2^e, 2^(e+1)), e >= -6, and 2^-9 below 2^-6
+        (subnormals). Adding and subtracting 1.5 * 2^23 * spacing rounds to that spacing."""
+        bits = y.to(tl.int32, bitcast=True) & 0x7F800000  # 2^e of |y|, as float32 bits
+        bits = tl.maximum(bits, 121 << 23)  # e >= -6
+        magic = (bits + (20 << 23)).to(tl.float32, bitcast=True) * 1.5  # 1.5 * 2^(e + 20)
+        return (y + magic) - magic
+
+    @triton.jit(do_not_specialize=["pos_arg", "n_rows", "T", "P", "S"])
+    def store_rows_kernel(
+        k_src, v_src, kv_ptr, scale_ptr, pos_arg,
+        n_rows, T, P, S,
+        sk_l, sk_t, sk_h, sv_l, sv_t, sv_h,
+        d_half, d_l, d_p, d_h,
+        c_half, c_l, c_p,
+        HKV: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+        QUANTIZED: tl.constexpr, IS_INT8: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr,
+        POS_ON_DEVICE: tl.constexpr, ROUND_MAGIC: tl.constexpr,
+    ):
+        half = tl.program_id(1)  # 0: K, 1: V
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # row = (layer * T + t) * HKV + head
+        r_mask = rows < n_rows
+        head = (rows % HKV).to(tl.int64)
+        lt = rows // HKV
+        t = (lt % T).to(tl.int64)
+        layer = (lt // T).to(tl.int64)
+        if POS_ON_DEVICE:  # the position counter: slots of positions count + t (kvcore.slots.slot_of)
+            pos = tl.load(pos_arg).to(tl.int64) + t
+            slot = tl.where(pos < P, pos, S + (pos - S) % (P - S).to(tl.int64))
+        else:  # a contiguous run of slots planned on the host
+            slot = pos_arg.to(tl.int64) + t
+        d = tl.arange(0, D_PAD)
+        mask = r_mask[:, None] & (d < HEAD_DIM)[None, :]
+        if half == 0:
+            src = k_src + layer * sk_l + t * sk_t + head * sk_h
+        else:
+            src = v_src + layer * sv_l + t * sv_t + head * sv_h
+        x = tl.load(src[:, None] + d[None, :], mask=mask, other=0.0)  # [BLOCK_R, D_PAD]
+        dst = kv_ptr + half.to(tl.int64) * d_half + layer * d_l + slot * d_p + head * d_h
+        if QUANTIZED:
+            xf = x.to(tl.float32)
+            amax = tl.max(tl.abs(xf), axis=1)  # [BLOCK_R]
+            scale = tl.maximum(tl.math.div_rn(amax, QMAX), FLOOR)
+            y = tl.math.div_rn(xf, scale[:, None])
+            if IS_INT8:
+                y = (y + ROUND_MAGIC) - ROUND_MAGIC  # round half to even (|y| <= 127)
+            else:  # float8_e4m3fn: round to 3 mantissa bits here, so the cast below is exact
+                y = _round_e4m3(y)
+            tl.store(dst[:, None] + d[None, :], y.to(kv_ptr.dtype.element_ty), mask=mask)
+            sdst = scale_ptr + half.to(tl.int64) * c_half + layer * c_l + slot * c_p + head
+            tl.store(sdst, scale, mask=r_mask)
+        else:
+            tl.store(dst[:, None] + d[None, :], x.to(kv_ptr.dtype.element_ty), mask=mask)
+
+    return store_rows_kernel
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def store_slots(
+    kv: torch.Tensor,  # [2, L, P, Hkv, D] storage dtype (the cache's allocation, or a layer slice of it)
+    kv_scale: torch.Tensor | None,  # [2, L, P, Hkv] float32 for int8/float8, else None
+    keys: torch.Tensor,  # [L, T, Hkv, D]
+    values: torch.Tensor,  # [L, T, Hkv, D]
+    slot: int,
+) -> None:
+    """Write keys/values into slots [slot, slot + T) of every layer of `kv`, in one launch
+    (a contiguous run, planned on the host by kvcore.slots.write_runs)."""
+    _launch(kv, kv_scale, keys, values, slot, 0)
+
+
+def store_at_count(
+    kv: torch.Tensor,
+    kv_scale: torch.Tensor | None,
+    keys: torch.Tensor,  # [L, T, Hkv, D]
+    values: torch.Tensor,
+    count: torch.Tensor,  # 0-d int64 on the device: positions appended before keys[:, 0]
+    sink_positions: int,
+    warmup: bool = False,
+) -> None:
+    """Write positions count .. count + T - 1 (slots computed in the kernel, wrapping the ring
+    past the sinks), in one launch that a CUDA graph can capture. With `warmup`, compile and
+    load the kernel for these arguments without running it (before a capture)."""
+    _launch(kv, kv_scale, keys, values, count, sink_positions, warmup)
+
+
+def _launch(kv, kv_scale, keys, values, pos_arg, sink_positions, warmup=False) -> None:
+    """The caller (StreamingKVCache) validated shapes, dtypes and devices; only the kernel's
+    own invariants are asserted here."""
+    L, T, H, D = keys.shape
+    P = kv.shape[2]
+    assert kv.dim() == 5 and kv.shape[0] == 2 and tuple(kv.shape[1:]) == (L, P, H, D), "store layout"
+    assert values.shape == keys.shape and keys.stride(-1) == 1 and values.stride(-1) == 1
+    assert kv.stride(-1) == 1 and kv.stride(-2) == D, "rows of the store are contiguous"
+    quantized = kv_scale is not None
+    scale = kv_scale if quantized else kv  # placeholder, never read
+    n_rows = L * T * H
+    if n_rows == 0:
+        return
+    kernel = _kernels()
+    grid = (math.ceil(n_rows / _BLOCK_ROWS), 2)
+    args = (
+        keys, values, kv, scale, pos_arg,
+        n_rows, T, P, sink_positions,
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+        scale.stride(0) if quantized else 0, scale.stride(1) if quantized else 0,
+        scale.stride(2) if quantized else 0,
+    )
+    constexprs = dict(
+        HKV=H, HEAD_DIM=D, D_PAD=_next_pow2(D), BLOCK_R=_BLOCK_ROWS,
+        QUANTIZED=quantized, IS_INT8=kv.dtype == torch.int8,
+        QMAX=QMAX.get(kv.dtype, 1.0), FLOOR=SCALE_FLOOR,
+        POS_ON_DEVICE=isinstance(pos_arg, torch.Tensor), ROUND_MAGIC=_ROUND_MAGIC,
+        num_warps=4,
+    )
+    if warmup:
+        compiled = kernel.warmup(*args, grid=grid, **constexprs)
+        if hasattr(compiled, "_init_handles"):
+            compiled._init_handles()  # load the module now, not inside a graph capture
+        return
+    kernel[grid](*args, **constexprs)

@@ -6,6 +6,10 @@ Run (on the machine with internet, from the repository root):
     python -m orchestrator.wheelhouse                      # CPython 3.12, manylinux x86_64, no torch
     python -m orchestrator.wheelhouse --extra pytest,hypothesis --chunks 60
     python -m orchestrator.wheelhouse --exclude ''         # torch and its CUDA wheels too
+    python -m orchestrator.wheelhouse --exclude-from have.txt   # leave out what the target has
+
+where have.txt comes from the target: `python3 -m orchestrator.wheelhouse --freeze-names > have.txt`
+(from a checkout there) or `python3 -m pip list --format=freeze > have.txt` (the same lines);
 
 then, on the target, with the folder copied over: `sh wheelhouse/install.sh` (into the current
 environment of `$PYTHON`) or `TARGET=/opt/kvdeps sh wheelhouse/install.sh` (into a folder for
@@ -18,8 +22,11 @@ What lands in the folder (default `wheelhouse/`):
   builds the project offline), each with its whole dependency tree, resolved by pip for the
   target (`--python-version`, `--platform`: pip's own tag and marker logic, never a guess here);
 - files larger than `--split-mib` cut into `<file>.part00`, `.part01`, ...;
-- `SHA256SUMS` of the whole files, `requirements.txt` (what install.sh installs) and
-  `install.sh`, which joins the parts, checks every sum and runs `pip install --no-index`;
+- `SHA256SUMS` of the whole files, `requirements.txt` (what install.sh installs),
+  `excluded.txt` (the requirements on what was left out: the project's own and those in the
+  kept wheels' metadata) and `install.sh`, which joins the parts, checks every sum, checks
+  that the target's Python has what was left out at versions excluded.txt accepts (missing or
+  too old: it stops and names them, before installing anything) and runs `pip install --no-index`;
 - with `--chunks MIB`, all of it laid out as `batch0/`, `batch1/`, ..., each at most MIB, for a
   transfer that takes a limited size at a time; on the target: `cp batch*/* wheelhouse/`.
 
@@ -32,14 +39,20 @@ Key decisions:
   wheel to read its metadata), and never pulls the excluded package's own dependency tree; a
   dependency that something kept also needs is still resolved. Stubs are dropped afterwards.
   `--exclude torch==2.11.0` pins the one version the target has (`pip index versions` is then
-  not asked). Patterns (`nvidia-*`) are matched against what was resolved, then stubbed the same
-  way and resolved again; a pattern never drops a requirement the project names itself (name it
-  exactly to exclude it), so `nvidia-*` keeps `nvidia-ml-py`.
+  not asked); so does every `name==version` line of an `--exclude-from` file. A pinned version
+  that the project's tree does not accept (pip's conflict report names the stub's constraint)
+  is dropped from the exclusions and the package fetched after all, with a line saying so:
+  the target's copy is too old (or too new) to use. Patterns (`nvidia-*`) are matched against
+  what was resolved, then stubbed the same way and resolved again; a pattern never drops a
+  requirement the project names itself (name it exactly to exclude it), so `nvidia-*` keeps
+  `nvidia-ml-py`.
 - Sdist-only dependencies (hydra's antlr4-python3-runtime) are built into wheels here with
   `pip wheel`, and kept only if the result is pure Python (`py3-none-any`), which fits any target.
-- install.sh into the current environment installs `requirements.txt` with pip's resolver, so an
-  excluded package must already be there (it checks first, and says so); into `TARGET` it
-  installs exactly the runtime wheels, `--no-deps`, since pip ignores installed packages there.
+- install.sh into the current environment installs `requirements.txt` with pip's resolver; into
+  `TARGET` it installs exactly the runtime wheels, `--no-deps`, since pip ignores installed
+  packages there. Either way an excluded package must already be in `$PYTHON`, which is why
+  it is checked first (with the target's own markers and pip's vendored `packaging`) rather
+  than found missing at import.
 """
 
 from __future__ import annotations
@@ -72,7 +85,7 @@ DEFAULT_SPLIT_MIB = 60.0
 DEFAULT_CHUNK_MIB = 60.0
 STUB_LABEL = "wheelhouse"
 SCRIPT_MARK = "# Offline install written by: python -m orchestrator.wheelhouse"
-META_FILES = ("install.sh", "SHA256SUMS", "requirements.txt")
+META_FILES = ("install.sh", "SHA256SUMS", "requirements.txt", "excluded.txt")
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
 REPO_PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -131,21 +144,60 @@ class Exclusion:
         return normalize(name) not in direct and fnmatch.fnmatchcase(normalize(name), self.pattern)
 
 
+def parse_exclusion(item: str, source: str = "--exclude") -> Exclusion:
+    """'torch' / 'nvidia-*' / 'torch==2.11.0+cu130' -> an Exclusion; ValueError naming `source`."""
+    name, _, version = item.partition("==")
+    if not re.fullmatch(r"[A-Za-z0-9*?\[\]._-]+", name.strip()) or ("==" in item and not version.strip()):
+        raise ValueError(f"expected {source} items like 'torch', 'nvidia-*' or 'torch==2.11.0', received {item!r}")
+    if version and any(c in name for c in "*?["):
+        raise ValueError(f"expected a version only after an exact name, received {item!r}: drop '=={version}'")
+    return Exclusion(normalize(name.strip()), version.strip() or None)
+
+
 def parse_exclusions(text: str) -> list[Exclusion]:
     """'torch==2.11.0,nvidia-*' -> exclusions; '' or 'none' -> nothing excluded."""
     if text.strip().lower() == "none":
         return []
+    return [parse_exclusion(item) for item in split_list(text)]
+
+
+def read_exclusion_file(path: Path) -> list[Exclusion]:
+    """An `--exclude-from` file: one name, pattern or name==version a line, '#' comments; the
+    output of `pip list --format=freeze` or `--freeze-names` as it is ('name @ URL' reads as
+    the name; '-e' lines are skipped)."""
+    if not path.is_file():
+        raise ValueError(f"expected --exclude-from to name a file, received {str(path)!r}: e.g. the output of "
+                         f"`python3 -m pip list --format=freeze` on the target")
     out = []
-    for item in split_list(text):
-        name, _, version = item.partition("==")
-        if not re.fullmatch(r"[A-Za-z0-9*?\[\]._-]+", name.strip()) or ("==" in item and not version.strip()):
-            raise ValueError(
-                f"expected --exclude items like 'torch', 'nvidia-*' or 'torch==2.11.0', received {item!r}"
-            )
-        if version and any(c in name for c in "*?["):
-            raise ValueError(f"expected a version only after an exact name, received {item!r}: drop '=={version}'")
-        out.append(Exclusion(normalize(name.strip()), version.strip() or None))
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        item = line.split("#", 1)[0].strip()
+        if not item or item.startswith("-"):
+            continue
+        item = item.split(" @ ", 1)[0].split(";", 1)[0].strip().replace("===", "==")
+        out.append(parse_exclusion(item, f"--exclude-from {path}:{number}"))
     return out
+
+
+def merge_exclusions(exclusions: list[Exclusion]) -> list[Exclusion]:
+    """One exclusion per name or pattern, in first-seen order; a pinned version wins over none."""
+    merged: dict[str, Exclusion] = {}
+    for exclusion in exclusions:
+        if exclusion.pattern not in merged or exclusion.version is not None:
+            merged[exclusion.pattern] = exclusion
+    return list(merged.values())
+
+
+def installed_distributions() -> list[str]:
+    """'name==version' of every distribution this Python sees (its site-packages and sys.path),
+    sorted by name: what `--freeze-names` prints on the target."""
+    from importlib import metadata
+
+    found = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name and normalize(name) not in found:
+            found[normalize(name)] = f"{normalize(name)}=={dist.version}"
+    return [found[name] for name in sorted(found)]
 
 
 def expand_platforms(platforms: list[str]) -> list[str]:
@@ -199,6 +251,12 @@ def unresolvable_requirement(pip_output: str) -> str | None:
     # ResolutionImpossible: "hydra-core 1.3.8 depends on antlr4-python3-runtime==4.9.*", one line per version.
     wanted = {r.rstrip(";") for r in re.findall(r" depends on (\S+)", pip_output)}
     return wanted.pop() if len(wanted) == 1 else None
+
+
+def conflicting_pins(pip_output: str) -> set[str]:
+    """Names whose pinned stub pip could not use: 'The user requested (constraint) torch==2.4.0+wheelhouse'."""
+    found = re.findall(rf"\(constraint\) ([A-Za-z0-9._-]+)==\S*[+.]{STUB_LABEL}\b", pip_output)
+    return {normalize(name) for name in found}
 
 
 def stub_version(version: str) -> str:
@@ -284,6 +342,8 @@ class Resolver:
         self.constraints = self.work / "constraints.txt"
         self.constraints.write_text("")
         self.stubbed: set[str] = set()
+        self.pinned: dict[str, str] = {}  # name -> the target's version (from --exclude name==version)
+        self.unpinned: dict[str, str] = {}  # pinned names whose version did not fit: fetched after all
         self.picked: set[str] = set()  # excluded names that pip needed (it took their stubs)
         self.built_from_sdist: list[str] = []
         self.runs = 0
@@ -296,14 +356,27 @@ class Resolver:
         self.stubbed.add(name)
         if version is not None:
             write_stub_wheel(self.stubs, name, version)
-            with self.constraints.open("a") as f:
-                f.write(f"{name}=={stub_version(version)}\n")
+            self.pinned[name] = version
+            self._write_constraints()
             return
         versions = index_versions(name, self.target, self.index, self.verbose)
         for v in versions:
             write_stub_wheel(self.stubs, name, v)
         if not versions:
             print(f"wheelhouse: note: the index has no {name} for the target, so nothing to leave out")
+
+    def _write_constraints(self) -> None:
+        self.constraints.write_text("".join(f"{n}=={stub_version(v)}\n" for n, v in sorted(self.pinned.items())))
+
+    def _unpin(self, name: str) -> None:
+        """The target's version of `name` does not fit the requirements: fetch `name` after all."""
+        version = self.pinned.pop(name)
+        self.unpinned[name] = version
+        self.stubbed.discard(name)
+        self.exclusions = [e for e in self.exclusions if e.pattern != name]
+        for stub in self.stubs.glob(f"{re.sub(r'[-_.]+', '_', name)}-*.whl"):
+            stub.unlink()
+        self._write_constraints()
 
     def _build_sdist(self, requirement: str) -> None:
         """Build a wheel from an sdist (no wheel on the index); keep it only if it is pure Python."""
@@ -335,6 +408,13 @@ class Resolver:
             try:
                 run_pip(args, self.verbose)
             except PipError as err:
+                conflicts = sorted(conflicting_pins(err.output) & set(self.pinned))
+                if conflicts:
+                    print("wheelhouse: the target's " + ", ".join(f"{n}=={self.pinned[n]}" for n in conflicts)
+                          + " does not fit what the project needs; fetching the version it needs instead")
+                    for name in conflicts:
+                        self._unpin(name)
+                    continue
                 missing = unresolvable_requirement(err.output)
                 if missing is None or missing in tried:
                     raise
@@ -404,6 +484,7 @@ def render_install_script(*, python_version: str, platforms: list[str], joins: d
                           runtime_wheels: list[str], left_out: dict[str, str], summary: str) -> str:
     """install.sh: join the parts, check SHA256SUMS, pip install offline (environment or TARGET)."""
     left = " ".join(sorted(left_out))
+    check = CHECK_SCRIPT
     left_note = ", ".join(f"{n} ({why})" for n, why in sorted(left_out.items())) or "nothing"
     join_lines = "".join(f"join {name} {count}\n" for name, count in sorted(joins.items()))
     wheel_lines = "".join(f'    "$here/{name}" \\\n' for name in runtime_wheels)
@@ -453,21 +534,72 @@ fi
 version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || fail "cannot run $PYTHON: set PYTHON=/path/to/python{python_version}"
 [ "$version" = "{python_version}" ] || fail "these wheels are for Python {python_version}, $PYTHON is $version: set PYTHON=/path/to/python{python_version}"
 
-missing=""
-for name in {left}; do
-    "$PYTHON" -c "import importlib.metadata as m; m.version('$name')" 2>/dev/null || missing="$missing $name"
-done
+# What this wheelhouse left out ({left or "nothing"}) must be in $PYTHON, at versions the
+# project's dependency tree accepts (excluded.txt): checked now rather than failing at import.
+problems=$("$PYTHON" - "$here/excluded.txt" <<'CHECK'
+{check}CHECK
+) || fail "cannot check with $PYTHON what this wheelhouse left out (it needs pip): install pip, or set PYTHON"
+if [ -n "$problems" ]; then
+    echo "install.sh: $PYTHON lacks what this wheelhouse left out:" >&2
+    printf '%s\n' "$problems" | sed 's/^/  /' >&2
+    fail "install it first (GPU hosts: their CUDA build of torch), set PYTHON to a Python that has it, or rebuild the wheelhouse without leaving it out (--exclude '' or fewer names)"
+fi
 
 if [ -n "$TARGET" ]; then
-    [ -z "$missing" ] || echo "install.sh: note: left out of this wheelhouse and not in $PYTHON:$missing; the Python that uses $TARGET must have it" >&2
     "$PYTHON" -m pip install --disable-pip-version-check --no-index --no-deps --upgrade --target "$TARGET" \\
 {wheel_lines}    ;
     echo "install.sh: installed into $TARGET; use it with: export PYTHONPATH=$TARGET"
 else
-    [ -z "$missing" ] || fail "left out of this wheelhouse and not installed in $PYTHON:$missing; install it first (GPU hosts: their CUDA build of torch), or rebuild the wheelhouse with --exclude ''"
     "$PYTHON" -m pip install --disable-pip-version-check --no-index --find-links "$here" -r requirements.txt
 fi
 """
+
+
+# Run by install.sh with the target's Python on excluded.txt: prints one line per requirement
+# left out of the wheelhouse that this Python does not meet (markers evaluated here, on the target).
+CHECK_SCRIPT = """\
+import sys
+from importlib import metadata
+from pip._vendor.packaging.requirements import Requirement
+
+problems = []
+for line in open(sys.argv[1]):
+    text, _, why = line.partition("#")
+    text, why = text.strip(), why.strip()
+    if not text:
+        continue
+    requirement = Requirement(text)
+    if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+        continue
+    try:
+        have = metadata.version(requirement.name)
+    except metadata.PackageNotFoundError:
+        problems.append(f"{requirement.name} is not installed (needed: {text}, {why})")
+        continue
+    if not requirement.specifier.contains(have, prereleases=True):
+        problems.append(f"{requirement.name} {have} is installed, but {text} is needed ({why})")
+print("\\n".join(dict.fromkeys(problems)))
+"""
+
+
+def excluded_requirements(wheels: list[Path], requirements: list[str], left_out: set[str]) -> list[str]:
+    """The requirements on what was left out, as excluded.txt lists them: 'torch>=2.11,<2.14  #
+    required by the project', 'tiny-beta>=1  # required by tiny-alpha 1.0' (from each wheel's
+    Requires-Dist, markers kept); a left-out name nobody constrains appears bare."""
+    lines = [f"{r}  # required by the project" for r in requirements if requirement_name(r) in left_out]
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            meta = next((n for n in archive.namelist() if n.endswith(".dist-info/METADATA")), None)
+            text = archive.read(meta).decode("utf-8", "replace") if meta else ""
+        name, version = wheel_name_version(wheel.name)
+        for line in text.split("\n\n", 1)[0].splitlines():
+            if line.startswith("Requires-Dist:"):
+                requirement = line.split(":", 1)[1].strip()
+                if requirement_name(requirement) in left_out:
+                    lines.append(f"{requirement}  # required by {name} {version}")
+    named = {requirement_name(line) for line in lines}
+    lines += [f"{name}  # left out" for name in sorted(left_out - named)]
+    return list(dict.fromkeys(lines))
 
 
 def human(n: int) -> str:
@@ -501,6 +633,7 @@ def build(args: argparse.Namespace) -> None:
               f"{platforms[0]} (and older); excluding {', '.join(e.pattern for e in args.exclusions) or 'nothing'}")
         runtime_dir = resolver.download(requirements)
         runtime_wheels = sorted(os.listdir(runtime_dir))
+        runtime_left_out = set(resolver.picked)
         for name in runtime_wheels:
             shutil.move(str(runtime_dir / name), out / name)
         if build_requires:
@@ -511,9 +644,12 @@ def build(args: argparse.Namespace) -> None:
                     shutil.move(str(build_dir / name), out / name)
         left_out = {n: "required by the project" if n in direct else "required by a dependency"
                     for n in resolver.picked}
+        unpinned = dict(resolver.unpinned)
         built_from_sdist = resolver.built_from_sdist
 
-    wheels = sorted(os.listdir(out))
+    (out / "excluded.txt").write_text("".join(
+        f"{line}\n" for line in excluded_requirements([out / w for w in runtime_wheels], requirements, runtime_left_out)))
+    wheels = sorted(w for w in os.listdir(out) if w.endswith(".whl"))
     (out / "SHA256SUMS").write_text("".join(f"{sha256(out / w)}  {w}\n" for w in wheels))
     total = sum((out / w).stat().st_size for w in wheels)
     sizes = {w: (out / w).stat().st_size for w in wheels}
@@ -530,6 +666,9 @@ def build(args: argparse.Namespace) -> None:
 
     print(f"wheelhouse: wrote {out}/: {summary}")
     print(f"wheelhouse: left out (the target must have them): {', '.join(sorted(left_out)) or 'nothing'}")
+    if unpinned:
+        print("wheelhouse: fetched although the target has them, at versions that do not fit: "
+              + ", ".join(f"{n}=={v}" for n, v in sorted(unpinned.items())))
     for w in sorted(sizes, key=lambda w: -sizes[w])[:5]:
         print(f"  {human(sizes[w]):>10}  {w}" + (f"  (split into {joins[w]} parts)" if w in joins else ""))
     if args.chunks is not None:
@@ -574,6 +713,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exclude", default=DEFAULT_EXCLUDE,
                         help=f"names or patterns the target already has, 'torch==2.11.0' to give its version; "
                              f"'' for none (default: {DEFAULT_EXCLUDE})")
+    parser.add_argument("--exclude-from", action="append", default=[], type=Path, metavar="FILE",
+                        help="more names to leave out, one a line ('#' comments), e.g. the target's "
+                             "`python3 -m pip list --format=freeze` (name==version pins the target's version); "
+                             "repeatable, added to --exclude")
+    parser.add_argument("--freeze-names", action="store_true",
+                        help="print name==version of every package this Python has, then exit "
+                             "(run on the target: ... --freeze-names > have.txt)")
     parser.add_argument("--extra", action="append", default=[],
                         help="more requirements, comma-separated, e.g. pytest,hypothesis (repeatable)")
     parser.add_argument("--split-mib", type=float, default=DEFAULT_SPLIT_MIB,
@@ -588,6 +734,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pip_index.add_argument("--find-links", action="append", default=[], help="pip --find-links (repeatable)")
     pip_index.add_argument("--no-index", action="store_true", help="pip --no-index")
     args = parser.parse_args(argv)
+    if args.freeze_names:
+        return args
     try:
         validate(args)
     except ValueError as err:
@@ -612,7 +760,10 @@ def validate(args: argparse.Namespace) -> None:
             requirement_name(requirement)
     if not args.pyproject.is_file():
         raise ValueError(f"expected a pyproject.toml file, received {str(args.pyproject)!r}: pass --pyproject PATH")
-    args.exclusions = parse_exclusions(args.exclude)
+    exclusions = parse_exclusions(args.exclude)
+    for path in args.exclude_from:
+        exclusions += read_exclusion_file(path)
+    args.exclusions = merge_exclusions(exclusions)
     index = ["--index-url", args.index_url] if args.index_url else []
     for url in args.extra_index_url:
         index += ["--extra-index-url", url]
@@ -633,6 +784,9 @@ def validate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.freeze_names:
+        print("\n".join(installed_distributions()))
+        return 0
     try:
         build(args)
     except (PipError, RuntimeError) as err:

@@ -151,7 +151,7 @@ def test_wheelhouse_leaves_out_the_excluded_tree_but_keeps_shared_dependencies(b
     assert names == ["tiny-alpha", "tiny-beta", "tiny-build", "tiny-delta", "tiny-gamma"]
     assert not [f for f in os.listdir(flat) if "torch" in f or "triton" in f or wh.STUB_LABEL + "-" in f]
     assert (flat / "requirements.txt").read_text().split() == ["tiny-alpha", "tiny-gamma", "tiny-torch>=2", "tiny-delta"]
-    assert "for name in tiny-torch; do" in (flat / "install.sh").read_text()
+    assert (flat / "excluded.txt").read_text() == "tiny-torch>=2  # required by the project\n"
 
 
 def test_big_wheel_is_split_into_parts_whose_join_matches_the_manifest(batched, index, tmp_path):
@@ -168,11 +168,11 @@ def test_big_wheel_is_split_into_parts_whose_join_matches_the_manifest(batched, 
     assert all(hashlib.sha256((flat / w).read_bytes()).hexdigest() == sums(flat)[w] for w in small)
 
 
-def test_install_sh_into_a_target_folder_then_import_from_it(batched, tmp_path):
+def test_install_sh_into_a_target_folder_then_import_from_it(batched, index, tmp_path):
     flat = gather(batched, tmp_path / "wh")
-    proc = install(flat, sys.executable, cwd=tmp_path, TARGET="deps")  # relative to where it is run
+    python = make_venv(tmp_path / "venv", [index], "tiny-torch")  # the target brings its own 'torch'
+    proc = install(flat, python, cwd=tmp_path, TARGET="deps")  # relative to where it is run
     assert proc.returncode == 0, proc.stderr
-    assert "tiny-torch" in proc.stderr  # the note: the Python using the folder must have it
     target = tmp_path / "deps"
     assert sorted(p.name for p in target.iterdir() if not p.name.endswith("-info")) == [
         "tiny_alpha", "tiny_beta", "tiny_delta", "tiny_gamma"]  # no tiny_build: only for building
@@ -184,18 +184,30 @@ def test_install_sh_into_a_target_folder_then_import_from_it(batched, tmp_path):
     assert (flat / next(w for w in sums(flat) if w.startswith("tiny_gamma"))).is_file()  # joined in place
 
 
-def make_venv(path: Path, index: Path, *preinstalled: str) -> str:
+def make_venv(path: Path, links: list[Path], *preinstalled: str) -> str:
     """A venv that borrows this Python's pip (system site-packages), with `preinstalled` in it."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(path)], check=True)
     python = str(path / "bin" / "python")
     if preinstalled:
-        subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(index),
-                        *preinstalled], check=True, env=hermetic_env())
+        finds = [arg for link in links for arg in ("--find-links", str(link))]
+        subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", *finds, *preinstalled],
+                       check=True, env=hermetic_env())
     return python
 
 
+@pytest.fixture(scope="module")
+def old_torch(tmp_path_factory) -> Path:
+    """A folder with tiny-torch 1.0, older than the project accepts (it needs tiny-torch>=2)."""
+    root, links = tmp_path_factory.mktemp("old-source"), tmp_path_factory.mktemp("old")
+    deps, code = PACKAGES["tiny-torch"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(links), str(write_source(root, "tiny-torch", "1.0", deps, code))],
+                   check=True, env=hermetic_env())
+    return links
+
+
 def test_install_sh_into_the_environment_resolves_offline(batched, index, tmp_path):
-    python = make_venv(tmp_path / "venv", index, "tiny-torch")  # the target brings its own 'torch'
+    python = make_venv(tmp_path / "venv", [index], "tiny-torch")  # the target brings its own 'torch'
     proc = install(gather(batched, tmp_path / "wh"), python, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     check = "import tiny_alpha, tiny_delta, tiny_gamma, tiny_torch; print(tiny_alpha.__file__)"
@@ -203,11 +215,24 @@ def test_install_sh_into_the_environment_resolves_offline(batched, index, tmp_pa
     assert out.startswith(str(tmp_path / "venv"))
 
 
-def test_install_sh_refuses_when_the_excluded_package_is_missing(batched, index, tmp_path):
-    python = make_venv(tmp_path / "venv", index)
-    proc = install(gather(batched, tmp_path / "wh"), python, cwd=tmp_path)
+@pytest.mark.parametrize("into", ["environment", "target folder"])
+def test_install_sh_refuses_when_the_excluded_package_is_missing(batched, index, tmp_path, into):
+    python = make_venv(tmp_path / "venv", [index])
+    env = {"TARGET": str(tmp_path / "deps")} if into == "target folder" else {}
+    proc = install(gather(batched, tmp_path / "wh"), python, cwd=tmp_path, **env)
     assert proc.returncode == 1
-    assert "not installed" in proc.stderr and "tiny-torch" in proc.stderr and "--exclude ''" in proc.stderr
+    assert "tiny-torch is not installed (needed: tiny-torch>=2, required by the project)" in proc.stderr
+    assert "--exclude ''" in proc.stderr
+    assert not (tmp_path / "deps").exists()
+
+
+def test_install_sh_refuses_an_excluded_package_at_a_version_the_project_does_not_accept(
+        batched, index, old_torch, tmp_path):
+    python = make_venv(tmp_path / "venv", [index, old_torch], "tiny-torch==1.0")
+    proc = install(gather(batched, tmp_path / "wh"), python, cwd=tmp_path, TARGET=str(tmp_path / "deps"))
+    assert proc.returncode == 1
+    assert "tiny-torch 1.0 is installed, but tiny-torch>=2 is needed (required by the project)" in proc.stderr
+    assert not (tmp_path / "deps").exists()
 
 
 def test_install_sh_names_a_missing_part_and_how_to_gather_the_batches(batched, tmp_path):
@@ -237,12 +262,66 @@ def test_pinned_exclusion_and_patterns_never_drop_direct_requirements(index, pro
     run_wheelhouse(index, project, out, "--exclude", "tiny-torch==2.0,tiny-b*,tiny-g*")
     names = sorted(wh.wheel_name_version(w)[0] for w in sums(out))
     assert names == ["tiny-alpha", "tiny-build", "tiny-delta", "tiny-gamma"]
-    assert "for name in tiny-beta tiny-torch; do" in (out / "install.sh").read_text()
+    assert (out / "excluded.txt").read_text().splitlines() == [
+        "tiny-torch>=2  # required by the project", "tiny-beta>=1  # required by tiny-alpha 1.0"]
     assert "left out (the target must have them): tiny-beta, tiny-torch" in capsys.readouterr().out
     # a second run replaces a wheelhouse written before
     run_wheelhouse(index, project, out, "--exclude", "")
     names = sorted(wh.wheel_name_version(w)[0] for w in sums(out))
     assert names == ["tiny-alpha", "tiny-beta", "tiny-build", "tiny-delta", "tiny-gamma", "tiny-torch", "tiny-triton"]
+
+
+def test_exclude_from_a_freeze_list_pins_what_fits_and_fetches_what_does_not(index, project, tmp_path, capsys):
+    have = tmp_path / "have.txt"
+    have.write_text(textwrap.dedent("""\
+        # python3 -m pip list --format=freeze, on the target
+        tiny-beta==1.0
+        tiny-torch==1.0        # older than the project's tiny-torch>=2: fetched after all
+        tiny-triton @ file:///wheels/tiny_triton-1.0-py3-none-any.whl
+        -e git+https://example.invalid/x.git#egg=x
+
+        """))
+    out = tmp_path / "wheelhouse"
+    run_wheelhouse(index, project, out, "--exclude", "", "--exclude-from", str(have))
+    printed = capsys.readouterr().out
+    assert "the target's tiny-torch==1.0 does not fit what the project needs" in printed
+    assert "fetched although the target has them, at versions that do not fit: tiny-torch==1.0" in printed
+    assert "left out (the target must have them): tiny-beta, tiny-triton" in printed
+    names = sorted(wh.wheel_name_version(w)[0] for w in sums(out))
+    assert names == ["tiny-alpha", "tiny-build", "tiny-delta", "tiny-gamma", "tiny-torch"]
+    assert (out / "excluded.txt").read_text().splitlines() == [
+        "tiny-beta>=1  # required by tiny-alpha 1.0", "tiny-triton  # required by tiny-torch 2.0",
+        "tiny-beta  # required by tiny-torch 2.0"]
+
+
+def test_freeze_names_lists_this_python_for_exclude_from(tmp_path, capsys):
+    assert wh.main(["--freeze-names", "--pyproject", "/nonexistent"]) == 0  # nothing else is read
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split("==")[0] for line in lines]
+    assert names == sorted(set(names)) and f"pytest=={pytest.__version__}" in lines
+    (tmp_path / "have.txt").write_text("\n".join(lines))
+    parsed = wh.read_exclusion_file(tmp_path / "have.txt")
+    assert wh.Exclusion("pytest", pytest.__version__) in parsed and len(parsed) == len(lines)
+
+
+def test_exclusion_file_errors_name_the_line_and_merging_keeps_pins(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("torch\nnvidia-*==12\n")
+    with pytest.raises(ValueError, match="expected a version only after an exact name"):
+        wh.read_exclusion_file(bad)
+    bad.write_text("torch\n\ntorch==\n")
+    with pytest.raises(ValueError, match=r"expected --exclude-from .*bad.txt:3 items like"):
+        wh.read_exclusion_file(bad)
+    merged = wh.merge_exclusions(wh.parse_exclusions("torch,nvidia-*") + [wh.Exclusion("torch", "2.11.0+cu130")])
+    assert merged == [wh.Exclusion("torch", "2.11.0+cu130"), wh.Exclusion("nvidia-*")]
+
+
+def test_conflicting_pins_are_read_from_pips_conflict_report():
+    report = ("The conflict is caused by:\n    The user requested tiny-torch>=2\n"
+              "    The user requested (constraint) tiny-torch==1.0+wheelhouse\n"
+              "    The user requested (constraint) Torch==2.11.0+cu130.wheelhouse\n"
+              "    The user requested (constraint) numpy==2.0\n")
+    assert wh.conflicting_pins(report) == {"tiny-torch", "torch"}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -255,6 +334,7 @@ def test_pinned_exclusion_and_patterns_never_drop_direct_requirements(index, pro
     (["--extra", ">=3"], "expected a requirement such as 'pytest>=8'"),
     (["--pyproject", "/nonexistent/pyproject.toml"], "expected a pyproject.toml file"),
     (["--chunks", "abc"], "invalid float value: 'abc'"),
+    (["--exclude-from", "/nonexistent/have.txt"], "expected --exclude-from to name a file"),
 ])
 def test_argument_errors_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

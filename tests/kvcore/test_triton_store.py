@@ -1,0 +1,160 @@
+"""Tests of kvcore.triton_store (the fused write) and of the CUDA-graph step body, on the CPU.
+
+The kernels run in Triton's interpreter, in one subprocess started with TRITON_INTERPRET=1
+(the variable must be set before triton is imported); this file is that subprocess's script.
+Checks: the fused write stores exactly what kvcore.storage.quantize stores (bit for bit,
+scales included), touches no other slot, crosses the ring's wrap with the counter on the
+device; and the body of a captured decode step (write at the device counter, advance it,
+Triton attention with the count on the device) gives what append + attend layer by layer give.
+GPU: the same body captured in a CUDA graph is tested in tests/kvcore/test_graphs.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcore import triton_decode
+
+REPO = Path(__file__).resolve().parents[2]
+DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]
+SENTINEL = 3.0  # what untouched slots hold
+
+
+def _stores(dtype: str, gen: torch.Generator, L=3, P=7, H=2, D=5):
+    storage = getattr(torch, dtype)
+    kv = torch.full((2, L, P, H, D), SENTINEL).to(storage)
+    scale = torch.full((2, L, P, H), SENTINEL) if dtype in ("int8", "float8_e4m3fn") else None
+    src_dtype = torch.float16 if scale is not None else storage
+    return kv, scale, src_dtype
+
+
+def _inputs(L, T, H, D, src_dtype, gen):
+    """Random rows with hard cases: an all-zero row, halfway values for int8 (k + 0.5 steps),
+    values that round up across a float8 binade, tiny (subnormal in float8) rows."""
+    x = torch.randn(L, T + 2, H, D, generator=gen) * 3
+    x[0, 0, 0] = 0.0  # all-zero row: scale = floor, q = 0
+    x[1, 0, 0] = torch.tensor([127.0, 0.5, -1.5, 2.5, 60.5])[:D]  # int8 halves (amax 127 -> scale 1)
+    x[1, 0, 1] = torch.tensor([448.0, 124.0, 123.9, -15.75, 0.0117])[:D]  # float8 boundaries
+    x[L - 1, 1, 0] = torch.randn(D, generator=gen) * 2.0**-20  # tiny row
+    return x[:, 1 : 1 + T].to(src_dtype), x[:, 2 : 2 + T].to(src_dtype)  # strided views
+
+
+def _expected(x, storage):
+    from kvcore.storage import quantize
+
+    if storage in (torch.int8, torch.float8_e4m3fn):
+        return quantize(x, storage)
+    return x, None
+
+
+def run_checks() -> dict:
+    """Runs in the interpreter subprocess; returns {check name: error text or ""}."""
+    from kvcore import StreamingKVCache
+    from kvcore.graphs import DecodeStep
+    from kvcore.slots import slot_of
+    from kvcore.triton_store import store_at_count, store_slots
+
+    results = {}
+    gen = torch.Generator().manual_seed(0)
+    L, P, H, D, S = 3, 7, 2, 5, 2
+    for dtype in DTYPES:
+        storage = getattr(torch, dtype)
+        # a run of 3 slots in layers 1..2 only (a layer slice of the store)
+        kv, scale, src_dtype = _stores(dtype, gen)
+        keys, values = _inputs(2, 3, H, D, src_dtype, gen)
+        store_slots(kv[:, 1:], None if scale is None else scale[:, 1:], keys, values, 3)
+        problems = []
+        for half, src in ((0, keys), (1, values)):
+            q, s = _expected(src, storage)  # [2, 3, H, D]
+            if not torch.equal(kv[half, 1:, 3:6].float(), q.float()):
+                problems.append(f"half {half}: stored values differ")
+            if s is not None and not torch.equal(scale[half, 1:, 3:6], s):
+                problems.append(f"half {half}: scales differ")
+        untouched = torch.ones(2, L, P, dtype=torch.bool)
+        untouched[:, 1:, 3:6] = False
+        if not (kv.float()[untouched] == SENTINEL).all():
+            problems.append("a slot outside the run was written")
+        results[f"store_slots-{dtype}"] = "; ".join(problems)
+
+        # the counter on the device: positions 5..8 of P=7 with 2 sinks -> slots 5, 6, 2, 3
+        kv, scale, src_dtype = _stores(dtype, gen)
+        keys, values = _inputs(L, 4, H, D, src_dtype, gen)
+        count = torch.tensor(5, dtype=torch.int64)
+        store_at_count(kv, scale, keys, values, count, S)
+        problems = []
+        slots = [slot_of(5 + t, P, S) for t in range(4)]
+        for half, src in ((0, keys), (1, values)):
+            q, s = _expected(src, storage)
+            for t, slot in enumerate(slots):
+                if not torch.equal(kv[half, :, slot].float(), q[:, t].float()):
+                    problems.append(f"half {half} position {5 + t}: values differ")
+                if s is not None and not torch.equal(scale[half, :, slot], s[:, t]):
+                    problems.append(f"half {half} position {5 + t}: scales differ")
+        if int(count) != 5:
+            problems.append("the kernel wrote the counter")
+        if not (kv[:, :, [0, 1, 4]].float() == SENTINEL).all():
+            problems.append("a slot outside positions 5..8 was written")
+        results[f"store_at_count-{dtype}"] = "; ".join(problems)
+
+        # the body of a captured decode step, run eagerly, against append + attend per layer
+        made = dict(num_layers=L, max_positions=P, num_heads=6, head_dim=D, num_kv_heads=H,
+                    dtype=dtype, sink_positions=S)
+        ours = StreamingKVCache(**made, attention="triton")
+        ref = StreamingKVCache(**made, attention="torch")
+        step = DecodeStep(ours, graph=False)
+        writer = ours._device_writer()
+        worst = 0.0
+        for position in range(P + 4):  # past the wrap
+            k = torch.randn(L, H, D, generator=gen).to(ours.out_dtype)
+            v = torch.randn(L, H, D, generator=gen).to(ours.out_dtype)
+            q = torch.randn(L, 6, D, generator=gen).to(ours.out_dtype)
+            step.keys.copy_(k)
+            step.values.copy_(v)
+            step.queries.copy_(q)
+            writer.sync()
+            step._body(writer)  # what the graph replays
+            writer.held += 1
+            ours._total += 1
+            for layer in range(L):
+                ref.append(layer, k[layer], v[layer])
+                want = ref.attend(layer, q[layer]).double()
+                err = ((step.out[layer].double() - want).norm() / want.norm()).item()
+                worst = max(worst, err)
+        same_store = torch.equal(ours._kv.float(), ref._kv.float()) and (
+            ours._kv_scale is None or torch.equal(ours._kv_scale, ref._kv_scale))  # full: every slot written
+        problems = [] if same_store else ["stores differ"]
+        if int(writer.count) != P + 4:
+            problems.append(f"device counter {int(writer.count)}, expected {P + 4}")
+        if not worst <= 2e-2:
+            problems.append(f"attention differs from append + attend by {worst:.2e}")
+        results[f"step-body-{dtype}"] = "; ".join(problems)
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+CHECKS = [f"{kind}-{dtype}" for kind in ("store_slots", "store_at_count", "step-body")
+          for dtype in DTYPES]
+
+
+@pytest.mark.skipif(not triton_decode._triton_importable(), reason="triton is not importable")
+@pytest.mark.parametrize("name", CHECKS)
+def test_interpreter_checks(interpreter_results, name):
+    assert name in interpreter_results
+    assert interpreter_results[name] == "", interpreter_results[name]
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_checks()))

@@ -15,20 +15,25 @@ reported as median, min and max):
    `cache.memory_bytes()`), then the weights tensor (`weights_gb` bytes of random float16).
 3. fill: every repetition clears the cache and appends position after position, layer by
    layer (`append`), from empty towards `context_length` (the seed's method, and what a
-   decode loop does). prefill: the same through `extend` in chunks of `prefill_chunk`.
+   decode loop does). append_all: the same, one `append_all` of every layer per position
+   (on CUDA a captured write per input pair, all captured before timing). prefill: the same
+   through `extend` in chunks of `prefill_chunk`.
 4. The cache is filled (untimed) to `context_length` plus a part of the ring, so it is full
    and has wrapped: everything after runs in the steady state of a long decode.
 5. retrieve: `get_valid` of layer after layer; every element is read by a matrix-vector
    product with a random vector, whose squared norm goes into an accumulator on the device.
    After the timing, the accumulator must equal the same sum computed from the storage
    (contract of kvcore/cache.py), so a read that skips data invalidates the trial.
-6. decode_cache: decode steps (each layer: `append` one position, `attend` one query).
-   decode: the same plus one matrix-vector product streaming the weights (a 7B model's
-   weight traffic). Then the peak memory and NVML's view are taken.
-7. baseline_decode: the same steps with the torch SDPA path of kvcore/attention.py
-   (`decode_attention`), on the same cache; `decode_speedup` = decode_cache / baseline.
-   Where `attend` already runs that path (CPU, CUDA without Triton) the decode_cache
-   figures are the baseline's (speedup 1.0) instead of a second run of the same code.
+6. decode_cache: decode steps (each layer: append one position, attend one query). On CUDA
+   with the Triton kernel a step is one replay of a CUDA graph (`kvcore.graphs.DecodeStep`,
+   `decode_method` "cuda_graph"), else `append` and `attend` layer by layer
+   ("eager_per_layer"). decode: the same plus one matrix-vector product streaming the
+   weights (a 7B model's weight traffic). Then the peak memory and NVML's view are taken.
+7. baseline_decode: the stock path on the same cache: `cache.attention = "torch"` (torch SDPA,
+   kvcore/attention.py), `append` and `attend` layer by layer (`baseline_method`
+   "eager_per_layer"); `decode_speedup` = decode_cache / baseline, so it holds both the
+   kernel and the graph. Where decode_cache already ran exactly that (CPU, CUDA without
+   Triton) its figures are the baseline's (speedup 1.0) instead of a second run.
 8. One more step of each decode path is checked against float64 reference attention.
 
 Key decisions:
@@ -666,6 +671,8 @@ class _Trial:
 
     def measure_append_all(self) -> Measurement:
         P = self.cfg.context_length
+        # CUDA captures one write graph per input pair: capture them all before timing
+        self.fills(self.append_all_positions, min(self.npool, P))
         return self.measure("append_all", lambda n: self.fills(self.append_all_positions, n), P,
                             round_units=lambda n: _whole_fills(n, P, 1))
 

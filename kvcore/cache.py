@@ -391,7 +391,7 @@ class StreamingKVCache:
 
         Float storage: views into the cache when the range is contiguous in slot order (no
         wrap inside it), else a copy; views change when the cache is written. 8-bit storage:
-        always a dequantized copy in out_dtype.
+        always a dequantized copy in out_dtype (one fused Triton kernel per run on CUDA).
         """
         layer = self._check_layer(layer)
         count = self._layer_count(layer)
@@ -408,6 +408,8 @@ class StreamingKVCache:
             )
         self._flush_for(layer)
         runs = ordered_runs(count, self.max_positions, self.sink_positions, start, end)
+        if self._kv_scale is not None and self._fused:
+            return self._dequantized_runs(layer, runs, end - start)
         k = self._gather(self.k_store[layer], runs, start)
         v = self._gather(self.v_store[layer], runs, start)
         if self._kv_scale is None:
@@ -424,6 +426,21 @@ class StreamingKVCache:
         """
         layer = self._check_layer(layer)
         return self.get_range(layer, 0, min(self._layer_count(layer), self.max_positions))
+
+    def _dequantized_runs(self, layer: int, runs: list[tuple[int, int]],
+                          n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """8-bit K and V of a layer's slot runs, dequantized by one fused kernel per run."""
+        from kvcore.triton_store import load_dequantized
+
+        out_k = torch.empty((n, *self._kv_shape), dtype=self.out_dtype, device=self.device)
+        out_v = torch.empty_like(out_k)
+        offset = 0
+        for a, b in runs:
+            load_dequantized(self.k_store[layer], self.v_store[layer], self.k_scale[layer],
+                             self.v_scale[layer], out_k[offset : offset + b - a],
+                             out_v[offset : offset + b - a], a, b)
+            offset += b - a
+        return out_k, out_v
 
     @staticmethod
     def _gather(store: torch.Tensor, runs: list[tuple[int, int]], start: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Fused writes into the KV cache store, as one Triton kernel: copy, or quantize + scale + store.
+"""Fused writes into the KV cache store (copy, or quantize + scale + store) and fused
+dequantizing reads, as Triton kernels.
 
     store_slots(kv, kv_scale, keys, values, slot)                  # host-planned run of slots
     store_at_count(kv, kv_scale, keys, values, count, sinks)       # at the device counter
@@ -24,6 +25,10 @@ Key decisions:
   value's own spacing, so the final cast is exact and no conversion instruction's rounding
   mode matters (Triton's interpreter rounds float8 casts differently from the GPU). Division
   by `div_rn` (IEEE), as in torch.
+- `load_dequantized(k_layer, v_layer, k_scale, v_scale, out_k, out_v, a, b)` reads slots
+  [a, b) of one layer's 8-bit K and V and writes them dequantized (q * scale in float32, then
+  the output dtype's rounding: bit for bit what kvcore.storage.dequantize gives), one launch
+  per contiguous run of `get_range`.
 - Triton is imported lazily (kvcore imports only torch). With TRITON_INTERPRET=1 the kernel
   runs on CPU tensors (tests in tests/kvcore/test_triton_store.py).
 """
@@ -104,7 +109,30 @@ def _kernels():
         else:
             tl.store(dst[:, None] + d[None, :], x.to(kv_ptr.dtype.element_ty), mask=mask)
 
-    return store_rows_kernel
+    @triton.jit(do_not_specialize=["first_row", "n_rows"])
+    def load_rows_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, ok_ptr, ov_ptr, first_row, n_rows,
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+        half = tl.program_id(1)  # 0: K, 1: V
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows of the run
+        r_mask = rows < n_rows
+        d = tl.arange(0, D_PAD)
+        mask = r_mask[:, None] & (d < HEAD_DIM)[None, :]
+        src_rows = (first_row + rows).to(tl.int64)
+        if half == 0:
+            src = k_ptr
+            scale_src = ks_ptr
+            dst = ok_ptr
+        else:
+            src = v_ptr
+            scale_src = vs_ptr
+            dst = ov_ptr
+        q = tl.load(src + src_rows[:, None] * HEAD_DIM + d[None, :], mask=mask)  # masked lanes never stored
+        scale = tl.load(scale_src + src_rows, mask=r_mask, other=0.0)
+        x = q.to(tl.float32) * scale[:, None]  # as kvcore.storage.dequantize, in registers
+        tl.store(dst + rows.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], x.to(dst.dtype.element_ty),
+                 mask=mask)
+
+    return store_rows_kernel, load_rows_kernel
 
 
 def _next_pow2(x: int) -> int:
@@ -151,7 +179,7 @@ def _launch(kv, kv_scale, keys, values, pos_arg, sink_positions, warmup=False) -
     n_rows = L * T * H
     if n_rows == 0:
         return
-    kernel = _kernels()
+    kernel = _kernels()[0]
     grid = (math.ceil(n_rows / _BLOCK_ROWS), 2)
     args = (
         keys, values, kv, scale, pos_arg,
@@ -175,3 +203,30 @@ def _launch(kv, kv_scale, keys, values, pos_arg, sink_positions, warmup=False) -
             compiled._init_handles()  # load the module now, not inside a graph capture
         return
     kernel[grid](*args, **constexprs)
+
+
+def load_dequantized(
+    k_layer: torch.Tensor,  # [P, Hkv, D] int8 / float8_e4m3fn, contiguous (k_store[layer])
+    v_layer: torch.Tensor,
+    k_scale: torch.Tensor,  # [P, Hkv] float32
+    v_scale: torch.Tensor,
+    out_k: torch.Tensor,  # [b - a, Hkv, D] floating, contiguous
+    out_v: torch.Tensor,
+    a: int,
+    b: int,
+) -> None:
+    """Dequantize slots [a, b) of one layer's K and V into out_k / out_v, in one launch:
+    one read of the 8-bit rows and their scales, one write of the output (the torch path,
+    kvcore.storage.dequantize, makes three passes through float32 temporaries)."""
+    P, H, D = k_layer.shape
+    assert k_layer.is_contiguous() and v_layer.is_contiguous() and out_k.is_contiguous() \
+        and out_v.is_contiguous() and k_scale.is_contiguous() and v_scale.is_contiguous()
+    assert 0 <= a <= b <= P and tuple(out_k.shape) == (b - a, H, D) == tuple(out_v.shape)
+    n_rows = (b - a) * H
+    if n_rows == 0:
+        return
+    kernel = _kernels()[1]
+    kernel[(math.ceil(n_rows / _BLOCK_ROWS), 2)](
+        k_layer, v_layer, k_scale, v_scale, out_k, out_v, a * H, n_rows,
+        HEAD_DIM=D, D_PAD=_next_pow2(D), BLOCK_R=_BLOCK_ROWS, num_warps=4,
+    )

@@ -4,7 +4,7 @@ The kernels run in Triton's interpreter, in one subprocess started with TRITON_I
 (the variable must be set before triton is imported); this file is that subprocess's script.
 Checks: the fused write stores exactly what kvcore.storage.quantize stores (bit for bit,
 scales included), touches no other slot, crosses the ring's wrap with the counter on the
-device; and the body of a captured decode step (write at the device counter, advance it,
+device; the fused dequantizing read equals the torch path bit for bit; and the body of a captured decode step (write at the device counter, advance it,
 Triton attention with the count on the device) gives what append + attend layer by layer give.
 GPU: the same body captured in a CUDA graph is tested in tests/kvcore/test_graphs.py.
 """
@@ -106,6 +106,7 @@ def run_checks() -> dict:
                     dtype=dtype, sink_positions=S)
         ours = StreamingKVCache(**made, attention="triton")
         ref = StreamingKVCache(**made, attention="torch")
+        ref._fused = False  # the torch write and read paths: an independent reference
         step = DecodeStep(ours, graph=False)
         writer = ours._device_writer()
         worst = 0.0
@@ -128,6 +129,10 @@ def run_checks() -> dict:
         same_store = torch.equal(ours._kv.float(), ref._kv.float()) and (
             ours._kv_scale is None or torch.equal(ours._kv_scale, ref._kv_scale))  # full: every slot written
         problems = [] if same_store else ["stores differ"]
+        for layer in range(L):  # reads: fused dequantization per slot run (sinks, wrapped ring)
+            got, want = ours.get_valid(layer), ref.get_valid(layer)
+            if not all(torch.equal(g, w) for g, w in zip(got, want)):
+                problems.append(f"get_valid({layer}) differs from the torch path")
         if int(writer.count) != P + 4:
             problems.append(f"device counter {int(writer.count)}, expected {P + 4}")
         if not worst <= 2e-2:

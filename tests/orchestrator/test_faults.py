@@ -1,0 +1,213 @@
+"""Sweeps that survive: each fault injected for real on the CPU, then the MLflow store checked.
+
+Run: python -m pytest tests/orchestrator/test_faults.py -q
+
+- a worker SIGKILLed mid-trial (Ray retries it), a trial that sleeps past its deadline, a trial
+  whose allocation fails for real (out of memory): one sweep through the session's Ray;
+- a worker that dies on every attempt (retries used up);
+- a real `mlflow server` killed mid-sweep (the rest goes to the spool), restarted, then
+  `python -m orchestrator.sync`;
+- a sweep spooled while MLflow is away, then resumed: the spool is uploaded first, once.
+(The driver interrupted with SIGINT, then resumed, is the command test in test_sweep.py.)
+
+Faults come from $KVBENCH_INJECT_FAULT (orchestrator.trial), read by the driver and committed by
+the trial body that production runs. Every check reads the store with a fresh MlflowClient.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+from mlflow_server import MlflowServer, free_port
+from orchestrator.config import CONF_DIR, TrialSettings, load_sweep
+from orchestrator.criteria import Criterion
+from orchestrator.scheduling import Cluster
+from orchestrator.spool import SYNCED_DIR, Recorder, read_spool
+from orchestrator.sweep import execute, run_trials
+from orchestrator.trial import FAULT_ENV
+from test_report import make_record, passing
+from test_tracking import children, parents, shared_store
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["bench.repetitions=2", "bench.rep_budget_s=0.05"]  # smoke trials of about a second
+
+
+@pytest.fixture
+def store(tmp_path_factory) -> str:
+    return shared_store(tmp_path_factory)
+
+
+def smoke_sweep(tmp_path: Path, uri: str, experiment: str, *overrides: str):
+    """The smoke milestone with fast trials, recording to `uri`, spooling under tmp_path."""
+    overrides = ("+milestone=smoke", *FAST, f"tracking.uri={uri}", f"tracking.experiment={experiment}",
+                 f"spool.dir={tmp_path / 'spool'}", *overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return load_sweep(cfg, cwd=tmp_path, overrides=overrides)
+
+
+def sweep_runs(uri: str, experiment: str):
+    """(client, the one parent run, {dtype: its child run})."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    [parent] = parents(client, experiment_id)
+    runs = children(client, parent.info.run_id)
+    by_dtype = {r.data.params["cache.dtype"]: r for r in runs}
+    assert len(by_dtype) == len(runs), "one child run per trial"
+    return client, parent, by_dtype
+
+
+def test_killed_hung_and_oom_trials_are_each_recorded_once_and_the_sweep_goes_on(
+        ray_session, store, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "kill:0,hang:1,oom:2")
+    sweep = smoke_sweep(tmp_path, store, "kvbench-faults", "grid.cache.dtype=[float32,float16,bfloat16,int8]",
+                        "trial.timeout_s=20", "trial.max_retries=2")
+    err = io.StringIO()
+    assert execute(sweep, tmp_path, out=io.StringIO(), err=err) == 1, err.getvalue()
+
+    client, parent, runs = sweep_runs(store, "kvbench-faults")
+    assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == "FAIL"
+    assert parent.data.metrics["n_trials"] == 4 and parent.data.metrics["n_error"] == 2
+    assert parent.data.metrics["num_devices"] == 1
+    killed, hung, oom, healthy = (runs[d] for d in ("float32", "float16", "bfloat16", "int8"))
+
+    # SIGKILLed on its first attempt, retried by Ray: one child, attempts 2, judged normally.
+    assert killed.data.tags["verdict"] == "PASS" and killed.data.tags["attempts"] == "2"
+    assert killed.data.metrics["attempts"] == 2
+    assert healthy.data.tags["verdict"] == "PASS" and healthy.data.metrics["attempts"] == 1
+
+    # Past its deadline: cancelled, ERROR with reason timeout.
+    assert hung.data.tags["verdict"] == "ERROR" and hung.info.status == "FAILED"
+    assert hung.data.tags["reason"] == "timeout: no result within 20 s (trial.timeout_s); the task was cancelled"
+
+    # A real failed allocation: ERROR with reason oom, what it needed and what the device had.
+    reason = oom.data.tags["reason"]
+    assert oom.data.tags["verdict"] == "ERROR"
+    assert reason.startswith("oom: needed about 0.50 GB (cache + weights + margin), cpu had ")
+    assert "can't allocate memory" in reason
+
+    # Timing fields for the timeline, on every trial: where and when it ran.
+    node_id = ray_session.get_runtime_context().get_node_id()
+    for run in runs.values():
+        tags = run.data.tags
+        assert tags["node_id"] == node_id and tags["device_key"] == f"{node_id}:cpu"
+        submitted, received = float(tags["driver_submitted_at"]), float(tags["driver_received_at"])
+        assert submitted - 1e-3 <= run.info.start_time / 1000 <= run.info.end_time / 1000 <= received + 1e-3
+    # The device was free again only once the hung trial's task was gone.
+    assert float(oom.data.tags["driver_submitted_at"]) >= float(hung.data.tags["driver_received_at"])
+    assert 20 <= float(hung.data.tags["driver_received_at"]) - float(hung.data.tags["driver_submitted_at"]) < 35
+    first = min(float(r.data.tags["driver_submitted_at"]) for r in runs.values())
+    last = max(float(r.data.tags["driver_received_at"]) for r in runs.values())
+    assert parent.data.metrics["sweep_wall_s"] == pytest.approx(last - first, abs=1e-3)
+
+
+def test_a_worker_that_dies_on_every_attempt_is_an_error_after_the_retries(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "kill:0")
+    sweep = smoke_sweep(tmp_path, "sqlite:///unused.db", "unused", "grid.cache.dtype=[float16]")
+    cluster = Cluster.connect(sweep.cluster)
+    devices = [d for d in _devices(cluster)]
+    criteria = (Criterion("fill_rate", "fill_rate_pos_s", ">", 1.0),)
+    records = run_trials(sweep.trials, devices, cluster, criteria, on_record=lambda r: None,
+                         settings=TrialSettings(max_retries=0, timeout_s=60))
+    [record] = records
+    assert record.verdict == "ERROR" and record.attempts == 1
+    assert record.reason.startswith("crash: the worker died on every attempt: WorkerCrashedError")
+
+
+def _devices(cluster):
+    from orchestrator.capacity import devices_from_probe
+
+    return devices_from_probe(cluster.probe(), 0.95, 0.8)
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_sweep_then_restarted_and_synced(ray_session, tmp_path):
+    experiment = "kvbench-outage-sweep"
+    with MlflowServer(tmp_path / "server") as server:
+        sweep = smoke_sweep(tmp_path, server.uri, experiment, "grid.cache.dtype=[float32,float16,bfloat16]")
+
+        def kill_after_the_first_trial():
+            client = MlflowClient(server.uri)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                experiment_id = client.get_experiment_by_name(experiment)
+                runs = client.search_runs([experiment_id.experiment_id]) if experiment_id else []
+                if any("verdict" in r.data.tags and "mlflow.parentRunId" in r.data.tags for r in runs):
+                    server.kill()
+                    return
+                time.sleep(0.2)
+
+        killer = threading.Thread(target=kill_after_the_first_trial)
+        killer.start()
+        err = io.StringIO()
+        status = execute(sweep, tmp_path, out=io.StringIO(), err=err)
+        killer.join()
+        assert status == 0, err.getvalue()
+        assert "is unavailable" in err.getvalue() and "results go to the spool" in err.getvalue()
+        assert "MLflow is still away" in err.getvalue()
+        spool_file = tmp_path / "spool" / f"{sweep.key}.jsonl"
+        spooled = read_spool(spool_file)
+        assert spooled.finish == "FINISHED" and 1 <= len(spooled.records) <= 3
+        assert spooled.header["parent_id"], "the parent run was created before the outage"
+        assert spooled.finish_metrics["num_devices"] == 1
+
+        server.start()  # same port, same store
+        sync = subprocess.run([sys.executable, "-m", "orchestrator.sync", "--spool", str(tmp_path / "spool")],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert sync.returncode == 0, sync.stderr
+        assert not spool_file.exists() and list((tmp_path / "spool" / SYNCED_DIR).iterdir())
+
+        client, parent, runs = sweep_runs(server.uri, experiment)
+        assert parent.info.run_id == spooled.header["parent_id"]
+        assert sorted(runs) == ["bfloat16", "float16", "float32"]
+        assert all(r.data.tags["verdict"] == "PASS" for r in runs.values())
+        assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == "PASS"
+        assert parent.data.metrics["n_trials"] == 3 and parent.data.metrics["sweep_wall_s"] > 0
+        # Syncing again uploads nothing twice.
+        again = subprocess.run([sys.executable, "-m", "orchestrator.sync", "--spool", str(tmp_path / "spool")],
+                               cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and "nothing to upload" in again.stdout
+        assert len(sweep_runs(server.uri, experiment)[2]) == 3
+
+
+def test_resume_uploads_the_spool_once_then_runs_the_rest(store, tmp_path):
+    records = [make_record(i, passing(1.0 + i)) for i in range(3)]
+    common = dict(experiment="kvbench-spool-resume", spool_dir=tmp_path / "spool", sweep_key="sweep0200",
+                  milestone="smoke", tags={"title": "Smoke"}, params={"bench.repetitions": 2}, config_yaml="a: 1\n")
+    # MLflow away from the start: the first run spools two trials, then is interrupted.
+    err = io.StringIO()
+    away = Recorder(uri=f"http://127.0.0.1:{free_port()}", err=err, **common)
+    assert away.open(resume=True) == set()
+    for record in records[:2]:
+        away.record(record)
+    away.finish(records[:2], status="KILLED", metrics={"sweep_wall_s": 5.0, "num_devices": 1})
+    away.close()
+    assert "results go to the spool" in err.getvalue() and "MLflow is still away" in err.getvalue()
+    assert (tmp_path / "spool" / "sweep0200.jsonl").exists()
+
+    # Resumed with MLflow back: the spool goes up first, its trials count as done.
+    err = io.StringIO()
+    back = Recorder(uri=store, err=err, **common)
+    assert back.open(resume=True) == {r.trial_key for r in records[:2]}
+    assert "uploaded 2 trial(s)" in err.getvalue()
+    assert not (tmp_path / "spool" / "sweep0200.jsonl").exists()
+    back.record(records[2])
+    back.finish(records[2:], status="FINISHED", metrics={"sweep_wall_s": 3.0, "num_devices": 1})
+    back.close()
+
+    client = MlflowClient(store)
+    experiment_id = client.get_experiment_by_name("kvbench-spool-resume").experiment_id
+    [parent] = parents(client, experiment_id)
+    assert parent.info.run_id == back.parent_id and parent.info.status == "FINISHED"
+    assert parent.data.tags["resumes"] == "1" and parent.data.metrics["n_trials"] == 3
+    keys = sorted(r.data.tags["trial_key"] for r in children(client, parent.info.run_id))
+    assert keys == sorted(r.trial_key for r in records)

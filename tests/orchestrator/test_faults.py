@@ -17,8 +17,6 @@ the trial body that production runs. Every check reads the store with a fresh Ml
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,11 +31,11 @@ from orchestrator.criteria import Criterion
 from orchestrator.scheduling import Cluster
 from orchestrator.spool import SYNCED_DIR, Recorder, read_spool
 from orchestrator.sweep import execute, run_trials
+from orchestrator.sync import main as sync_main
 from orchestrator.trial import FAULT_ENV
 from test_report import make_record, passing
 from test_tracking import children, parents, shared_store
 
-REPO = Path(__file__).resolve().parents[2]
 FAST = ["bench.repetitions=2", "bench.rep_budget_s=0.05"]  # smoke trials of about a second
 
 
@@ -130,7 +128,7 @@ def _devices(cluster):
 
 
 @pytest.mark.slow
-def test_mlflow_server_killed_mid_sweep_then_restarted_and_synced(ray_session, tmp_path):
+def test_mlflow_server_killed_mid_sweep_then_restarted_and_synced(ray_session, tmp_path, capsys):
     experiment = "kvbench-outage-sweep"
     with MlflowServer(tmp_path / "server") as server:
         sweep = smoke_sweep(tmp_path, server.uri, experiment, "grid.cache.dtype=[float32,float16,bfloat16]")
@@ -161,9 +159,7 @@ def test_mlflow_server_killed_mid_sweep_then_restarted_and_synced(ray_session, t
         assert spooled.finish_metrics["num_devices"] == 1
 
         server.start()  # same port, same store
-        sync = subprocess.run([sys.executable, "-m", "orchestrator.sync", "--spool", str(tmp_path / "spool")],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert sync.returncode == 0, sync.stderr
+        assert sync_main(["--spool", str(tmp_path / "spool")]) == 0  # python -m orchestrator.sync
         assert not spool_file.exists() and list((tmp_path / "spool" / SYNCED_DIR).iterdir())
 
         client, parent, runs = sweep_runs(server.uri, experiment)
@@ -173,9 +169,8 @@ def test_mlflow_server_killed_mid_sweep_then_restarted_and_synced(ray_session, t
         assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == "PASS"
         assert parent.data.metrics["n_trials"] == 3 and parent.data.metrics["sweep_wall_s"] > 0
         # Syncing again uploads nothing twice.
-        again = subprocess.run([sys.executable, "-m", "orchestrator.sync", "--spool", str(tmp_path / "spool")],
-                               cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert again.returncode == 0 and "nothing to upload" in again.stdout
+        assert sync_main(["--spool", str(tmp_path / "spool")]) == 0
+        assert "nothing to upload" in capsys.readouterr().out
         assert len(sweep_runs(server.uri, experiment)[2]) == 3
 
 

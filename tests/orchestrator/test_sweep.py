@@ -1,6 +1,7 @@
 """Tests of the sweep driver (orchestrator/sweep.py): placement on devices (a scripted cluster),
 then the real thing end to end: the `smoke` milestone through real Ray and a real SQLite MLflow
-store, in this process (the session's Ray) and as the real command in a subprocess.
+store, in this process (the session's Ray) and as the real command in a subprocess, interrupted
+with Ctrl-C (SIGINT) and then resumed.
 
 Run: python -m pytest tests/orchestrator/test_sweep.py -q
 """
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -25,6 +28,7 @@ from orchestrator.criteria import Criterion
 from orchestrator.grid import TrialSpec
 from orchestrator.record import TrialRecord
 from orchestrator.sweep import Progress, execute, exit_status, make_record, run_trials
+from orchestrator.trial import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 CRITERIA = (Criterion("fill_rate", "fill_rate_pos_s", ">", 10.0),)
@@ -176,18 +180,38 @@ def _connections(process: psutil.Process):
         return []
 
 
-def test_the_command_runs_smoke_end_to_end(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+def test_the_command_interrupted_with_ctrl_c_then_resumed_runs_smoke_end_to_end(tmp_path):
+    """The command as a user runs it: Ctrl-C (SIGINT) while trial 1 runs (it hangs, injected),
+    then the same command again resumes the sweep under the same parent run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", FAULT_ENV)}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-m", "orchestrator", "+milestone=smoke"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    command = [sys.executable, "-m", "orchestrator", "+milestone=smoke"]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    log = tmp_path / "first.err"
+    with open(log, "w") as stderr:
+        first = subprocess.Popen(command, cwd=tmp_path, env={**env, FAULT_ENV: "hang:1"},
+                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
+        deadline = time.monotonic() + 240
+        while "[smoke] 1/2 done, 1 running" not in log.read_text() and time.monotonic() < deadline:
+            assert first.poll() is None, log.read_text()
+            time.sleep(0.2)
+        first.send_signal(signal.SIGINT)
+        out, _ = first.communicate(timeout=120)
+    assert first.returncode == 130, log.read_text()
+    assert "interrupted: running trials cancelled; the sweep is recorded as KILLED" in log.read_text()
+    _, [killed], [done_before] = parent_and_children(uri, "kvbench-smoke")
+    assert killed.info.status == "KILLED" and done_before.data.tags["verdict"] == "PASS"
+    assert "PASS" in out, "the table shows what was done"
+
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.rstrip().endswith(f"mlflow ui --backend-store-uri {uri}")
-    assert "[smoke] 2/2 done" in done.stderr
+    assert "[smoke] resuming: 1 trials already recorded" in done.stderr
+    assert "[smoke] 1/1 done" in done.stderr
 
     client, parents, children = parent_and_children(uri, "kvbench-smoke")
     [parent] = parents
+    assert parent.info.run_id == killed.info.run_id and parent.data.tags["resumes"] == "1"
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["milestone"] == "smoke" and parent.data.tags["verdict"] == "PASS"
     assert parent.data.metrics["n_trials"] == 2 and parent.data.metrics["n_pass"] == 2
@@ -195,7 +219,7 @@ def test_the_command_runs_smoke_end_to_end(tmp_path):
     config = Path(client.download_artifacts(parent.info.run_id, "config.yaml")).read_text()
     assert "name: smoke" in config
 
-    assert len(children) == 2
+    assert len(children) == 2 and done_before.info.run_id in {r.info.run_id for r in children}
     assert {r.data.params["cache.dtype"] for r in children} == {"float32", "float16"}
     for run in children:
         tags, metrics = run.data.tags, run.data.metrics

@@ -38,6 +38,17 @@ CASES = {
                          "a positive int, got -4096"),
     "missing criterion": (["+milestone=smoke", "~milestone.criteria.kv_cache"],
                           "error: bad configuration: milestone 'smoke' lacks the criteria ['kv_cache']"),
+    "milestone file without criteria": (["+milestone=nocriteria", "hydra.searchpath=[file://{milestones}]"],
+                                        "error: bad configuration: milestone 'nocriteria' has no criteria; "
+                                        "add milestone.criteria to conf/milestone/nocriteria.yaml"),
+    "criterion without threshold": (["+milestone=nothreshold", "hydra.searchpath=[file://{milestones}]"],
+                                    "error: bad configuration: milestone.criteria.fill_rate.threshold is missing "
+                                    "(???); set it in conf/milestone/nothreshold.yaml"),
+    "criterion without metric": (["+milestone=nometric", "hydra.searchpath=[file://{milestones}]"],
+                                 "error: bad configuration: milestone.criteria.token_gen.metric is missing (???)"),
+    "criterion with a bad op": (["+milestone=smoke", "milestone.criteria.kv_cache.op=at_most"],
+                                "error: bad configuration: criterion 'kv_cache': op must be one of ['>', '<'], "
+                                "got 'at_most'"),
     "unknown tracking scheme": (["+milestone=smoke", "tracking.uri=mongodb://db/x"],
                                 "error: bad configuration: tracking.uri='mongodb://db/x' has the scheme 'mongodb'"),
     "unreachable cluster": (["+milestone=smoke", f"cluster.address=127.0.0.1:{free_port()}"],
@@ -45,14 +56,34 @@ CASES = {
 }
 
 
+SMOKE = (REPO / "conf" / "milestone" / "smoke.yaml").read_text()
+
+
+def write_broken_milestones(directory: Path) -> Path:
+    """Milestone files that break the smoke milestone's criteria in three ways, under
+    <directory>/milestone/ (added to Hydra's search path by the cases that use them)."""
+    (directory / "milestone").mkdir(parents=True)
+    broken = {
+        "nocriteria": SMOKE.split("  criteria:")[0] + "  criteria: {}\n",
+        "nothreshold": SMOKE.replace('op: ">", threshold: 100}', 'op: ">"}'),
+        "nometric": SMOKE.replace("token_gen: {metric: decode_tok_s, op:", "token_gen: {op:"),
+    }
+    for name, text in broken.items():
+        assert text != SMOKE
+        (directory / "milestone" / f"{name}.yaml").write_text(text.replace("name: smoke", f"name: {name}"))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Run every case at once, each in its own empty directory: name -> (status, stderr, dir, seconds)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    milestones = write_broken_milestones(tmp_path_factory.mktemp("milestones"))
     running = {}
     for name, (args, _) in CASES.items():
         cwd = tmp_path_factory.mktemp(name.replace(" ", "_"))
+        args = [arg.format(milestones=milestones) for arg in args]
         process = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         running[name] = (process, cwd, time.monotonic())

@@ -308,7 +308,7 @@ class StreamingKVCache:
         self._check_tensor(values, "values", shape)
         with torch.no_grad():
             if self.device.type == "cuda" and self._fused:
-                self._device_writer().write(keys.unsqueeze(1), values.unsqueeze(1))
+                self._device_writer().write(keys.unsqueeze(1), values.unsqueeze(1), self._total)
             else:
                 slot = slot_of(self._total, self.max_positions, self.sink_positions)
                 self._store_run(slice(None), slot, keys.unsqueeze(1), values.unsqueeze(1))
@@ -365,7 +365,7 @@ class StreamingKVCache:
                     self._stage = torch.empty((2 * L, *self._kv_shape), dtype=self.out_dtype,
                                               device=self.device)
                 kv = torch.stack(pending, out=self._stage).view(2, L, 1, *self._kv_shape)
-                self._device_writer().write(kv[0], kv[1])
+                self._device_writer().write(kv[0], kv[1], self._total)
             else:
                 n = upto - lo
                 kv = torch.stack(pending[lo:upto] + pending[L + lo : L + upto])  # [2n, Hkv, D]
@@ -380,7 +380,7 @@ class StreamingKVCache:
         if self._writer is None:
             from kvcore.graphs import DeviceWriter
 
-            self._writer = DeviceWriter(self)
+            self._writer = DeviceWriter(self._kv, self._kv_scale, self.sink_positions)
         return self._writer
 
     # ------------------------------------------------------------------ reads

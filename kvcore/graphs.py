@@ -59,17 +59,19 @@ def capture(body: Callable[[], object]) -> torch.cuda.CUDAGraph:
 
 class DeviceWriter:
     """The cache's position counter on the device, and the captured writes of one position
-    of every layer at the slot it points to (see the module docstring)."""
+    of every layer at the slot it points to (see the module docstring).
 
-    def __init__(self, cache: StreamingKVCache) -> None:
-        self.cache = cache
-        self.count = torch.zeros((), dtype=torch.int64, device=cache.device)
+    Holds the cache's tensors, not the cache (no reference cycle: a dropped cache is freed at
+    once, its device memory with it)."""
+
+    def __init__(self, kv: torch.Tensor, kv_scale: torch.Tensor | None, sink_positions: int) -> None:
+        self.kv, self.kv_scale, self.sink_positions = kv, kv_scale, sink_positions
+        self.count = torch.zeros((), dtype=torch.int64, device=kv.device)
         self.held = 0  # what `count` holds, as far as the host knows
         self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
 
-    def sync(self) -> None:
-        """Make the device counter equal the host's count of complete positions."""
-        total = self.cache.total_appended
+    def sync(self, total: int) -> None:
+        """Make the device counter equal the host's count of complete positions, `total`."""
         if self.held != total:
             self.count.fill_(total)
             self.held = total
@@ -78,15 +80,14 @@ class DeviceWriter:
         """Launches of one write at the counter: keys/values [L, 1, Hkv, D]; then count += 1."""
         from kvcore.triton_store import store_at_count
 
-        cache = self.cache
-        store_at_count(cache._kv, cache._kv_scale, keys, values, self.count, cache.sink_positions,
+        store_at_count(self.kv, self.kv_scale, keys, values, self.count, self.sink_positions,
                        warmup=warmup)
         if not warmup:
             self.count.add_(1)
 
-    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write keys/values [L, 1, Hkv, D] (validated by the cache) as the next position:
-        one graph replay. The caller advances the host count."""
+    def write(self, keys: torch.Tensor, values: torch.Tensor, total: int) -> None:
+        """Write keys/values [L, 1, Hkv, D] (validated by the cache) as position `total` (the
+        host's count): one graph replay. The caller advances the host count."""
         key = (keys.data_ptr(), values.data_ptr(), keys.stride(), values.stride())
         graph = self.graphs.get(key)
         if graph is None:
@@ -97,7 +98,7 @@ class DeviceWriter:
             self.graphs[key] = graph
         else:
             self.graphs.move_to_end(key)
-        self.sync()
+        self.sync(total)
         graph.replay()
         self.held += 1
 
@@ -158,7 +159,7 @@ class DecodeStep:
             if graph is None:
                 graph = self._graphs[fn] = self._capture()
             writer = cache._device_writer()
-            writer.sync()
+            writer.sync(cache.total_appended)
             graph.replay()
             writer.held += 1
             cache._total += 1

@@ -393,6 +393,7 @@ def test_errors_propagate_unchanged_after_cleanup(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_cuda_trial_checks_the_allocator_and_frees_its_memory(dtype):
+    gc.collect()  # what earlier tests left behind is not this trial's
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     r = run_benchmark(tiny_config(device="cuda", dtype=dtype, weights_gb=0.05, copy_gb=0.05))

@@ -10,6 +10,8 @@ Run: `python -m pytest tests/kvcore/test_graphs.py -q` (CUDA: add `-m gpu`).
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -202,6 +204,9 @@ def test_gpu_device_counter_follows_the_other_write_paths(dtype):
             assert _same_stores(ours, ref), f"step {i}: stores differ"
     torch.cuda.synchronize()
     assert int(ours._device_writer().count) == ours._device_writer().held == ours.total_appended
+    alive = weakref.ref(ours)
+    del ours, step
+    assert alive() is None  # no reference cycle: the cache's memory goes with its last name
 
 
 @pytest.mark.gpu

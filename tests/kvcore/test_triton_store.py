@@ -117,7 +117,7 @@ def run_checks() -> dict:
             step.keys.copy_(k)
             step.values.copy_(v)
             step.queries.copy_(q)
-            writer.sync()
+            writer.sync(ours.total_appended)
             step._body(writer)  # what the graph replays
             writer.held += 1
             ours._total += 1

@@ -41,7 +41,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -300,8 +300,16 @@ def format_sweep(t: SweepTimeline) -> str:
     return "\n".join(lines)
 
 
+def distinct_labels(timelines: Sequence[SweepTimeline]) -> list[SweepTimeline]:
+    """The timelines, a label that several share (one sweep key run twice) told apart by run id."""
+    labels = [t.label for t in timelines]
+    return [replace(t, label=f"{t.label} run {t.meta.get('parent run', '?')[:8]}") if labels.count(t.label) > 1 else t
+            for t in timelines]
+
+
 def format_markdown(timelines: Sequence[SweepTimeline], baseline: tuple[int, int] | None = None) -> str:
     """Every sweep's section, then the speed-up of timelines[baseline[1]] over timelines[baseline[0]]."""
+    timelines = distinct_labels(timelines)
     parts = ["# Sweep timelines", ""] + [format_sweep(t) for t in timelines]
     if baseline is not None:
         a, b = timelines[baseline[0]], timelines[baseline[1]]

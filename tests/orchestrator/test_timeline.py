@@ -120,6 +120,14 @@ def test_markdown_per_device_rows_and_speedup():
     assert tl.speedup(t1, tl.sweep_timeline(two)) == {"wall": pytest.approx(39 / 25), "driver_wall": None}
 
 
+def test_one_sweep_key_run_twice_is_told_apart_by_run_id():
+    a = tl.sweep_timeline(two_card_sweep(), "095d2c96", meta={"parent run": "6442201e" + "0" * 24})
+    b = tl.sweep_timeline(two_card_sweep(), "095d2c96", meta={"parent run": "72a117e7" + "0" * 24})
+    text = tl.format_markdown([a, b], baseline=(0, 1))
+    assert "## 095d2c96 run 6442201e" in text and "## 095d2c96 run 72a117e7" in text
+    assert "|  | 095d2c96 run 6442201e | 095d2c96 run 72a117e7 | speed-up |" in text
+
+
 def test_cpu_node_devices_are_shortened_in_the_table():
     t = tl.sweep_timeline([make_record(0, 1.0, 2.0, f"{NODE_A}:cpu", NODE_A)])
     assert "| aaaaaaaaaaaa…:cpu | 1 |" in tl.format_sweep(t)

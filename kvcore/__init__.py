@@ -1,14 +1,19 @@
 """kvcore: a streaming KV cache for long-context LLM inference, in torch (CPU and CUDA).
 
-    from kvcore import StreamingKVCache
+    from kvcore import DecodeStep, StreamingKVCache
 
 Modules: `slots` (ring-slot index math on ints), `storage` (dtypes and 8-bit quantization),
-`cache` (StreamingKVCache), `attention` (torch decode attention and a float64 reference).
+`cache` (StreamingKVCache), `attention` (torch decode attention and a float64 reference),
+`triton_decode` (the flash-decoding kernel), `triton_store` (fused writes and dequantizing
+reads), `graphs` (decode steps and appends as CUDA graphs, the position counter on the device),
+`bench` (the milestone benchmark, `python -m kvcore.bench`), `profiling` (per-call costs on a
+GPU, `python -m kvcore.profiling`).
 Imports only torch and the standard library; Triton is imported lazily on CUDA paths only.
 
 Run the tests: `python -m pytest tests/kvcore -q`.
 """
 
 from kvcore.cache import StreamingKVCache
+from kvcore.graphs import DecodeStep
 
-__all__ = ["StreamingKVCache"]
+__all__ = ["DecodeStep", "StreamingKVCache"]

@@ -21,9 +21,9 @@ Layout (the contract other kvcore code relies on):
 
 Key decisions:
 - `append(layer, ...)` is cheap (a few attribute checks): it only records the key/value
-  references of the position in progress. They are written in one batch (one stack and one
-  indexed copy for K and V together, quantized in the same batch) when the last layer arrives,
-  or earlier when a read of a layer that has a pending write needs them. So `append` keeps
+  references of the position in progress. They are written in one batch (one stack, then one
+  write of K and V together, quantized in the same batch) when the last layer arrives, or
+  earlier when a read of a layer that has a pending write needs them. So `append` keeps
   references to the tensors it is given until the position is written: callers must not
   modify them in place before the position is complete (or that layer is read).
 - Positions in progress: each layer has its own count. After layers 0..k of position p are
@@ -35,6 +35,15 @@ Key decisions:
   that survive (at most three copies per K/V: free sinks, then the ring split where it wraps).
 - Every caller mistake raises ValueError naming expected and received values, before any
   state changes, so a failed call leaves the cache as it was.
+- On CUDA with Triton (kvcore/triton_store.py, kvcore/graphs.py): `extend` and 8-bit writes
+  are one fused kernel per slot run (quantized in registers); a whole position (`append_all`,
+  or the 32 collected layers of `append` with no read in between) is one replay of a
+  captured write at the slot of a position counter kept on the device; 8-bit reads are
+  dequantized by one fused kernel per slot run. The host count stays the truth: the device
+  counter is refilled from it whenever another path moved it. The store is zero-initialised
+  on CUDA (a memset) so the masked torch attention of a graph never meets a NaN.
+- `attention` ("auto" | "torch" | "triton", settable) picks what `attend` runs; the torch
+  path is the reference and the benchmark's baseline.
 
 Run the tests: `python -m pytest tests/kvcore -q` (GPU machine: `python -m pytest tests/kvcore -m gpu`).
 """

@@ -24,8 +24,9 @@ u_out * |x_hat| plus half the smallest subnormal of out_dtype (u_out = 2^-24 flo
 Key decisions: scales are float32 (a float16 scale would add its own 2^-11 error and could
 underflow for small rows); rounding is round-half-to-even via torch.round for int8 and the
 cast's round-to-nearest for float8. `quantize_into` writes straight into the cache's store
-(amax, divide, [round,] cast-copy: about four passes over the row data, not fused; a fused
-kernel would be the next step for quantized prefill speed).
+(amax, divide, [round,] cast-copy: about four passes over the row data): the CPU path and the
+reference; on CUDA the cache uses the fused kernel of kvcore/triton_store.py, which stores the
+same bits in one pass.
 
 Run the tests: `python -m pytest tests/kvcore/test_storage.py -q`.
 """

@@ -4,6 +4,7 @@
     nodes = cluster.probe()                    # per node: GPUs (name, UUID, total memory), host memory, CPUs
     ref = cluster.submit(spec, device, max_retries=2)
     for ref in cluster.wait(refs, timeout_s=1.0): result = cluster.fetch(ref)
+    cluster.cancel(ref)                        # force: kills the task's worker
     cluster.close()
 
 Key decisions:
@@ -16,7 +17,14 @@ Key decisions:
   driver never submits more trials to a node than it has devices, so a submitted trial starts
   at once and its clock (progress, deadline) is honest.
 - Ray's retries (`max_retries`) cover worker and node death only; a trial that fails inside
-  the benchmark is a result (see orchestrator.trial), never retried.
+  the benchmark is a result (see orchestrator.trial), never retried. The task adds to its
+  result the attempt it was (Ray's own count, read from the core worker: Ray 2.60 has no
+  public API for it), its node id and a `device_key` (the GPU's UUID, or "<node id>:cpu").
+  A worker that died on every attempt comes back as ERROR "crash: the worker died on every
+  attempt ..." with `retries_exhausted`.
+- `cancel` force-kills the task's worker; Ray resolves the task's ref (TaskCancelledError)
+  once the worker is killed, and its raylet gives the task's GPU or CPUs back only when the
+  worker process has exited, so no next trial shares the card with a lingering one.
 - The probe asks for all of a node's GPUs, so torch sees exactly the cards Ray manages there.
 - A local Ray listens on 127.0.0.1 only: Ray picks its node address through
   `ray._private.ray_constants.ENABLE_RAY_CLUSTER` (off: loopback), which is switched off

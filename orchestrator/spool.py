@@ -11,15 +11,19 @@ here and the sweep goes on; `python -m orchestrator.sync` uploads the spool late
         spool.write_trial(record)           # returns once the line is on disk
         spool.write_finish("FINISHED")
 
-The driver's recipe (nothing is lost if it dies at any moment):
+The driver's recipe (nothing is lost if it dies at any moment), which `Recorder` below
+implements for orchestrator/sweep.py:
 1. Try MLflow first: `tracker.log_trial(parent, record)`. On `TrackingUnavailable`, open the
    spool (once), `write_sweep` (with the parent id if the parent run exists), then
    `write_trial(record)`, and keep spooling for the rest of the sweep (don't pay the timeout
    again per trial). A trial counts as done only after `log_trial` or `write_trial` returned.
 2. At the end, `write_finish(status)` in the spool if it is open, else `tracker.finish_sweep`.
-3. Resume: first upload this sweep's spool (`sync_spool`); if MLflow is still away, skip the
-   trials in `spooled_trial_keys` as well as those in `tracker.finished_trial_keys`. So a
-   trial is never both spooled and re-run, and the spool never overwrites a newer result.
+3. Every run of a sweep first uploads the spool that sweep left (`sync_spool`), then opens
+   its parent run; when resuming it skips the trials in `tracker.finished_trial_keys`, or, if
+   MLflow is still away, those in `spooled_trial_keys`. So a trial is never both spooled and
+   re-run, and the spool never overwrites a newer result. (Trials recorded in MLflow before an
+   outage that lasts into the resumed run are not known then, so they run again; the later
+   record replaces the earlier child when the spool is uploaded.)
 
 File format, `<spool dir>/<sweep_key>.jsonl`, one JSON object per line:
     {"kind": "sweep", "uri", "experiment", "milestone", "sweep_key", "tags", "params",

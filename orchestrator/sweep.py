@@ -6,28 +6,50 @@
 1. resolves the tracking URI (a bad scheme is a configuration error, before anything starts);
 2. connects to Ray (joins cluster.address / $RAY_ADDRESS or starts a local Ray on 127.0.0.1)
    and probes the devices;
-3. opens the sweep's parent run (reopening an unfinished one with the same sweep key when
-   `resume`), and leaves out trials that already have a verdict there;
+3. opens the sweep's parent run through a `Recorder` (orchestrator/spool.py): a spool this sweep
+   left earlier is uploaded first, an unfinished parent with the same sweep key is reopened
+   when `resume`, and trials that already have a verdict there (or in the spool) are left out;
 4. records as SKIPPED every trial that fits on no device (its reason names its need and the
    largest device), without submitting it;
 5. runs the rest (`run_trials`): each trial is submitted when a device that can hold it is
-   free, results are gathered in completion order, judged against the criteria and handed
-   to the tracker one by one as they arrive; a progress line (done / running / pending,
-   elapsed, ETA) goes to stderr;
-6. closes the parent run, prints the table of every trial of the sweep and how to open it in
-   the MLflow UI, and returns the exit status: 0 when every trial passed, else 1.
+   free, results are gathered in completion order, judged against the criteria and recorded
+   one by one as they arrive (MLflow, or the spool while MLflow is away); a progress line
+   (done / running / pending, elapsed, ETA) goes to stderr;
+6. ends the parent run (FINISHED, or KILLED after Ctrl-C) with the driver's metrics
+   `sweep_wall_s` and `num_devices`, prints the table of every trial of the sweep and how to
+   open it in the MLflow UI, and returns the exit status: 0 when every trial passed, 1 when
+   not, 130 when interrupted.
+
+What survives what:
+- A worker or node that dies: Ray reruns the task (trial.max_retries); the task reports its
+  attempt number, recorded as `attempts`; one record per trial, so one child run.
+- A trial that hangs: past its deadline (`trial_timeout_s`) the driver cancels the task
+  (`ray.cancel(force=True)`, again every CANCEL_RETRY_S while it lingers) and records ERROR
+  "timeout: ..." once Ray reports the task gone; only then is its device free again.
+- Out of memory: the trial body turns it into ERROR "oom: ..." (orchestrator.trial); Ray's
+  memory monitor's kills become the same. Each trial runs in a fresh worker process, so the
+  next trial on that device starts with its memory back.
+- MLflow away: the Recorder spools; a trial counts as done only once it is in MLflow or fsynced
+  in the spool, so a driver killed at any moment loses at most the trials still running.
+- Ctrl-C (KeyboardInterrupt): running trials are cancelled, the parent is marked KILLED, the
+  exit status is 130; running the same command again resumes the sweep.
+
+Each record's `info` carries where and when it ran, for orchestrator/timeline.py: `node_id`,
+`device_key` (GPU UUID, or "<node id>:cpu"), `driver_submitted_at` and `driver_received_at`
+(unix seconds on the driver), next to the worker's own `started_at` / `finished_at`.
 
 Key decisions:
 - The driver alone talks to MLflow; trials return plain dicts (orchestrator.trial).
 - Placement is decided here, not left to Ray's queue: a trial is submitted only to a free
   device that can hold it (first fit in grid order), so a submitted trial runs at once and
-  its elapsed time is its own. A trial that fits only large devices waits for one.
+  its elapsed time (progress, deadline) is its own. A trial that fits only large devices waits.
 - ETA: mean wall time of the trials finished so far, times the work left, over the devices.
+- Faults for tests come from $KVBENCH_INJECT_FAULT (orchestrator.trial): the driver reads it
+  and hands each trial its fault, so the tests run this same code path.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time

@@ -6,7 +6,7 @@ Run: python -m pytest tests/orchestrator/test_faults.py -q
   whose allocation fails for real (out of memory): one sweep through the session's Ray;
 - a worker that dies on every attempt (retries used up);
 - a real `mlflow server` killed mid-sweep (the rest goes to the spool), restarted, then
-  `python -m orchestrator.sync`;
+  `python -m orchestrator.sync` (a second sync uploads nothing twice);
 - a sweep spooled while MLflow is away, then resumed: the spool is uploaded first, once.
 (The driver interrupted with SIGINT, then resumed, is the command test in test_sweep.py.)
 
@@ -17,6 +17,9 @@ the trial body that production runs. Every check reads the store with a fresh Ml
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,6 +39,8 @@ from orchestrator.trial import FAULT_ENV
 from test_report import make_record, passing
 from test_tracking import children, parents, shared_store
 
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "tok-5ecr3t-value"
 FAST = ["bench.repetitions=2", "bench.rep_budget_s=0.05"]  # smoke trials of about a second
 
 
@@ -67,6 +72,7 @@ def sweep_runs(uri: str, experiment: str):
 def test_killed_hung_and_oom_trials_are_each_recorded_once_and_the_sweep_goes_on(
         ray_session, store, tmp_path, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "kill:0,hang:1,oom:2")
+    monkeypatch.setenv("BENCH_API_TOKEN", SECRET)
     sweep = smoke_sweep(tmp_path, store, "kvbench-faults", "grid.cache.dtype=[float32,float16,bfloat16,int8]",
                         "trial.timeout_s=20", "trial.max_retries=2")
     err = io.StringIO()
@@ -103,6 +109,10 @@ def test_killed_hung_and_oom_trials_are_each_recorded_once_and_the_sweep_goes_on
     # The device was free again only once the hung trial's task was gone.
     assert float(oom.data.tags["driver_submitted_at"]) >= float(hung.data.tags["driver_received_at"])
     assert 20 <= float(hung.data.tags["driver_received_at"]) - float(hung.data.tags["driver_submitted_at"]) < 35
+    # Nothing secret is logged, and the criteria's params are all there (token_gen is no token).
+    for run in [parent, *runs.values()]:
+        assert SECRET not in json.dumps([run.data.params, run.data.tags])
+    assert parent.data.params["milestone.criteria.token_gen.threshold"] == "1.0"
     first = min(float(r.data.tags["driver_submitted_at"]) for r in runs.values())
     last = max(float(r.data.tags["driver_received_at"]) for r in runs.values())
     assert parent.data.metrics["sweep_wall_s"] == pytest.approx(last - first, abs=1e-3)
@@ -159,7 +169,10 @@ def test_mlflow_server_killed_mid_sweep_then_restarted_and_synced(ray_session, t
         assert spooled.finish_metrics["num_devices"] == 1
 
         server.start()  # same port, same store
-        assert sync_main(["--spool", str(tmp_path / "spool")]) == 0  # python -m orchestrator.sync
+        sync = subprocess.run([sys.executable, "-m", "orchestrator.sync", "--spool", str(tmp_path / "spool")],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert sync.returncode == 0, sync.stderr
+        assert f"trial(s) uploaded to parent run {spooled.header['parent_id']}" in sync.stdout
         assert not spool_file.exists() and list((tmp_path / "spool" / SYNCED_DIR).iterdir())
 
         client, parent, runs = sweep_runs(server.uri, experiment)

@@ -2,7 +2,7 @@
 
 Run: python -m pytest tests/orchestrator/test_spool.py -q
 
-(The real `mlflow server` killed mid-sweep, then restarted before sync, is in test_tracking.py.)
+(The real `mlflow server` killed mid-sweep, then restarted before sync, is in test_faults.py.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Tests of MLflow tracking against real stores: SQLite under tmp_path and a real `mlflow server`
-(killed mid-sweep, the rest spooled, restarted, then `python -m orchestrator.sync`).
+"""Tests of MLflow tracking against real stores: SQLite under tmp_path, and an `mlflow server` address
+where nothing listens. (A real server killed mid-sweep, restarted, then `python -m orchestrator.sync`
+is in test_faults.py, through the whole driver.)
 
 Run: python -m pytest tests/orchestrator/test_tracking.py -q
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +20,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlflow_server import MlflowServer, free_port
+from mlflow_server import free_port
 from orchestrator.record import TrialRecord
-from orchestrator.spool import Spool
 from orchestrator.tracking import (
     Tracker,
     TrackingUnavailable,
@@ -194,7 +193,9 @@ def test_sweep_is_one_parent_with_one_nested_child_per_trial(tracker, store, mon
         assert tags["overrides"] == "grid.cache.dtype=[float32,float16]" and "ray_token" not in tags
         assert tags["gpu_name"] == "cpu" and tags["hostname"] == "testhost"
         assert tags["torch_version"] == "2.13.0"
-        assert tags["git_commit"] == commit and len(commit) == 40
+        # the commit when the session first asked (others may commit to this checkout meanwhile)
+        assert len(tags["git_commit"]) == 40 and subprocess.run(
+            ["git", "-C", str(REPO), "merge-base", "--is-ancestor", tags["git_commit"], commit]).returncode == 0
         for c in record.criteria:
             assert tags[f"criterion.{c.name}"] == ("pass" if c.passed else "fail")
             assert metrics[f"criterion.{c.name}.threshold"] == c.threshold
@@ -301,48 +302,3 @@ def test_nothing_listening_raises_tracking_unavailable_within_seconds():
     with pytest.raises(TrackingUnavailable, match=f"MLflow tracking at {uri} is unavailable"):
         Tracker(uri, experiment="kvbench-smoke")
     assert time.monotonic() - start < 10
-
-
-@pytest.mark.slow
-def test_real_server_killed_mid_sweep_then_spool_then_sync(tmp_path):
-    records = sample_sweep()
-    with MlflowServer(tmp_path / "server") as server:
-        tracker = Tracker(server.uri, experiment="kvbench-smoke")
-        parent_id = tracker.start_sweep(milestone="smoke", sweep_key="sweep0005", config_yaml=CONFIG_YAML)
-        first_ids = [tracker.log_trial(parent_id, record) for record in records[:2]]
-
-        client = MlflowClient(server.uri)
-        runs = children(client, parent_id)
-        assert sorted(r.data.tags["verdict"] for r in runs) == ["FAIL", "PASS"]
-        stored = Path(client.download_artifacts(runs[0].info.run_id, "result.json", str(tmp_path))).read_text()
-        assert TrialRecord.from_json(stored).trial_key == runs[0].data.tags["trial_key"]
-        assert "config.yaml" in {a.path for a in client.list_artifacts(parent_id)}
-
-        server.kill()
-        for call in (lambda: tracker.log_trial(parent_id, records[2]), tracker.ping,
-                     lambda: Tracker(server.uri, experiment="kvbench-smoke")):
-            start = time.monotonic()
-            with pytest.raises(TrackingUnavailable) as error:
-                call()
-            assert time.monotonic() - start < 10, "a dead server must fail within seconds"
-            assert "Connection refused" in str(error.value)
-
-        # The driver falls back to the spool for the rest of the sweep.
-        with Spool(tmp_path / "spool", "sweep0005") as spool:
-            spool.write_sweep(uri=server.uri, experiment="kvbench-smoke", milestone="smoke", parent_id=parent_id)
-            for record in records[2:]:
-                spool.write_trial(record)
-            spool.write_finish("FINISHED")
-
-        server.start()  # same port, same store
-        tracker.ping()  # the same Tracker works again
-        sync = subprocess.run([sys.executable, "-m", "orchestrator.sync", "--spool", str(tmp_path / "spool")],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert sync.returncode == 0, sync.stderr
-        assert "2 trial(s) uploaded to parent run " + parent_id in sync.stdout
-        runs = children(client, parent_id)
-        assert sorted(r.data.tags["trial_key"] for r in runs) == sorted(r.trial_key for r in records)
-        assert set(first_ids) <= {r.info.run_id for r in runs}  # the first two were left alone
-        parent = client.get_run(parent_id)
-        assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == "FAIL"
-        assert parent.data.metrics["n_trials"] == 4 and parent.data.metrics["n_error"] == 1

@@ -27,8 +27,17 @@ from orchestrator.config import CONF_DIR, TrialSettings, load_sweep
 from orchestrator.criteria import Criterion
 from orchestrator.grid import TrialSpec
 from orchestrator.record import TrialRecord
-from orchestrator.sweep import Progress, execute, exit_status, make_record, run_trials
-from orchestrator.trial import FAULT_ENV
+from orchestrator import sweep as sweep_module
+from orchestrator.sweep import (
+    Progress,
+    execute,
+    exit_status,
+    make_record,
+    run_trials,
+    sweep_timing,
+    trial_timeout_s,
+)
+from orchestrator.trial import FAULT_ENV, injected_fault
 
 REPO = Path(__file__).resolve().parents[2]
 CRITERIA = (Criterion("fill_rate", "fill_rate_pos_s", ">", 10.0),)
@@ -96,6 +105,88 @@ def test_run_trials_places_each_trial_on_a_free_device_that_holds_it():
     assert by_index[2].verdict == "ERROR" and by_index[2].criteria == ()
     assert by_index[2].started_at > 1e9, "a Ray failure gets the submission time"
     assert stream.getvalue().splitlines()[-1].startswith("[t] 4/4 done, 0 running, 0 pending")
+
+
+class HangingCluster:
+    """A cluster whose trials never finish until cancelled; cancelling takes effect after
+    `linger` more waits (the task is not gone at once). Counts cancels per trial."""
+
+    def __init__(self, linger: int = 1, interrupt_on_wait: int | None = None):
+        self.linger, self.interrupt_on_wait = linger, interrupt_on_wait
+        self.cancels: dict[int, int] = {}
+        self.gone: dict[int, int] = {}  # ref -> waits left until its task is gone
+        self.waits = 0
+        self.submitted: list[int] = []
+
+    def submit(self, spec, device, max_retries, fault=None):
+        self.submitted.append(spec.index)
+        return spec.index
+
+    def wait(self, refs, timeout_s):
+        self.waits += 1
+        if self.waits == self.interrupt_on_wait:
+            raise KeyboardInterrupt
+        time.sleep(0.01)
+        done = []
+        for ref in refs:
+            if ref in self.gone:
+                self.gone[ref] -= 1
+                if self.gone[ref] < 0:
+                    done.append(ref)
+        return done
+
+    def fetch(self, ref):
+        return {"status": "ERROR", "reason": "cancelled", "metrics": {}, "info": {}}
+
+    def cancel(self, ref):
+        self.cancels[ref] = self.cancels.get(ref, 0) + 1
+        self.gone.setdefault(ref, self.linger)
+
+
+def test_a_trial_past_its_deadline_is_cancelled_and_its_device_waits_until_it_is_gone(monkeypatch):
+    monkeypatch.setattr(sweep_module, "POLL_S", 0.0)
+    cluster = HangingCluster(linger=3)
+    trials = [trial(0, 1.0), trial(1, 1.0)]
+    records = run_trials(trials, [device("only", 20.0)], cluster, CRITERIA, on_record=lambda r: None,
+                         settings=TrialSettings(max_retries=2, timeout_s=0.05))
+    assert [r.index for r in records] == [0, 1] and cluster.submitted == [0, 1]
+    for record in records:
+        assert (record.status, record.verdict, record.attempts) == ("ERROR", "ERROR", 1)
+        assert record.reason == "timeout: no result within 0 s (trial.timeout_s); the task was cancelled"
+        assert record.info["device_key"] == "GPU-only" and record.info["node_id"] == "node-only"
+        assert float(record.info["driver_submitted_at"]) <= float(record.info["driver_received_at"])
+    # trial 1 was submitted only once trial 0's task was gone
+    assert float(records[1].info["driver_submitted_at"]) >= float(records[0].info["driver_received_at"])
+    assert sweep_timing(records)["sweep_wall_s"] == pytest.approx(
+        float(records[1].info["driver_received_at"]) - float(records[0].info["driver_submitted_at"]))
+
+
+def test_ctrl_c_cancels_the_running_trials_and_goes_on_to_the_caller():
+    cluster = HangingCluster(linger=0, interrupt_on_wait=2)
+    trials = [trial(0, 1.0), trial(1, 1.0), trial(2, 50.0)]
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(trials, [device("a", 20.0), device("b", 80.0)], cluster, CRITERIA, on_record=lambda r: None,
+                   settings=TrialSettings(max_retries=2, timeout_s=None))
+    assert cluster.submitted == [0, 1] and cluster.cancels == {0: 1, 1: 1}
+    assert not [ref for ref, left in cluster.gone.items() if left >= 0], "the driver waited until both were gone"
+
+
+def test_deadline_derived_from_the_trials_size():
+    settings = TrialSettings(max_retries=2, timeout_s=None)
+    small = trial(0, 0.0)  # a one-position cache, no weights: the base and the time boxes
+    assert trial_timeout_s(small.params, settings) == pytest.approx(600 + 120 * 4e-9 + 20 * 2 * 0.5)
+    big = trial(1, 10.0)  # 10 GB of weights: 20 more minutes
+    assert trial_timeout_s(big.params, settings) - trial_timeout_s(small.params, settings) == pytest.approx(1200)
+    assert trial_timeout_s(big.params, TrialSettings(max_retries=2, timeout_s=7)) == 7.0
+    assert sweep_timing([]) == {"sweep_wall_s": 0.0}
+
+
+def test_injected_faults_name_a_kind_and_a_grid_index():
+    assert injected_fault(2, "kill:0, hang:2,oom:11") == "hang"
+    assert injected_fault(1, "kill:0,hang:2") is None and injected_fault(0, "") is None
+    for bad in ("crash:1", "kill", "kill:x"):
+        with pytest.raises(ValueError, match="KVBENCH_INJECT_FAULT items read <fault>:<grid index>"):
+            injected_fault(0, bad)
 
 
 def test_make_record_and_exit_status():

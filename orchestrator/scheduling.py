@@ -67,9 +67,13 @@ def _trial_task(spec: TrialSpec, fault: str | None = None) -> dict[str, Any]:
     attempt = _attempt_number()
     result = run_trial(spec, attempt=attempt, fault=fault)
     node_id = ray.get_runtime_context().get_node_id()
-    gpus = _visible_gpus() if result.get("info", {}).get("trial_device", "cpu") != "cpu" else []
+    info = result.setdefault("info", {})
+    uuid = ""
+    if info.get("trial_device", "cpu") != "cpu":
+        with contextlib.suppress(Exception):  # never lose a result over its label
+            uuid = _visible_gpus()[0]["uuid"]
     result["attempt"] = attempt
-    result.setdefault("info", {}).update(node_id=node_id, device_key=device_key(node_id, gpus[0]["uuid"] if gpus else ""))
+    info.update(node_id=node_id, device_key=device_key(node_id, uuid))
     return result
 
 

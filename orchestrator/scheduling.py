@@ -70,6 +70,7 @@ def _trial_task(spec: TrialSpec, fault: str | None = None) -> dict[str, Any]:
     info = result.setdefault("info", {})
     uuid = ""
     if info.get("trial_device", "cpu") != "cpu":
+        uuid = f"{node_id}:gpu"  # if the UUID cannot be read
         with contextlib.suppress(Exception):  # never lose a result over its label
             uuid = _visible_gpus()[0]["uuid"]
     result["attempt"] = attempt

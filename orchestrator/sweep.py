@@ -211,11 +211,12 @@ class _Running:
         info.setdefault("device_key", device_key(self.device.node_id, self.device.uuid))
         info["driver_submitted_at"] = f"{self.submitted_at:.6f}"
         info["driver_received_at"] = f"{received:.6f}"
+        exhausted = result.pop("retries_exhausted", False)
         if self.cancelled is not None and result["status"] != "OK":
             source = "trial.timeout_s" if settings.timeout_s is not None else "derived from its size; set trial.timeout_s"
             result["status"] = "ERROR"
             result["reason"] = f"timeout: no result within {self.timeout_s:.0f} s ({source}); the task was cancelled"
-        if result.pop("retries_exhausted", False):
+        elif exhausted:
             result["attempt"] = settings.max_retries + 1
         return result
 

@@ -22,7 +22,7 @@ OUT=${OUT:?set OUT to a folder for logs and the MLflow store}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 TRACKING="tracking.uri=sqlite:///$OUT/mlflow.db"
-SCALE_GRID=(grid.cache.dtype=[float32,float16,bfloat16,int8,float8_e4m3fn] grid.cache.sink_positions=[0,4])
+SCALE_GRID=(grid.cache.dtype=[float32,float16,bfloat16,int8,float8_e4m3fn] +grid.cache.sink_positions=[0,4])
 
 nvidia-smi --query-gpu=index,name,uuid,driver_version,memory.total --format=csv >"$OUT/gpus.csv" 2>&1
 "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' >"$OUT/versions.txt" 2>&1

@@ -15,7 +15,7 @@ The only module of the project that imports mlflow. The driver alone calls it:
 What lands where:
 - Parent run (tag `run_type=sweep`): tags `milestone`, `sweep_key`, the sweep's tags, the git
   commit; the sweep's params; artifact `config.yaml`. `finish_sweep` adds tag `verdict`
-  (PASS only if every trial passed), metrics `n_trials`, `n_pass`, `n_fail`, `n_error`,
+  (PASS only if the sweep FINISHED and every trial passed), metrics `n_trials`, `n_pass`, `n_fail`, `n_error`,
   `n_skipped` and the driver's (`sweep_wall_s`, `num_devices`), and artifacts `summary.md`, `summary.csv`, `plots/<criterion>.png`.
 - Child run (tag `run_type=trial`, `mlflow.parentRunId`): params = the trial's flattened
   config; metrics = its finite figures (NaN and infinities stay in result.json only),
@@ -417,7 +417,7 @@ class Tracker:
 
         `records` are merged (by trial_key, the given ones winning) with the records already
         logged under the parent, so a resumed sweep is judged whole. The verdict is PASS only
-        if there is at least one trial and every trial passed. `metrics` are logged on the
+        if the sweep FINISHED, there is at least one trial and every trial passed. `metrics` are logged on the
         parent too (the driver's `sweep_wall_s` and `num_devices`).
         """
         if status not in SWEEP_STATUSES:
@@ -428,7 +428,8 @@ class Tracker:
         everything = sorted(merged.values(), key=lambda r: (r.index, r.trial_key))
         counts = {f"n_{v.lower()}": sum(r.verdict == v for r in everything)
                   for v in ("PASS", "FAIL", "ERROR", "SKIPPED")}
-        verdict = "PASS" if everything and counts["n_pass"] == len(everything) else "FAIL"
+        complete = status == "FINISHED"  # a KILLED or FAILED sweep has trials it never ran
+        verdict = "PASS" if complete and everything and counts["n_pass"] == len(everything) else "FAIL"
         milestone = self._parent_sweep_tags(parent_id).get("milestone", "")
         with tempfile.TemporaryDirectory(prefix="kvbench-summary-") as tmp:
             out = Path(tmp)

@@ -291,7 +291,8 @@ def test_the_command_interrupted_with_ctrl_c_then_resumed_runs_smoke_end_to_end(
     assert first.returncode == 130, log.read_text()
     assert "interrupted: running trials cancelled; the sweep is recorded as KILLED" in log.read_text()
     _, [killed], [done_before] = parent_and_children(uri, "kvbench-smoke")
-    assert killed.info.status == "KILLED" and done_before.data.tags["verdict"] == "PASS"
+    assert killed.info.status == "KILLED" and killed.data.tags["verdict"] == "FAIL"
+    assert done_before.data.tags["verdict"] == "PASS"
     assert "PASS" in out, "the table shows what was done"
 
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

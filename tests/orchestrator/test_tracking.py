@@ -253,7 +253,8 @@ def test_resume_reopens_the_unfinished_parent_and_judges_the_whole_sweep(tracker
     parent_id = tracker.start_sweep(milestone="smoke", sweep_key="sweep0003", params={"a": 1})
     for record in records[:2]:
         tracker.log_trial(parent_id, record)
-    assert tracker.finish_sweep(parent_id, records[:2], status="KILLED") == "PASS"
+    # Both trials passed, but a KILLED sweep left trials unrun: it does not pass.
+    assert tracker.finish_sweep(parent_id, records[:2], status="KILLED") == "FAIL"
     assert client.get_run(parent_id).info.status == "KILLED"
 
     # A new Tracker (a new driver process) resumes: same parent, RUNNING again, 2 trials done.

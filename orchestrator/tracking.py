@@ -96,6 +96,9 @@ MLFLOW_ENV_DEFAULTS = {
     # MLflow prints "View run ... at: <url>" for every run ended on a server; the driver's
     # progress line and final table say what matters.
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    # MLflow's usage telemetry sends nothing the user asked for, and its thread edits
+    # os.environ while the driver reads it (a KeyError at start-up, seen twice).
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 for _name, _value in MLFLOW_ENV_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
@@ -258,7 +261,12 @@ def redact_yaml(text: str) -> str:
 
 
 def _secret_env_values() -> list[str]:
-    return [v for k, v in os.environ.items() if len(v) >= 6 and is_secret_name(k)]
+    values = []
+    for name in list(os.environ):  # other threads may change the environment meanwhile
+        value = os.environ.get(name)
+        if value is not None and len(value) >= 6 and is_secret_name(name):
+            values.append(value)
+    return values
 
 
 # ---- unavailability ----------------------------------------------------------------------

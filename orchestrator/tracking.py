@@ -547,8 +547,11 @@ class Tracker:
                 except (OSError, ValueError, TypeError, KeyError, MlflowException) as error:
                     if is_unavailable_error(error):
                         raise
-                    _log.warning("child run %s has no readable result.json (%s); not counted",
+                    record = _record_from_run(run, parent_tags=self._parent_sweep_tags(parent_id))
+                    _log.warning("child run %s has no readable result.json (%s); rebuilt from its "
+                                 "tags, params and metrics, without criterion values",
                                  run.info.run_id, error)
+                    records.append(record)
         return records
 
     def _parent_sweep_tags(self, parent_id: str) -> dict[str, str]:
@@ -601,6 +604,46 @@ def _tag_value(value: Any) -> str:
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Tags a child run carries that are not part of its record's `info`.
+_CHILD_OWN_TAGS = {"run_type", "trial_key", "status", "reason", "attempts", "trial_index",
+                   "record_digest", "verdict", "git_commit", "git_dirty"}
+
+
+def _param_value(text: str) -> Any:
+    """A param as logged (a string) back to the int, float, bool or None it was."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def _record_from_run(run: Any, parent_tags: Mapping[str, str]) -> TrialRecord:
+    """A child run's TrialRecord rebuilt from its tags, params and metrics, for a run whose
+    result.json cannot be read (e.g. a store copied without its artifact folder). Everything
+    but the criterion outcomes survives: those are left empty (the verdict tag is kept)."""
+    tags = run.data.tags
+    info = {k: v for k, v in tags.items()
+            if not k.startswith(("mlflow.", "criterion.")) and k not in _CHILD_OWN_TAGS
+            and k not in parent_tags}
+    metrics = {k: v for k, v in run.data.metrics.items()
+               if k != "attempts" and not k.startswith("criterion.")}
+    return TrialRecord(
+        trial_key=tags["trial_key"],
+        index=int(tags.get("trial_index", "0")),
+        params={k: _param_value(v) for k, v in run.data.params.items()},
+        status=tags["status"],
+        verdict=tags["verdict"],
+        reason=tags.get("reason", ""),
+        metrics=metrics,
+        info=info,
+        attempts=int(tags.get("attempts", "1")),
+        started_at=(run.info.start_time or 0) / 1000,
+        finished_at=(run.info.end_time or 0) / 1000,
+    )
 
 
 @functools.cache

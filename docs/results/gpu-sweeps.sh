@@ -15,7 +15,7 @@
 #   m10-2gpu      the full M10 grid on every card of the host
 #   scale-2gpu    a 10-trial grid (M10 x 5 dtypes x sinks 0/4) on every card
 #   scale-1gpu    the same grid on one card: the speed-up is wall(1 card) / wall(2 cards)
-#   others        m8, m9, m11 and m12 on every card
+#   m8 m9 m11 m12 that milestone's grid on every card
 set -uo pipefail
 
 OUT=${OUT:?set OUT to a folder for logs and the MLflow store}
@@ -56,11 +56,7 @@ for phase in "$@"; do
         m10-2gpu) sweep m10-2gpu "" -- +milestone=m10 tracking.experiment=kvbench-m10-2gpu ;;
         scale-2gpu) sweep scale-2gpu "" -- +milestone=m10 "${SCALE_GRID[@]}" tracking.experiment=kvbench-scale-2gpu ;;
         scale-1gpu) sweep scale-1gpu 0 -- +milestone=m10 "${SCALE_GRID[@]}" tracking.experiment=kvbench-scale-1gpu ;;
-        others)
-            for m in m8 m9 m11 m12; do
-                sweep "$m-2gpu" "" -- "+milestone=$m" "tracking.experiment=kvbench-$m-2gpu"
-            done
-            ;;
-        *) echo "unknown phase $phase (smoke m10-1gpu m10-2gpu scale-2gpu scale-1gpu others)" >&2; exit 2 ;;
+        m8 | m9 | m11 | m12) sweep "$phase-2gpu" "" -- "+milestone=$phase" "tracking.experiment=kvbench-$phase-2gpu" ;;
+        *) echo "unknown phase $phase (smoke m10-1gpu m10-2gpu scale-2gpu scale-1gpu m8 m9 m11 m12)" >&2; exit 2 ;;
     esac
 done

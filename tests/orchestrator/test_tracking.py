@@ -281,6 +281,28 @@ def test_resume_reopens_the_unfinished_parent_and_judges_the_whole_sweep(tracker
     assert len(parents(client, tracker.experiment_id)) == 3
 
 
+def test_records_are_rebuilt_from_run_data_when_result_json_is_gone(tracker, store):
+    """A store copied without its artifact folder still gives every trial back: all but the
+    criterion outcomes, rebuilt from the child's tags, params and metrics."""
+    client = MlflowClient(store)
+    parent_id = tracker.start_sweep(milestone="smoke", sweep_key="sweep0005", tags={"title": "t"})
+    kept, lost = make_record(0, passing()), make_record(
+        1, {**passing(), "fill_rate_pos_s": 98.0625}, attempts=2, started_at=1000.25,
+        finished_at=1010.5, info={"device_key": "GPU-1234", "driver_received_at": "1010.75"},
+        params={"cache.dtype": "float16", "cache.sink_positions": 4},
+    )
+    tracker.log_trial(parent_id, kept)
+    lost_id = tracker.log_trial(parent_id, lost)
+    artifact = Path(client.get_run(lost_id).info.artifact_uri.removeprefix("file://")) / "result.json"
+    artifact.unlink()
+
+    first, rebuilt = tracker.trial_records(parent_id)
+    assert first == kept
+    assert rebuilt.criteria == () and lost.criteria
+    assert rebuilt == TrialRecord(**{**lost.__dict__, "criteria": ()})
+    assert rebuilt.params["cache.sink_positions"] == 4 and rebuilt.verdict == "FAIL"
+
+
 def test_caller_mistakes_raise_value_error(tracker):
     with pytest.raises(ValueError, match="sweep_key must be letters, digits"):
         tracker.start_sweep(milestone="smoke", sweep_key="x' or '1'='1")

@@ -209,7 +209,12 @@ class Cluster:
             try:
                 ray.init(address=address, logging_level=logging.WARNING)
             except (ConnectionError, RuntimeError) as error:
-                raise ClusterUnreachable(f"cluster.address={address!r}: {error}") from None
+                raise ClusterUnreachable(
+                    f"cluster.address={address!r}: {error}; a cluster answers there, so check that "
+                    f"this driver and every node agree on token authentication (the same "
+                    f"RAY_AUTH_MODE, and the same token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                    f"~/.ray/auth_token) and run the same Ray version"
+                ) from None
         return cls(owned=True, address=address)
 
     def probe(self, timeout_s: float = PROBE_TIMEOUT_S) -> list[dict[str, Any]]:

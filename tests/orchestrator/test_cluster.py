@@ -134,4 +134,5 @@ def test_a_driver_with_another_token_is_refused(cluster, tmp_path):
     proc = run_smoke(address, {**env, "RAY_AUTH_TOKEN": secrets.token_hex(16)}, tmp_path / "run")
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert f"cluster.address='{address}'" in proc.stderr
+    assert "RAY_AUTH_TOKEN" in proc.stderr  # the message names the likely cause and the fix
     assert not (tmp_path / "run" / "mlflow.db").exists()  # refused before anything was recorded

@@ -16,12 +16,15 @@
 #   scale-2gpu    a 10-trial grid (M10 x 5 dtypes x sinks 0/4) on every card
 #   scale-1gpu    the same grid on one card: the speed-up is wall(1 card) / wall(2 cards)
 #   m8 m9 m11 m12 that milestone's grid on every card
+#   scale8-all    an 8-trial grid (M10 x 4 dtypes of 16 and 8 bits x sinks 0/4) on every card
+#   scale8-1gpu   the same grid on one card
 set -uo pipefail
 
 OUT=${OUT:?set OUT to a folder for logs and the MLflow store}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 TRACKING="tracking.uri=sqlite:///$OUT/mlflow.db"
+SCALE8_GRID=(grid.cache.dtype=[float16,bfloat16,int8,float8_e4m3fn] +grid.cache.sink_positions=[0,4])
 SCALE_GRID=(grid.cache.dtype=[float32,float16,bfloat16,int8,float8_e4m3fn] +grid.cache.sink_positions=[0,4])
 
 nvidia-smi --query-gpu=index,name,uuid,driver_version,memory.total --format=csv >"$OUT/gpus.csv" 2>&1
@@ -56,7 +59,9 @@ for phase in "$@"; do
         m10-2gpu) sweep m10-2gpu "" -- +milestone=m10 tracking.experiment=kvbench-m10-2gpu ;;
         scale-2gpu) sweep scale-2gpu "" -- +milestone=m10 "${SCALE_GRID[@]}" tracking.experiment=kvbench-scale-2gpu ;;
         scale-1gpu) sweep scale-1gpu 0 -- +milestone=m10 "${SCALE_GRID[@]}" tracking.experiment=kvbench-scale-1gpu ;;
+        scale8-all) sweep scale8-all "" -- +milestone=m10 "${SCALE8_GRID[@]}" tracking.experiment=kvbench-scale8-all ;;
+        scale8-1gpu) sweep scale8-1gpu 0 -- +milestone=m10 "${SCALE8_GRID[@]}" tracking.experiment=kvbench-scale8-1gpu ;;
         m8 | m9 | m11 | m12) sweep "$phase-2gpu" "" -- "+milestone=$phase" "tracking.experiment=kvbench-$phase-2gpu" ;;
-        *) echo "unknown phase $phase (smoke m10-1gpu m10-2gpu scale-2gpu scale-1gpu m8 m9 m11 m12)" >&2; exit 2 ;;
+        *) echo "unknown phase $phase (smoke m10-1gpu m10-2gpu scale-2gpu scale-1gpu m8 m9 m11 m12 scale8-all scale8-1gpu)" >&2; exit 2 ;;
     esac
 done

@@ -549,9 +549,10 @@ def _expected_norm2(cache: StreamingKVCache, layer: int, probe: torch.Tensor) ->
     return total
 
 
-def _decode_error(cache: StreamingKVCache, outputs: list[torch.Tensor],
+def _decode_error(cache: StreamingKVCache, outputs: torch.Tensor | list[torch.Tensor],
                   queries: list[torch.Tensor]) -> float:
-    """Worst relative error of a step's outputs on the first and last layer vs float64."""
+    """Worst relative error of a step's outputs (indexed by layer) on the first and last layer
+    vs float64."""
     worst = 0.0
     for layer in sorted({0, cache.num_layers - 1}):
         ref = reference_attention(queries[layer], _layer_values(cache, layer, 0, torch.float64),
@@ -728,12 +729,13 @@ class _Trial:
 
     # ------------------------------------------------------------------ decode
 
-    def one_step(self, graph: bool) -> list[torch.Tensor]:
-        """One decode step from the pool: the captured step (graph) or layer by layer."""
+    def one_step(self, graph: bool) -> torch.Tensor | list[torch.Tensor]:
+        """One decode step from the pool: the captured step (graph; its outputs [L, H, D]) or
+        layer by layer (a list of L outputs [H, D]). Either is indexed by layer."""
         p = self.counter % self.npool
         self.counter += 1
         if graph:
-            return list(self.step(self.pool_k[p], self.pool_v[p]).unbind(0))
+            return self.step(self.pool_k[p], self.pool_v[p])
         return decode_step(self.cache, self.pos_k[p], self.pos_v[p], self.queries)
 
     def decode_steps(self, n: int, with_weights: bool, graph: bool) -> None:

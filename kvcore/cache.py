@@ -194,9 +194,7 @@ class StreamingKVCache:
         self._kv_shape = torch.Size((H, D))
         self._flat_shape = torch.Size((H * D,))
         self._kv_dims = {"num_kv_heads": H, "head_dim": D}
-        self._attention = "auto"
-        self._decode_attention: Callable[..., torch.Tensor] | None = None
-        self.attention = attention  # validates; resolved on first use
+        self.attention = attention  # validates the mode and resolves the function now
         # Fused Triton writes (kvcore/triton_store.py): CUDA with Triton, or the interpreter.
         self._fused = _triton_kernels_usable(self.device)
         self._writer = None  # kvcore.graphs.DeviceWriter, made on first graph write (CUDA)
@@ -501,8 +499,7 @@ class StreamingKVCache:
         return fn(*args, out=out)
 
     def _attention_fn(self) -> Callable[..., torch.Tensor]:
-        if self._decode_attention is None:
-            self._decode_attention = select_decode_attention(self.device)
+        """What `attend` runs: resolved by the `attention` setter (in __init__ and on change)."""
         return self._decode_attention
 
     # ------------------------------------------------------------------ per-layer counts

@@ -9,11 +9,12 @@ positions, the ring full and wrapped):
   collect, the last call (stack + one write), and the whole position;
 - append_all: the argument checks and the captured write;
 - decode steps, three ways: eager layer by layer with the Triton kernel, eager with torch
-  SDPA, and one CUDA-graph replay (`kvcore.graphs.DecodeStep`); for the eager ones also the
-  time to issue a step without waiting for the device (the host's share), and a
-  torch.profiler table of the eager Triton step (the top host and device costs).
-Figures are medians of repetitions, each synchronized; random data, never zeros. Prints a
-table per dtype and, with --json, appends one JSON line per figure. Notes: docs/kernel-notes.md.
+  SDPA, and one CUDA-graph replay (`kvcore.graphs.DecodeStep`); for each also the time to
+  issue a step without waiting for the device (the host's share), and a torch.profiler table
+  of the eager Triton step (the top host and device costs).
+Figures are medians of repetitions (synchronized, except the issue times); random data, never
+zeros. Prints a table per dtype and, with --json, appends one JSON line per dtype (every
+figure of it). Notes: docs/kernel-notes.md.
 """
 
 from __future__ import annotations

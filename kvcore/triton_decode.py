@@ -145,13 +145,14 @@ def choose_splits(n_max: int, num_kv_heads: int, block_n: int, slots: int) -> in
 _RESIDENT: dict = {}
 
 
-def _resident_programs(key, kernel, args, kwargs) -> int:
-    """Programs of this compiled kernel one SM holds at once (registers, shared memory, threads)."""
+def _resident_programs(key, kernel, make_args, kwargs) -> int:
+    """Programs of this compiled kernel one SM holds at once (registers, shared memory, threads).
+    `make_args()` gives launch arguments to compile against, called only on the first use of `key`."""
     device = key[0]
     if device.type != "cuda":
         return 1
     if key not in _RESIDENT:
-        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled = kernel.warmup(*make_args(), grid=(1,), **kwargs)
         if hasattr(compiled, "_init_handles"):
             compiled._init_handles()  # loads the module; sets n_regs
         props = torch.cuda.get_device_properties(device)
@@ -498,8 +499,12 @@ def _launch(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale, out_dt
 
     if num_splits is None:
         key = (device, cfg, storage, query.dtype, group, head_dim, on_device)
-        probe = torch.empty((1, 1), dtype=torch.float32, device=device)
-        resident = _resident_programs(key, split_kernel, launch_args(probe, probe, 1), constexprs)
+
+        def probe_args():  # compiled against, never run: allocated on the first call of a key only
+            probe = torch.empty((1, 1), dtype=torch.float32, device=device)
+            return launch_args(probe, probe, 1)
+
+        resident = _resident_programs(key, split_kernel, probe_args, constexprs)
         slots = _num_sms(device) * resident * cfg.waves
         num_splits = choose_splits(capacity if on_device else n_valid, num_kv_heads, cfg.block_n, slots)
     if dry_run:

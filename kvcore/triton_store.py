@@ -41,6 +41,7 @@ from functools import cache
 import torch
 
 from kvcore.storage import QMAX, SCALE_FLOOR
+from kvcore.triton_decode import _next_pow2  # imports no triton
 
 _BLOCK_ROWS = 16  # (position, head) rows per program
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds to an integer, half to even
@@ -133,10 +134,6 @@ def _kernels():
                  mask=mask)
 
     return store_rows_kernel, load_rows_kernel
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def store_slots(

@@ -35,8 +35,8 @@ def run(cfg: DictConfig, cwd: str) -> int:
         from orchestrator.sweep import execute  # Ray and MLflow load only for a valid config
 
         return execute(sweep, cwd)
-    except KeyboardInterrupt:  # before the trials started (execute handles it from then on)
-        print("\ninterrupted before any trial ran; run the same command again to start over", file=sys.stderr)
+    except KeyboardInterrupt:  # outside run_trials (execute handles Ctrl-C while trials run)
+        print("\ninterrupted; run the same command again to go on from what was recorded", file=sys.stderr)
         return INTERRUPTED_STATUS
     except MilestoneMissing as error:
         print(f"error: {error}", file=sys.stderr)

@@ -271,20 +271,20 @@ class Cluster:
     def fetch(ref: ray.ObjectRef) -> dict[str, Any]:
         """The trial's result dict; Ray's own failures become ERROR results of the same shape
         (without times: the driver knows when it submitted the trial)."""
+        exhausted = False
         try:
             return ray.get(ref)
         except ray.exceptions.OutOfMemoryError as error:
             reason = f"oom: killed by Ray's memory monitor: {str(error).strip().splitlines()[0][:300]}"
         except ray.exceptions.TaskCancelledError:
             reason = "cancelled"
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as error:
-            first = (str(error).strip().splitlines() or [""])[0]
-            reason = f"crash: the worker died on every attempt: {type(error).__name__}: {first}"[:500]
-            return {"status": "ERROR", "reason": reason, "metrics": {}, "info": {}, "retries_exhausted": True}
         except ray.exceptions.RayError as error:
+            exhausted = isinstance(error, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError))
+            died = "the worker died on every attempt: " if exhausted else ""
             first = (str(error).strip().splitlines() or [""])[0]
-            reason = f"crash: {type(error).__name__}: {first}"[:500]
-        return {"status": "ERROR", "reason": reason, "metrics": {}, "info": {}}
+            reason = f"crash: {died}{type(error).__name__}: {first}"[:500]
+        result = {"status": "ERROR", "reason": reason, "metrics": {}, "info": {}}
+        return {**result, "retries_exhausted": True} if exhausted else result
 
     @staticmethod
     def cancel(ref: ray.ObjectRef) -> None:

@@ -323,10 +323,9 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
     recorder = Recorder(
         uri, sweep.experiment, sweep.spool_dir, sweep.key, sweep.milestone,
         tags={"title": sweep.title, "overrides": " ".join(sweep.overrides), "cluster": cluster.address},
-        params=sweep.params, config_yaml=sweep.config_yaml, err=err, label=label,
+        params=sweep.params, config_yaml=sweep.config_yaml, err=err,
     )
     records: list[TrialRecord] = []
-    earlier: list[TrialRecord] = []
     try:
         devices = devices_from_probe(
             cluster.probe(), sweep.cluster.gpu_memory_fraction, sweep.cluster.host_memory_fraction
@@ -353,14 +352,15 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
             status = "KILLED"
             err.write(f"\n{label} interrupted: running trials cancelled; the sweep is recorded as KILLED. "
                       f"Run the same command again to resume it.\n")
+        every = {r.trial_key: r for r in earlier}
+        every.update((r.trial_key, r) for r in records)
+        everything = sorted(every.values(), key=lambda r: r.index)
         metrics = {**sweep_timing(records), "num_devices": float(len(devices))}
-        recorder.finish(records, status=status, metrics=metrics)
+        # every record, the earlier ones too, so finish_sweep need not read them back again
+        recorder.finish(everything, status=status, metrics=metrics)
     finally:
         recorder.close()
         cluster.close()
-    every = {r.trial_key: r for r in earlier}
-    every.update((r.trial_key, r) for r in records)
-    everything = sorted(every.values(), key=lambda r: r.index)
     out.write(f"\n{sweep.milestone} {sweep.title}: {len(everything)} trials\n")
     out.write(report.format_table(everything) + "\n\n")
     out.write(f"mlflow ui --backend-store-uri {uri}\n")

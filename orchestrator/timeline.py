@@ -21,8 +21,8 @@ overhead per trial, per device and over the whole sweep, as median / p90 / max:
 
 Key decisions:
 - Pure functions over `TrialRecord` lists (`sweep_timeline`, `format_markdown`); reading MLflow
-  (through `orchestrator.tracking`, the only module that imports mlflow) or a spool file is
-  kept apart in `load_sweep`.
+  (`orchestrator.tracking.read_sweep`: only the tracking module imports mlflow) or a spool file
+  is kept apart in `load_sweep`.
 - A trial's run is its record's `started_at` .. `finished_at` (the worker's clock); SKIPPED
   trials never ran and are left out. The device is info `device_key`, else `node_id`; the
   driver's times are info `driver_submitted_at` / `driver_received_at`. Records written before
@@ -38,17 +38,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from orchestrator.record import TrialRecord
 
 NA = "n/a"
-RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -175,8 +172,8 @@ def gaps(device_spans: Sequence[Sequence[Span]]) -> Gaps:
 
 def concurrency(all_spans: Sequence[Span]) -> tuple[int, float]:
     """(most spans running at one moment, seconds during which two or more ran)."""
-    events = sorted([(s.started_at, 1) for s in all_spans] + [(s.finished_at, -1) for s in all_spans],
-                    key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    # (time, step) pairs sort an end (-1) before a start (+1) at the same instant
+    events = sorted([(s.started_at, 1) for s in all_spans] + [(s.finished_at, -1) for s in all_spans])
     running, most, overlap, last = 0, 0, 0.0, 0.0
     for t, step in events:
         if running >= 2:
@@ -349,66 +346,22 @@ def load_sweep(ref: str, uri: str, experiment: str | None) -> LoadedSweep:
         return LoadedSweep(key[:8], list(spooled.records.values()), spooled.finish_metrics,
                            {"milestone": str(spooled.header.get("milestone", "")), "spool file": ref,
                             "sweep key": key})
-    from orchestrator import tracking
+    from orchestrator.tracking import read_sweep
 
-    client = tracking.MlflowClient(tracking_uri=uri)
-    try:
-        parent = _find_parent(client, ref, experiment)
-        experiment_name = client.get_experiment(parent.info.experiment_id).name
-        records = tracking.Tracker(uri, experiment_name).trial_records(parent.info.run_id)
-    except tracking.TrackingUnavailable:
-        raise
-    except Exception as error:
-        if tracking.is_unavailable_error(error):
-            raise tracking.TrackingUnavailable(uri, "timeline", error) from error
-        if getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
-            raise ValueError(f"expected a run of the store at {uri}, received {ref!r}: {error}") from None
-        raise
-    tags = parent.data.tags
-    key = tags.get("sweep_key", "")
+    stored = read_sweep(uri, ref, experiment)
+    key = stored.tags.get("sweep_key", "")
     return LoadedSweep(
-        label=key[:8] or parent.info.run_id[:8],
-        records=records,
-        metrics=dict(parent.data.metrics),
-        meta={"milestone": tags.get("milestone", ""), "experiment": experiment_name,
-              "parent run": parent.info.run_id, "sweep key": key, "overrides": tags.get("overrides", ""),
-              "cluster": tags.get("cluster", "")},
+        label=key[:8] or stored.run_id[:8],
+        records=stored.records,
+        metrics=stored.metrics,
+        meta={"milestone": stored.tags.get("milestone", ""), "experiment": stored.experiment,
+              "parent run": stored.run_id, "sweep key": key, "overrides": stored.tags.get("overrides", ""),
+              "cluster": stored.tags.get("cluster", "")},
     )
 
 
-def _find_parent(client: Any, ref: str, experiment: str | None) -> Any:
-    if experiment:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise ValueError(f"expected an existing MLflow experiment, received --experiment {experiment!r}; "
-                             f"leave it out to search every experiment")
-        experiment_ids = [found.experiment_id]
-    else:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    if RUN_ID.fullmatch(ref):
-        run = client.get_run(ref)
-        if run.data.tags.get("run_type") != "sweep":
-            raise ValueError(f"expected the parent run of a sweep (tag run_type=sweep), received the run {ref} "
-                             f"(run_type={run.data.tags.get('run_type')!r})")
-        return run
-    if not re.fullmatch(r"[0-9a-f]{4,64}", ref):
-        raise ValueError(f"expected a parent run id, a sweep key (or its first 4+ hex digits) or a spool "
-                         f"file, received {ref!r}")
-    runs = client.search_runs(experiment_ids, order_by=["attributes.start_time DESC"], max_results=1000,
-                              filter_string=f"tags.run_type = 'sweep' and tags.sweep_key LIKE '{ref}%'")
-    keys = {r.data.tags.get("sweep_key") for r in runs}
-    if not runs:
-        raise ValueError(f"expected a sweep key in the store, received {ref!r}, which no sweep's key starts "
-                         f"with; list them in the MLflow UI (tag sweep_key) or give the parent run id")
-    if len(keys) > 1:
-        raise ValueError(f"expected one sweep for {ref!r}, received {len(keys)} sweep keys starting with it "
-                         f"({', '.join(sorted(k[:12] for k in keys))}...): give more digits")
-    return runs[0]
-
-
 def timeline_of(loaded: LoadedSweep) -> SweepTimeline:
-    wall = loaded.metrics.get("sweep_wall_s")
-    return sweep_timeline(loaded.records, loaded.label, wall if wall else None,
+    return sweep_timeline(loaded.records, loaded.label, loaded.metrics.get("sweep_wall_s"),
                           {k: v for k, v in loaded.meta.items() if v})
 
 

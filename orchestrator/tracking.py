@@ -1,6 +1,7 @@
 """MLflow tracking of a sweep: one parent run per sweep, one nested child run per trial.
 
-The only module of the project that imports mlflow. The driver alone calls it:
+The only module of the project that imports mlflow. The driver alone writes through it
+(`python -m orchestrator.timeline` reads a stored sweep back with `read_sweep`):
 
     from orchestrator.tracking import Tracker, TrackingUnavailable, resolve_tracking_uri
     uri = resolve_tracking_uri(cfg.tracking.uri, cwd)      # sqlite:///<cwd>/mlflow.db by default
@@ -11,6 +12,7 @@ The only module of the project that imports mlflow. The driver alone calls it:
     tracker.log_trial(parent, record)                     # once per finished trial
     tracker.finish_sweep(parent, records, status="FINISHED")
     # also: tracker.ping(), tracker.has_run(run_id), tracker.trial_records(parent)
+    sweep = read_sweep(uri, "3f2a9c1e")                   # a stored sweep, read back (timeline)
 
 What lands where:
 - Parent run (tag `run_type=sweep`): tags `milestone`, `sweep_key`, the sweep's tags, the git
@@ -83,6 +85,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import unquote, urlparse
@@ -588,6 +591,74 @@ class Tracker:
                 tags=[e for e in chunk if isinstance(e, RunTag)],
                 metrics=[e for e in chunk if isinstance(e, Metric)],
             )
+
+
+# ---- reading a sweep back ---------------------------------------------------------------
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class StoredSweep:
+    """A sweep as the store holds it: its parent run's id, experiment, tags and metrics, and
+    its trials' records."""
+
+    run_id: str
+    experiment: str
+    tags: dict[str, str]
+    metrics: dict[str, float]  # sweep_wall_s, num_devices, n_trials, ...
+    records: list[TrialRecord]
+
+
+def read_sweep(uri: str, ref: str, experiment: str | None = None) -> StoredSweep:
+    """The sweep whose parent run id is `ref`, or the newest one whose sweep key starts with
+    `ref` (4+ hex digits), in `experiment` or in any experiment. ValueError when none or
+    several sweeps match; TrackingUnavailable when the store cannot be reached."""
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        parent = _find_sweep_run(client, ref, experiment)
+        experiment_name = client.get_experiment(parent.info.experiment_id).name
+        records = Tracker(uri, experiment_name).trial_records(parent.info.run_id)
+    except TrackingUnavailable:
+        raise
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise TrackingUnavailable(uri, "read_sweep", error) from error
+        if isinstance(error, MlflowException) and error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ValueError(f"expected a run of the store at {redact_text(uri)}, received {ref!r}: {error}") from None
+        raise
+    return StoredSweep(parent.info.run_id, experiment_name, dict(parent.data.tags), dict(parent.data.metrics),
+                       records)
+
+
+def _find_sweep_run(client: MlflowClient, ref: str, experiment: str | None) -> Any:
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ValueError(f"expected an existing MLflow experiment, received --experiment {experiment!r}; "
+                             f"leave it out to search every experiment")
+        experiment_ids = [found.experiment_id]
+    else:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if _RUN_ID.fullmatch(ref):
+        run = client.get_run(ref)
+        if run.data.tags.get("run_type") != "sweep":
+            raise ValueError(f"expected the parent run of a sweep (tag run_type=sweep), received the run {ref} "
+                             f"(run_type={run.data.tags.get('run_type')!r})")
+        return run
+    if not re.fullmatch(r"[0-9a-f]{4,64}", ref):
+        raise ValueError(f"expected a parent run id, a sweep key (or its first 4+ hex digits) or a spool "
+                         f"file, received {ref!r}")
+    runs = client.search_runs(experiment_ids, order_by=["attributes.start_time DESC"], max_results=1000,
+                              filter_string=f"tags.run_type = 'sweep' and tags.sweep_key LIKE '{ref}%'")
+    keys = {r.data.tags.get("sweep_key") for r in runs}
+    if not runs:
+        raise ValueError(f"expected a sweep key in the store, received {ref!r}, which no sweep's key starts "
+                         f"with; list them in the MLflow UI (tag sweep_key) or give the parent run id")
+    if len(keys) > 1:
+        raise ValueError(f"expected one sweep for {ref!r}, received {len(keys)} sweep keys starting with it "
+                         f"({', '.join(sorted(k[:12] for k in keys))}...): give more digits")
+    return runs[0]
 
 
 def _check_identifier(what: str, value: str) -> None:

@@ -95,6 +95,11 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def wheel_dist(name: str) -> str:
+    """The name as a wheel's file name spells it: 'hydra-core' -> 'hydra_core'."""
+    return re.sub(r"[-_.]+", "_", name)
+
+
 def requirement_name(requirement: str) -> str:
     """'mlflow>=3.17.2,<3.18' -> 'mlflow'; 'ray[default]>=2' -> 'ray'."""
     match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
@@ -271,7 +276,7 @@ def is_stub(filename: str) -> bool:
 def write_stub_wheel(folder: Path, name: str, version: str) -> Path:
     """An empty wheel with metadata only: pip takes it for `name` and asks for nothing more."""
     version = stub_version(version)
-    dist = f"{re.sub(r'[-_.]+', '_', name)}-{version}"
+    dist = f"{wheel_dist(name)}-{version}"
     files = {
         f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
         f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: wheelhouse\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
@@ -374,7 +379,7 @@ class Resolver:
         self.unpinned[name] = version
         self.stubbed.discard(name)
         self.exclusions = [e for e in self.exclusions if e.pattern != name]
-        for stub in self.stubs.glob(f"{re.sub(r'[-_.]+', '_', name)}-*.whl"):
+        for stub in self.stubs.glob(f"{wheel_dist(name)}-*.whl"):
             stub.unlink()
         self._write_constraints()
 
@@ -484,7 +489,6 @@ def render_install_script(*, python_version: str, platforms: list[str], joins: d
                           runtime_wheels: list[str], left_out: dict[str, str], summary: str) -> str:
     """install.sh: join the parts, check SHA256SUMS, pip install offline (environment or TARGET)."""
     left = " ".join(sorted(left_out))
-    check = CHECK_SCRIPT
     left_note = ", ".join(f"{n} ({why})" for n, why in sorted(left_out.items())) or "nothing"
     join_lines = "".join(f"join {name} {count}\n" for name, count in sorted(joins.items()))
     wheel_lines = "".join(f'    "$here/{name}" \\\n' for name in runtime_wheels)
@@ -537,7 +541,7 @@ version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || f
 # What this wheelhouse left out ({left or "nothing"}) must be in $PYTHON, at versions the
 # project's dependency tree accepts (excluded.txt): checked now rather than failing at import.
 problems=$("$PYTHON" - "$here/excluded.txt" <<'CHECK'
-{check}CHECK
+{CHECK_SCRIPT}CHECK
 ) || fail "cannot check with $PYTHON what this wheelhouse left out (it needs pip): install pip, or set PYTHON"
 if [ -n "$problems" ]; then
     echo "install.sh: $PYTHON lacks what this wheelhouse left out:" >&2

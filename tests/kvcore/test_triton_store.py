@@ -79,6 +79,8 @@ def run_checks() -> dict:
         untouched[:, 1:, 3:6] = False
         if not (kv.float()[untouched] == SENTINEL).all():
             problems.append("a slot outside the run was written")
+        if scale is not None and not (scale[untouched] == SENTINEL).all():
+            problems.append("a scale outside the run was written")
         results[f"store_slots-{dtype}"] = "; ".join(problems)
 
         # the counter on the device: positions 5..8 of P=7 with 2 sinks -> slots 5, 6, 2, 3
@@ -99,6 +101,8 @@ def run_checks() -> dict:
             problems.append("the kernel wrote the counter")
         if not (kv[:, :, [0, 1, 4]].float() == SENTINEL).all():
             problems.append("a slot outside positions 5..8 was written")
+        if scale is not None and not (scale[:, :, [0, 1, 4]] == SENTINEL).all():
+            problems.append("a scale outside positions 5..8 was written")
         results[f"store_at_count-{dtype}"] = "; ".join(problems)
 
         # the body of a captured decode step, run eagerly, against append + attend per layer

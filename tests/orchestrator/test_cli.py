@@ -9,7 +9,6 @@ The commands run as real subprocesses, all at once (each spends most of its time
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from mlflow_server import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def broken(milestone: str) -> list[str]:
+    """The arguments that run one of the broken milestone files (see write_broken_milestones)."""
+    return [f"+milestone={milestone}", "hydra.searchpath=[file://{milestones}]"]
 
 
 # name: (arguments, what stderr must say)
@@ -38,13 +38,13 @@ CASES = {
                          "a positive int, got -4096"),
     "missing criterion": (["+milestone=smoke", "~milestone.criteria.kv_cache"],
                           "error: bad configuration: milestone 'smoke' lacks the criteria ['kv_cache']"),
-    "milestone file without criteria": (["+milestone=nocriteria", "hydra.searchpath=[file://{milestones}]"],
+    "milestone file without criteria": (broken("nocriteria"),
                                         "error: bad configuration: milestone 'nocriteria' has no criteria; "
                                         "add milestone.criteria to conf/milestone/nocriteria.yaml"),
-    "criterion without threshold": (["+milestone=nothreshold", "hydra.searchpath=[file://{milestones}]"],
+    "criterion without threshold": (broken("nothreshold"),
                                     "error: bad configuration: milestone.criteria.fill_rate.threshold is missing "
                                     "(???); set it in conf/milestone/nothreshold.yaml"),
-    "criterion without metric": (["+milestone=nometric", "hydra.searchpath=[file://{milestones}]"],
+    "criterion without metric": (broken("nometric"),
                                  "error: bad configuration: milestone.criteria.token_gen.metric is missing (???)"),
     "criterion with a bad op": (["+milestone=smoke", "milestone.criteria.kv_cache.op=at_most"],
                                 "error: bad configuration: criterion 'kv_cache': op must be one of ['>', '<'], "

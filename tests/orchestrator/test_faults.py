@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from mlflow_server import MlflowServer, free_port
+from orchestrator.capacity import devices_from_probe
 from orchestrator.config import CONF_DIR, TrialSettings, load_sweep
 from orchestrator.criteria import Criterion
 from orchestrator.scheduling import Cluster
@@ -122,19 +123,13 @@ def test_a_worker_that_dies_on_every_attempt_is_an_error_after_the_retries(ray_s
     monkeypatch.setenv(FAULT_ENV, "kill:0")
     sweep = smoke_sweep(tmp_path, "sqlite:///unused.db", "unused", "grid.cache.dtype=[float16]")
     cluster = Cluster.connect(sweep.cluster)
-    devices = [d for d in _devices(cluster)]
+    devices = devices_from_probe(cluster.probe(), 0.95, 0.8)
     criteria = (Criterion("fill_rate", "fill_rate_pos_s", ">", 1.0),)
     records = run_trials(sweep.trials, devices, cluster, criteria, on_record=lambda r: None,
                          settings=TrialSettings(max_retries=0, timeout_s=60))
     [record] = records
     assert record.verdict == "ERROR" and record.attempts == 1
     assert record.reason.startswith("crash: the worker died on every attempt: WorkerCrashedError")
-
-
-def _devices(cluster):
-    from orchestrator.capacity import devices_from_probe
-
-    return devices_from_probe(cluster.probe(), 0.95, 0.8)
 
 
 @pytest.mark.slow

@@ -82,8 +82,9 @@ class ScriptedCluster:
         return [spec.index]
 
     def fetch(self, ref):
-        if ref == 2:
-            return {"status": "ERROR", "reason": "crash: WorkerCrashedError: died", "metrics": {}, "info": {}}
+        if ref == 2:  # as Cluster.fetch returns a worker that died on every attempt
+            return {"status": "ERROR", "reason": "crash: the worker died on every attempt: WorkerCrashedError: died",
+                    "metrics": {}, "info": {}, "retries_exhausted": True}
         return {"status": "OK", "reason": "", "metrics": {"fill_rate_pos_s": 100.0 * ref},
                 "info": {"device_name": "x"}, "started_at": 1.0, "finished_at": 2.0}
 
@@ -103,6 +104,7 @@ def test_run_trials_places_each_trial_on_a_free_device_that_holds_it():
     by_index = {r.index: r for r in records}
     assert by_index[0].verdict == "FAIL" and by_index[1].verdict == "PASS" and by_index[3].verdict == "PASS"
     assert by_index[2].verdict == "ERROR" and by_index[2].criteria == ()
+    assert by_index[2].attempts == 4 and by_index[1].attempts == 1, "retries used up: max_retries + 1 runs"
     assert by_index[2].started_at > 1e9, "a Ray failure gets the submission time"
     assert stream.getvalue().splitlines()[-1].startswith("[t] 4/4 done, 0 running, 0 pending")
 
@@ -174,7 +176,7 @@ def test_ctrl_c_cancels_the_running_trials_and_goes_on_to_the_caller():
 def test_deadline_derived_from_the_trials_size():
     settings = TrialSettings(max_retries=2, timeout_s=None)
     small = trial(0, 0.0)  # a one-position cache, no weights: the base and the time boxes
-    assert trial_timeout_s(small.params, settings) == pytest.approx(600 + 120 * 4e-9 + 20 * 2 * 0.5)
+    assert trial_timeout_s(small.params, settings) == pytest.approx(600 + 120 * 8e-9 + 20 * 2 * 0.5)
     big = trial(1, 10.0)  # 10 GB of weights: 20 more minutes
     assert trial_timeout_s(big.params, settings) - trial_timeout_s(small.params, settings) == pytest.approx(1200)
     assert trial_timeout_s(big.params, TrialSettings(max_retries=2, timeout_s=7)) == 7.0

@@ -103,7 +103,7 @@ def test_records_without_the_driver_fields_say_na():
 def test_a_sweep_without_any_trial_that_ran():
     t = tl.sweep_timeline([make_record(0, 0.0, 0.0, status="SKIPPED", verdict="SKIPPED")])
     assert (t.trials, t.skipped, t.wall_s, t.trials_per_s) == (0, 1, None, None)
-    assert "| wall time, first start to last finish | n/a s |" not in tl.format_sweep(t)
+    assert "| wall time, first start to last finish | n/a |" in tl.format_sweep(t)
     assert "| trials run | 0 (and 1 SKIPPED) |" in tl.format_sweep(t)
 
 
@@ -155,8 +155,7 @@ def test_reads_sweeps_back_from_a_sqlite_store_by_run_id_and_key_prefix(tmp_path
         parent = tracker.start_sweep(milestone="smoke", sweep_key=key)
         for record in records:
             tracker.log_trial(parent, record)
-        tracker.client.log_metric(parent, "sweep_wall_s", 26.0 if label == "two" else 11.0)
-        tracker.finish_sweep(parent, records)
+        tracker.finish_sweep(parent, records, metrics={"sweep_wall_s": 26.0 if label == "two" else 11.0})
         keys[label] = (key, parent)
     argv = ["--tracking-uri", uri, "--baseline", keys["one"][0][:6], keys["two"][1]]
     assert tl.main(argv) == 0
@@ -173,6 +172,8 @@ def test_reads_sweeps_back_from_a_sqlite_store_by_run_id_and_key_prefix(tmp_path
     child = tracker.client.search_runs([tracker.experiment_id], "tags.run_type = 'trial'")[0].info.run_id
     assert tl.main(["--tracking-uri", uri, child]) == 2
     assert "expected the parent run of a sweep" in capsys.readouterr().err
+    assert tl.main(["--tracking-uri", uri, "0" * 32]) == 2
+    assert "expected a run of the store" in capsys.readouterr().err
 
 
 def test_reads_a_spool_file(tmp_path, capsys):

@@ -118,10 +118,10 @@ class Postgres:
         self.stop()
         raise PostgresUnavailable(f"PostgreSQL did not accept connections within {timeout:.0f} s")
 
-    def psql(self, sql: str) -> str:
-        """Run SQL as the superuser; its output."""
-        done = subprocess.run([str(self.bin / "psql"), "-v", "ON_ERROR_STOP=1", "-At"], input=sql, text=True,
-                              capture_output=True, env={**os.environ, **self.env}, timeout=60)
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """Run SQL as the superuser in `database`; its output (unaligned, tuples only)."""
+        done = subprocess.run([str(self.bin / "psql"), "-v", "ON_ERROR_STOP=1", "-At", "-d", database], input=sql,
+                              text=True, capture_output=True, env={**os.environ, **self.env}, timeout=60)
         if done.returncode != 0:
             raise RuntimeError(f"psql failed: {done.stderr.strip()}")
         return done.stdout

@@ -7,9 +7,8 @@ Exit status: 0 every trial passed; 1 a trial failed, errored or was skipped; 2 a
 configuration (malformed override, unknown milestone, wrong type, failed check, unknown
 tracking URI scheme, unreachable cluster.address) or a tracking server that refuses the user
 (no or wrong MLFLOW_TRACKING_USERNAME / _PASSWORD, no EDIT on the experiment), reported before
-any trial runs; 130
-interrupted (Ctrl-C: running trials cancelled, the sweep's parent run marked KILLED, and
-running the same command again resumes it).
+any trial runs; 130 interrupted (Ctrl-C: running trials cancelled, the sweep's parent run
+marked KILLED, and running the same command again resumes it).
 
 Key decision: Hydra itself exits with status 1 when composing fails (a malformed override, a
 missing config), before the task function runs. `main` notes whether the task was entered

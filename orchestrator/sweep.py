@@ -17,8 +17,8 @@
    (done / running / pending, elapsed, ETA) goes to stderr;
 6. ends the parent run (FINISHED, or KILLED after Ctrl-C) with the driver's metrics
    `sweep_wall_s` and `num_devices`, prints the table of every trial of the sweep and what to
-   open to see it (a server's page of the parent run, or `mlflow ui` for a local store), and returns the exit status: 0 when every trial passed, 1 when
-   not, 130 when interrupted.
+   open to see it (a server's page of the parent run, or `mlflow ui` for a local store), and
+   returns the exit status: 0 when every trial passed, 1 when not, 130 when interrupted.
 
 What survives what:
 - A worker or node that dies: Ray reruns the task (trial.max_retries); the task reports its

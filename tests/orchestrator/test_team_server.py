@@ -263,6 +263,7 @@ def refusal_users(team):
     return team.create_user("grace", "grace-password-1", "kvbench-refusals", None)
 
 
+@pytest.mark.slow  # a command that imports Hydra and MLflow: seconds each
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_a_refused_login_or_permission_exits_2_with_one_line_before_ray_starts(team, refusal_users, tmp_path, case):
     credentials, expected = REFUSALS[case]

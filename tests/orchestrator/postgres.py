@@ -142,7 +142,9 @@ class Postgres:
             log = self.root / "postgres.log" if self.root else None
             tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
             self.stop()
-            raise PostgresUnavailable(f"{what} failed ({done.returncode}): {done.stderr.strip()[-1000:]} {tail}")
+            raise PostgresUnavailable(f"{what} failed ({done.returncode}): {done.stderr.strip()[-1000:]} {tail} "
+                                      f"(run the test as an ordinary user, or as root with runuser and the "
+                                      f"user nobody; PG_BIN=<folder> picks other binaries)")
 
     def __enter__(self) -> "Postgres":
         return self.start()

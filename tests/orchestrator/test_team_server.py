@@ -167,7 +167,7 @@ def team(tmp_path_factory):
     try:
         pg = Postgres().start()
     except PostgresUnavailable as error:
-        pytest.skip(str(error))
+        pytest.skip(f"PostgreSQL could not start here: {error}")
     try:
         site = Team(tmp_path_factory.mktemp("team-server"), pg)
         database = subprocess.run(["bash", "-euc", site.block("database")], env={**base_env(), **pg.env},
@@ -345,3 +345,24 @@ def test_server_killed_mid_sweep_spools_then_sync_logs_in_from_the_environment(t
     assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
     assert parent.data.tags["verdict"] == "PASS" and parent.data.metrics["n_trials"] == 3
     assert sorted(r.data.params["cache.dtype"] for r in complete) == ["bfloat16", "float16", "float32"]
+
+
+def test_a_user_with_edit_replaces_a_leftover_trial_run_without_deleting_it(team, caplog):
+    """Deleting runs needs MANAGE; with EDIT, log_trial still records the trial once and leaves
+    the incomplete child of an interrupted upload in place, with a warning."""
+    from orchestrator.tracking import Tracker
+    from test_report import make_record, passing
+
+    experiment_id = team.create_user("heidi", "heidi-password-1", "kvbench-team-edit", "EDIT")
+    record = make_record(0, passing(1.0))
+    with _environment(login("heidi", "heidi-password-1")):
+        tracker = Tracker(team.uri, "kvbench-team-edit")
+        parent_id = tracker.start_sweep(milestone="smoke", sweep_key="edit0001")
+        client = MlflowClient(team.uri)
+        leftover = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent_id, "run_type": "trial",
+                                                          "trial_key": record.trial_key}).info.run_id
+        child_id = tracker.log_trial(parent_id, record)
+        assert tracker.finished_trial_keys(parent_id) == {record.trial_key}
+        assert client.get_run(leftover).info.lifecycle_stage == "active"
+        assert client.get_run(child_id).data.tags["verdict"] == "PASS"
+    assert f"run {leftover} is obsolete but stays: deleting runs needs MANAGE" in caplog.text

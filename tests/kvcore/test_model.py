@@ -448,3 +448,17 @@ def test_gpu_7b_shape_teacher_forced_equals_transformers():
 
     record = check(layers=32, prompt=16, new_tokens=32, timed_tokens=0)
     assert record["passed"], record
+
+
+def test_model_check_runs_at_a_tiny_shape_on_cpu():
+    """The GPU check's logic (kvcore/model_check.py) at a tiny float32 shape: it passes, at
+    float32 rounding."""
+    from kvcore import model_check
+
+    tiny = dict(SHAPE, rope_parameters=LLAMA3_ROPE)
+    record = model_check.check(layers=2, prompt=5, new_tokens=6, timed_tokens=2, dtype="float32",
+                               device="cpu", shape=tiny)
+    assert record["passed"] and record["weights_shared_with_transformers"], record
+    assert len(record["max_abs_per_step"]) == 6 and max(record["max_abs_per_step"]) < 1e-5
+    assert record["own_greedy_equal"] and record["decode_tok_s_graph"] > 0
+    json.dumps(record)  # plain values

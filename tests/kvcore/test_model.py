@@ -20,8 +20,13 @@ Run: `python -m pytest tests/kvcore/test_model.py -q` (GPU: add `-m gpu`).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +43,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 SHAPE = dict(vocab_size=61, hidden_size=18, intermediate_size=14, num_hidden_layers=3,
              num_attention_heads=6, num_key_value_heads=2, head_dim=6, max_position_embeddings=256)
 FLOAT32_ATOL = 1e-5
+REPO = Path(__file__).resolve().parents[2]
 CACHE_REL_L2 = {"float16": 1e-3, "bfloat16": 1e-2, "int8": 1e-2, "float8_e4m3fn": 5e-2}
 
 
@@ -462,3 +468,40 @@ def test_model_check_runs_at_a_tiny_shape_on_cpu():
     assert len(record["max_abs_per_step"]) == 6 and max(record["max_abs_per_step"]) < 1e-5
     assert record["own_greedy_equal"] and record["decode_tok_s_graph"] > 0
     json.dumps(record)  # plain values
+
+
+INTERPRETED_BODY = """
+import json, torch
+from kvcore.model import CausalLM
+cfg = dict(vocab_size=61, hidden_size=18, intermediate_size=14, num_hidden_layers=2,
+           num_attention_heads=6, num_key_value_heads=2, head_dim=6)
+worst = {}
+for cache_dtype in ("float16", "int8"):
+    made = dict(dtype="float16", cache_dtype=cache_dtype, max_positions=7, sink_positions=1)
+    ref = CausalLM.from_config(cfg, **made, seed=1, decode_method="eager")
+    ours = CausalLM.from_state_dict(cfg, ref.state_dict(), **made, decode_method="counter")
+    ref.cache.attention, ours.cache.attention = "torch", "triton"
+    assert ours.cache.fused_writes and ours.cache.attention_backend == "triton"
+    ids = torch.randint(0, 61, (1, 15), generator=torch.Generator().manual_seed(2))
+    ref.prefill(ids[:, :3]), ours.prefill(ids[:, :3])
+    worst[cache_dtype] = 0.0
+    for t in range(3, 15):  # round the ring of 7 twice
+        a, b = ref.decode(ids[:, t:t + 1]).clone(), ours.decode(ids[:, t:t + 1]).clone()
+        worst[cache_dtype] = max(worst[cache_dtype], (a - b).abs().max().item())
+    assert int(ours.cache.position_counter()) == ours.cache.total_appended == 15
+print(json.dumps(worst))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not importable")
+def test_graph_body_with_the_triton_kernels_in_the_interpreter():
+    """The captured step's launches with the real kernels (the fused write at the device
+    counter, the Triton attention over the device count), in Triton's interpreter on the
+    CPU, against the eager decode with torch attention: float16 weights, float16 and int8
+    caches, through the ring's wrap."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED_BODY], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert worst["float16"] <= 2e-3 and worst["int8"] <= 2e-3, worst

@@ -463,10 +463,11 @@ def test_model_check_runs_at_a_tiny_shape_on_cpu():
 
     tiny = dict(SHAPE, rope_parameters=LLAMA3_ROPE)
     record = model_check.check(layers=2, prompt=5, new_tokens=6, timed_tokens=2, dtype="float32",
-                               device="cpu", shape=tiny)
+                               device="cpu", shape=tiny, context=20)
     assert record["passed"] and record["weights_shared_with_transformers"], record
     assert len(record["max_abs_per_step"]) == 6 and max(record["max_abs_per_step"]) < 1e-5
     assert record["own_greedy_equal"] and record["decode_tok_s_graph"] > 0
+    assert record["timed_context"] == 20 and record["prefill_tok_s_graph"] > 0
     json.dumps(record)  # plain values
 
 

@@ -29,6 +29,8 @@ Key decisions:
 - Prefill runs in chunks (`chunk_size`): each chunk goes through every layer, attending to
   the layer's window in the cache (`get_valid`) plus the chunk's own keys (causal, within the
   window rule); its keys/values of all layers then go into the cache with one `extend`.
+  While nothing is evicted the mask is SDPA's lower-right causal bias (its fused kernels
+  run it); a chunk that crosses the window's edge gets an explicit window mask.
   Within a chunk the chunk's keys are used before the cache's rounding (quantized caches:
   later tokens see them dequantized).
 - Decode: one position through every layer. "cuda_graph" (default on CUDA with Triton): the
@@ -63,6 +65,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from kvcore.cache import StreamingKVCache
 from kvcore.capture import capture
@@ -545,8 +548,10 @@ class CausalLM:
         positions = torch.arange(first, first + T, device=self.device)
         past_pos = cache.positions().to(self.device)  # [n_past], oldest first (get_valid's order)
         key_pos = torch.cat([past_pos, positions])
-        mask = window_mask(positions, key_pos, cache.max_positions, cache.sink_positions)
-        causal_only = past_pos.numel() == 0 and first + T <= cache.max_positions
+        if first + T <= cache.max_positions:  # nothing evicted: causal, aligned at the end
+            mask = None if past_pos.numel() == 0 else causal_lower_right(T, key_pos.numel())
+        else:
+            mask = window_mask(positions, key_pos, cache.max_positions, cache.sink_positions)
         keys = torch.empty((cfg.num_layers, T, Hkv, D), dtype=kv_dtype, device=self.device)
         values = torch.empty_like(keys)
 
@@ -557,15 +562,17 @@ class CausalLM:
                 k, v = torch.cat([past_k, keys[i]]), torch.cat([past_v, values[i]])
             else:
                 k, v = keys[i], values[i]
-            return self._prefill_attention(q.to(kv_dtype), k, v, None if causal_only else mask)
+            return self._prefill_attention(q.to(kv_dtype), k, v, mask)
 
         x = self._layers(F.embedding(ids, self.embed), positions, attend)
         cache.extend(keys, values)
         return x
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           mask: torch.Tensor | None) -> torch.Tensor:
-        """q [T, H, D] over k/v [n, Hkv, D] (mask [T, n] bool, or None: causal) -> [T, H, D]."""
+                           mask: object) -> torch.Tensor:
+        """q [T, H, D] over k/v [n, Hkv, D] -> [T, H, D]. mask: None (causal, n == T), a
+        lower-right causal bias (the chunk after n - T past positions: SDPA's fused kernels
+        take it), or a [T, n] bool window mask (positions evicted within the chunk)."""
         group = q.shape[1] // k.shape[1]
         if group > 1:  # expanded, so every SDPA backend (masked ones included) takes it
             k = k.repeat_interleave(group, dim=1)

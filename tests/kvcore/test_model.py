@@ -507,3 +507,13 @@ def test_graph_body_with_the_triton_kernels_in_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     worst = json.loads(proc.stdout.strip().splitlines()[-1])
     assert worst["float16"] <= 2e-3 and worst["int8"] <= 2e-3, worst
+
+
+def test_model_check_cli_refuses_a_missing_device(monkeypatch, capsys, tmp_path):
+    from kvcore import model_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "check.json"
+    assert model_check.main(["--check-gpu", "--out", str(out)]) == 2
+    assert "--device cuda:0 needs CUDA" in capsys.readouterr().err and not out.exists()
+    assert model_check.main(["--check-gpu", "--out", str(out), "--device", "cpu", "--layers", "0"]) == 2

@@ -45,8 +45,9 @@ Key decisions:
   settable; False gives the torch ops): a 7B layer is then about 16 launches instead of 45.
 - Weights are plain tensors with transformers' names (`state_dict()`), never copied when
   given on the right device and dtype, so a transformers model can share them (the peer
-  measurement). `lm.linear` (default torch.nn.functional.linear) computes every projection
-  and the lm_head: a faster GEMV can be plugged in.
+  measurement). `lm.fuse_projections()` (opt-in, a copy) concatenates q/k/v and gate/up:
+  4 projections per layer instead of 7. `lm.linear` (default torch.nn.functional.linear)
+  computes every projection and the lm_head: a faster GEMV can be plugged in.
 - Caller mistakes (bad folders, unsupported architectures, bad shapes or tensors) raise a
   ValueError that says what and why.
 
@@ -293,6 +294,8 @@ class LayerWeights:
     w_gate: torch.Tensor
     w_up: torch.Tensor
     w_down: torch.Tensor
+    wqkv: torch.Tensor | None = None  # [wq; wk; wv] after fuse_projections (wq.. are views of it)
+    w_gate_up: torch.Tensor | None = None  # [w_gate; w_up] likewise
 
 
 _LAYER_NAMES = {
@@ -443,6 +446,24 @@ class CausalLM:
         ]
         self.norm = params["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else params["lm_head.weight"]
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate each layer's q/k/v weights into one [(H + 2 Hkv) D, hidden] matrix and
+        gate/up into one [2 I, hidden]: 4 projections per layer instead of 7 (fewer, larger
+        GEMVs per token). The separate weights become views of the fused ones (state_dict
+        still gives them under transformers' names). A copy, made one layer at a time: the
+        given tensors are no longer shared (their memory is freed unless the caller holds
+        them). Idempotent; captured graphs are dropped."""
+        for layer in self.layers:
+            if layer.wqkv is None:
+                sizes = [layer.wq.shape[0], layer.wk.shape[0], layer.wv.shape[0]]
+                layer.wqkv = torch.cat([layer.wq, layer.wk, layer.wv])
+                layer.wq, layer.wk, layer.wv = layer.wqkv.split(sizes)
+            if layer.w_gate_up is None:
+                layer.w_gate_up = torch.cat([layer.w_gate, layer.w_up])
+                layer.w_gate, layer.w_up = layer.w_gate_up.split(layer.w_gate.shape[0])
+        self._graphs.clear()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under transformers' names (the tensors themselves, no copy)."""
@@ -642,14 +663,22 @@ class CausalLM:
         T, H, Hkv, D = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         rotate = self._rotation(positions)
         y = None  # the MLP output not yet added to h
+        I = cfg.intermediate_size
         for i, layer in enumerate(self.layers):
             h, x = self._add_norm(h, y, layer.input_norm)
-            q = rotate(linear(x, layer.wq).view(T, H, D))
-            k = rotate(linear(x, layer.wk).view(T, Hkv, D))
-            v = linear(x, layer.wv).view(T, Hkv, D)
-            attn = attend(i, q, k, v).to(self.dtype)
+            if layer.wqkv is None:
+                q, k, v = linear(x, layer.wq), linear(x, layer.wk), linear(x, layer.wv)
+            else:  # one projection, then views: q [T, H*D], k and v [T, Hkv*D]
+                q, k, v = linear(x, layer.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = rotate(q.view(T, H, D))
+            k = rotate(k.view(T, Hkv, D))
+            attn = attend(i, q, k, v.view(T, Hkv, D)).to(self.dtype)
             h, x = self._add_norm(h, linear(attn.reshape(T, H * D), layer.wo), layer.post_norm)
-            y = linear(self._act(linear(x, layer.w_gate), linear(x, layer.w_up)), layer.w_down)
+            if layer.w_gate_up is None:
+                gate, up = linear(x, layer.w_gate), linear(x, layer.w_up)
+            else:
+                gate, up = linear(x, layer.w_gate_up).split([I, I], dim=-1)
+            y = linear(self._act(gate, up), layer.w_down)
         return self._add_norm(h, y, self.norm)[1]
 
     def _add_norm(self, h: torch.Tensor, y: torch.Tensor | None,

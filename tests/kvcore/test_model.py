@@ -481,6 +481,7 @@ for cache_dtype in ("float16", "int8"):
     made = dict(dtype="float16", cache_dtype=cache_dtype, max_positions=7, sink_positions=1)
     ref = CausalLM.from_config(cfg, **made, seed=1, decode_method="eager")
     ours = CausalLM.from_state_dict(cfg, ref.state_dict(), **made, decode_method="counter")
+    ours.fuse_projections()  # strided q/k/v views through the kernels
     ref.cache.attention, ours.cache.attention = "torch", "triton"
     ref.fused_ops = False  # torch norms, rotary and activation: the reference
     assert ours.cache.fused_writes and ours.cache.attention_backend == "triton"
@@ -517,3 +518,23 @@ def test_model_check_cli_refuses_a_missing_device(monkeypatch, capsys, tmp_path)
     assert model_check.main(["--check-gpu", "--out", str(out)]) == 2
     assert "--device cuda:0 needs CUDA" in capsys.readouterr().err and not out.exists()
     assert model_check.main(["--check-gpu", "--out", str(out), "--device", "cpu", "--layers", "0"]) == 2
+
+
+@pytest.mark.parametrize("method", ["eager", "counter"])
+def test_fused_projections_give_the_same_logits(method):
+    model = hf_model(seed=15, rope_parameters=LLAMA3_ROPE)
+    plain = CausalLM.from_state_dict(model.config, model.state_dict(), max_positions=12,
+                                     sink_positions=1, decode_method=method)
+    fused = CausalLM.from_state_dict(model.config, model.state_dict(), max_positions=12,
+                                     sink_positions=1, decode_method=method)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    fused.fuse_projections()
+    fused.fuse_projections()  # idempotent
+    layer = fused.layers[1]
+    assert layer.wqkv.shape == (6 * 6 + 2 * 2 * 6, 18) and layer.w_gate_up.shape == (28, 18)
+    assert layer.wk.data_ptr() == layer.wqkv[36:].data_ptr()  # views of the fused weights
+    assert all(torch.equal(fused.state_dict()[k], v) for k, v in before.items())
+    assert fused.weight_bytes() == plain.weight_bytes()
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(15))
+    torch.testing.assert_close(kvcore_logits(fused, ids, prompt=7, chunk_size=3),
+                               kvcore_logits(plain, ids, prompt=7, chunk_size=3), rtol=0, atol=1e-5)

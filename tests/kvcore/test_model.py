@@ -468,6 +468,7 @@ def test_model_check_runs_at_a_tiny_shape_on_cpu():
     assert len(record["max_abs_per_step"]) == 6 and max(record["max_abs_per_step"]) < 1e-5
     assert record["own_greedy_equal"] and record["decode_tok_s_graph"] > 0
     assert record["timed_context"] == 20 and record["prefill_tok_s_graph"] > 0
+    assert record["fused_vs_unfused_max_abs"] < 1e-5 and record["decode_tok_s_graph_fused"] > 0
     json.dumps(record)  # plain values
 
 

@@ -29,8 +29,9 @@ Key decisions:
 - Prefill runs in chunks (`chunk_size`): each chunk goes through every layer, attending to
   the layer's window in the cache (`get_valid`) plus the chunk's own keys (causal, within the
   window rule); its keys/values of all layers then go into the cache with one `extend`.
-  While nothing is evicted the mask is SDPA's lower-right causal bias (its fused kernels
-  run it); a chunk that crosses the window's edge gets an explicit window mask.
+  On CUDA, while nothing is evicted, the mask is SDPA's lower-right causal bias (its fused
+  kernels run it); elsewhere, or for a chunk that crosses the window's edge, an explicit
+  window mask (the same keys).
   Within a chunk the chunk's keys are used before the cache's rounding (quantized caches:
   later tokens see them dequantized).
 - Decode: one position through every layer. "cuda_graph" (default on CUDA with Triton): the
@@ -66,7 +67,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from kvcore.cache import StreamingKVCache
 from kvcore.capture import capture
@@ -569,8 +569,14 @@ class CausalLM:
         positions = torch.arange(first, first + T, device=self.device)
         past_pos = cache.positions().to(self.device)  # [n_past], oldest first (get_valid's order)
         key_pos = torch.cat([past_pos, positions])
-        if first + T <= cache.max_positions:  # nothing evicted: causal, aligned at the end
-            mask = None if past_pos.numel() == 0 else causal_lower_right(T, key_pos.numel())
+        if first + T <= cache.max_positions and past_pos.numel() == 0:
+            mask = None  # causal
+        elif first + T <= cache.max_positions and self.device.type == "cuda":
+            # nothing evicted: causal aligned at the end, which SDPA's fused kernels run
+            # (imported here: torch.nn.attention.bias loads triton)
+            from torch.nn.attention.bias import causal_lower_right
+
+            mask = causal_lower_right(T, key_pos.numel())
         else:
             mask = window_mask(positions, key_pos, cache.max_positions, cache.sink_positions)
         keys = torch.empty((cfg.num_layers, T, Hkv, D), dtype=kv_dtype, device=self.device)

@@ -539,3 +539,19 @@ def test_fused_projections_give_the_same_logits(method):
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(15))
     torch.testing.assert_close(kvcore_logits(fused, ids, prompt=7, chunk_size=3),
                                kvcore_logits(plain, ids, prompt=7, chunk_size=3), rtol=0, atol=1e-5)
+
+
+def test_lower_right_causal_bias_equals_the_window_mask():
+    """The CUDA prefill's mask while nothing is evicted (SDPA's lower-right causal bias) sees
+    the same keys as the window mask the CPU uses."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from kvcore.model import window_mask
+
+    lm = CausalLM.from_config(SHAPE, max_positions=32)
+    gen = torch.Generator().manual_seed(16)
+    q = torch.randn(5, 6, 6, generator=gen)  # a chunk of 5 after 9 past positions
+    k, v = torch.randn(14, 2, 6, generator=gen), torch.randn(14, 2, 6, generator=gen)
+    mask = window_mask(torch.arange(9, 14), torch.arange(14), 32, 0)
+    torch.testing.assert_close(lm._prefill_attention(q, k, v, causal_lower_right(5, 14)),
+                               lm._prefill_attention(q, k, v, mask), rtol=0, atol=1e-6)

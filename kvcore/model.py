@@ -701,11 +701,11 @@ class CausalLM:
 
     def _rotation(self, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The rotary embedding at positions [T], for q or k [T, heads, D]."""
+        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)  # once for every layer
         if self.fused_ops:
             from kvcore.triton_model import rotary_
 
-            return lambda x: rotary_(x, positions, self._inv_freq)
-        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)
+            return lambda x: rotary_(x, cos, sin)
         return lambda x: apply_rotary(x, cos, sin)
 
     def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -169,6 +169,13 @@ class KVStorage:
         self.max_positions = max_positions
         self.fused = triton_kernels_usable(self.device)
 
+    def zero_(self) -> None:
+        """Fill the stores and scales with zeros (attention over a device count reads every
+        slot, masking those past the count: they must hold finite values)."""
+        self.kv.zero_()
+        if self.kv_scale is not None:
+            self.kv_scale.zero_()
+
     def memory_bytes(self) -> int:
         """Exact bytes of the stores and their scales."""
         return self.kv.nbytes + (0 if self.kv_scale is None else self.kv_scale.nbytes)

@@ -23,7 +23,7 @@ KVCORE = """
 import kvcore
 from kvcore import StreamingKVCache
 import kvcore.attention, kvcore.cache, kvcore.slots, kvcore.storage, kvcore.graphs
-import kvcore.triton_decode, kvcore.triton_store, kvcore.bench, kvcore.profiling
+import kvcore.triton_decode, kvcore.triton_store, kvcore.bench, kvcore.profiling, kvcore.triton_gemv
 cache = StreamingKVCache(2, 4, 2, 3, dtype="int8")
 cache.append_all(*[__import__("torch").randn(2, 2, 3).half()] * 2)
 cache.attend(0, __import__("torch").randn(2, 3).half())

@@ -1,5 +1,5 @@
 """kvcore imports only torch and the standard library: importing it in a fresh interpreter loads
-none of the orchestrator's dependencies, and no Triton or NVML beyond what torch itself loads
+none of the orchestrator's dependencies, and no Triton, NVML or transformers beyond what torch itself loads
 (kvcore imports those lazily, on CUDA paths only).
 
 Run: `python -m pytest tests/kvcore/test_imports.py -q`.
@@ -23,7 +23,7 @@ KVCORE = """
 import kvcore
 from kvcore import StreamingKVCache
 import kvcore.attention, kvcore.cache, kvcore.slots, kvcore.storage, kvcore.graphs
-import kvcore.triton_decode, kvcore.triton_store, kvcore.bench, kvcore.profiling, kvcore.triton_gemv
+import kvcore.triton_decode, kvcore.triton_store, kvcore.bench, kvcore.profiling, kvcore.triton_gemv, kvcore.model_bench
 cache = StreamingKVCache(2, 4, 2, 3, dtype="int8")
 cache.append_all(*[__import__("torch").randn(2, 2, 3).half()] * 2)
 cache.attend(0, __import__("torch").randn(2, 3).half())
@@ -45,4 +45,4 @@ def test_import_kvcore_loads_no_orchestrator_dependency():
     assert loaded.isdisjoint({"ray", "mlflow", "hydra", "omegaconf"})
     # Triton and NVML only if torch alone already loads them.
     added = loaded - loaded_modules("import torch")
-    assert added.isdisjoint({"triton", "pynvml"}), sorted(added)
+    assert added.isdisjoint({"triton", "pynvml", "transformers"}), sorted(added)

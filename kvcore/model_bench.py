@@ -128,8 +128,12 @@ class ModelBenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.checkpoint is None and self.shape not in SHAPES:
-            raise ValueError(f"shape must be one of {sorted(SHAPES)} (or give a checkpoint), got {self.shape!r}")
+        given = {key for key, _ in self.shape_overrides}
+        if self.checkpoint is None and self.shape not in SHAPES and not set(SHAPE_KEYS) <= given:
+            raise ValueError(
+                f"shape must be one of {sorted(SHAPES)} (or give a checkpoint, or every key of "
+                f"{list(SHAPE_KEYS)} in shape_overrides), got {self.shape!r}"
+            )
         if self.checkpoint is not None and not Path(self.checkpoint, "config.json").is_file():
             raise ValueError(
                 f"checkpoint must be a local folder with config.json and safetensors, got "
@@ -166,8 +170,9 @@ class ModelBenchConfig:
 
 
 def shape_of(cfg: ModelBenchConfig) -> dict[str, Any]:
-    """The LlamaConfig keys of a trial's random-weights shape, overrides applied."""
-    shape = dict(SHAPES[cfg.shape])
+    """The LlamaConfig keys of a trial's random-weights shape: the named shape, overrides
+    applied (a name outside SHAPES needs every key in the overrides)."""
+    shape = dict(SHAPES.get(cfg.shape, {}))
     shape.update(dict(cfg.shape_overrides))
     return shape
 
@@ -233,7 +238,7 @@ class ModelBenchResult:
     new_tokens: int
     model_repetitions: int
     sink_positions: int
-    prefill_chunk: int
+    model_prefill_chunk: int
     device: str
     weights_source: str  # "random (seed N)" | the checkpoint folder
     weights_shared: bool  # kvcore's model uses the very tensors transformers holds
@@ -704,7 +709,7 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
         num_heads=shape["num_attention_heads"], num_kv_heads=shape["num_key_value_heads"], vocab_size=vocab,
         weights_dtype=cfg.weights_dtype, cache_dtype=cfg.cache_dtype, context_length=cfg.context_length,
         new_tokens=cfg.new_tokens, model_repetitions=cfg.repetitions, sink_positions=cfg.sink_positions,
-        prefill_chunk=cfg.prefill_chunk, device=str(device),
+        model_prefill_chunk=cfg.prefill_chunk, device=str(device),
         weights_source=cfg.checkpoint or f"random (seed {cfg.seed})", weights_shared=shared,
         model_linear=linear, linear_torch_gbps=stock_gbps, linear_gemv_gbps=gemv_gbps,
         **prefill, **decode,

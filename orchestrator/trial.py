@@ -119,7 +119,10 @@ def trial_paths(flat: Mapping[str, Any]) -> list[str]:
     """The config paths that are a trial's parameters, given the flattened config: the proxy's,
     plus MODEL_FIELDS (and a rope scaling mapping's keys) with bench.decode=model."""
     paths = [*TRIAL_FIELDS, *LABELS]
-    if flat.get("bench.decode", "proxy") == "model":
+    mode = flat.get("bench.decode", "proxy")
+    if mode not in DECODE_MODES:
+        raise ValueError(f"bench.decode must be one of {list(DECODE_MODES)}, got {mode!r}")
+    if mode == "model":
         paths += [p for p in flat if p in MODEL_FIELDS or p.startswith("model.rope_scaling.")]
     return paths
 

@@ -15,7 +15,6 @@ import json
 import math
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ import torch
 pytest.importorskip("transformers")
 
 from kvcore import model_bench as mb  # noqa: E402
+from model_standin import HFBackedLM, stand_in  # noqa: E402,F401  (tests/model_standin.py)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,57 +34,6 @@ def make_config(**overrides) -> mb.ModelBenchConfig:
                 new_tokens=5, repetitions=2, check_tokens=8, prefill_chunk=16, device="cpu", peer="compile")
     base.update(overrides)
     return mb.ModelBenchConfig(**base)
-
-
-class HFBackedLM:
-    """CausalLM's API over transformers' own forward pass (a DynamicCache), on the given
-    state dict's very tensors; `noise` is added to every logit it returns."""
-
-    noise = 0.0
-
-    def __init__(self, config, state_dict, *, dtype, device, cache_dtype, max_positions, sink_positions=0):
-        from transformers import LlamaForCausalLM
-
-        self.model = LlamaForCausalLM(config)
-        self.model.load_state_dict(state_dict, assign=True)  # the peer's tensors, not copies
-        self.model.eval()
-        self.config = config
-        d = config.head_dim
-        per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * d * 4
-        self.cache = types.SimpleNamespace(memory_bytes=lambda: per_position * max_positions)
-        self.linear = torch.nn.functional.linear
-        self.past = None
-
-    @classmethod
-    def from_state_dict(cls, config, state_dict, **kwargs):
-        return cls(config, state_dict, **kwargs)
-
-    def weight_bytes(self) -> int:
-        return sum({p.untyped_storage().data_ptr(): p.nbytes for p in self.model.parameters()}.values())
-
-    def reset(self) -> None:
-        from transformers import DynamicCache
-
-        self.past = DynamicCache(config=self.config)
-
-    def _forward(self, ids):
-        out = self.model(input_ids=ids, past_key_values=self.past, use_cache=True)
-        return out.logits[:, -1] + self.noise
-
-    def prefill(self, input_ids, chunk_size=2048):
-        return self._forward(input_ids)
-
-    def decode(self, token):
-        return self._forward(token)
-
-
-@pytest.fixture
-def stand_in(monkeypatch):
-    module = types.ModuleType("kvcore.model")
-    module.CausalLM = HFBackedLM
-    monkeypatch.setitem(sys.modules, "kvcore.model", module)
-    monkeypatch.setattr(HFBackedLM, "noise", 0.0)
-    return HFBackedLM
 
 
 def test_plumbing_gives_every_figure_and_skips_compile_on_the_cpu(stand_in):

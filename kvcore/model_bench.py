@@ -243,6 +243,7 @@ class ModelBenchResult:
     weights_source: str  # "random (seed N)" | the checkpoint folder
     weights_shared: bool  # kvcore's model uses the very tensors transformers holds
     model_linear: str  # what lm.linear ran: "triton_gemv" | "torch"
+    linear_capture_fallbacks: str  # shapes the GEMV left to F.linear in a capture (not prepared): "" if none
     linear_torch_gbps: float  # the model's projections in one CUDA graph, stock F.linear (0: not timed)
     linear_gemv_gbps: float  # the same with the split-K GEMV (0: not timed)
     # kvcore
@@ -663,7 +664,9 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
     lm = build_kvcore(cfg, model, device)
     if linear == "triton_gemv":
         lm.linear = triton_gemv.linear
+    triton_gemv.CAPTURE_FALLBACKS.clear()
     prefill_s, token_s = time_kvcore(lm, prompt, cfg, device)
+    fallbacks = ",".join(f"{n}x{k}" for n, k in sorted(triton_gemv.CAPTURE_FALLBACKS))
     memory = _memory_seen(device, host_peak)
     weights_held = lm.weight_bytes()
     shared = shared_weights(model, lm)
@@ -711,7 +714,7 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
         new_tokens=cfg.new_tokens, model_repetitions=cfg.repetitions, sink_positions=cfg.sink_positions,
         model_prefill_chunk=cfg.prefill_chunk, device=str(device),
         weights_source=cfg.checkpoint or f"random (seed {cfg.seed})", weights_shared=shared,
-        model_linear=linear, linear_torch_gbps=stock_gbps, linear_gemv_gbps=gemv_gbps,
+        model_linear=linear, linear_capture_fallbacks=fallbacks, linear_torch_gbps=stock_gbps, linear_gemv_gbps=gemv_gbps,
         **prefill, **decode,
         model_decode_ms_p50=_percentile(every_token, 0.5) * 1e3,
         model_decode_ms_p90=_percentile(every_token, 0.9) * 1e3,

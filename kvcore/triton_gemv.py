@@ -163,6 +163,8 @@ def _kernels():
 
 
 _WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+# [N, K] -> times `linear` took F.linear inside a capture for a shape not prepared (see `linear`)
+CAPTURE_FALLBACKS: dict[tuple[int, int], int] = {}
 
 
 def workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,10 +233,26 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.device == weight.device and available(x.device))
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def ready(n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a launch for (N, K) needs nothing that a graph capture forbids: its workspace
+    exists and the autotuner already chose its config (or there is no autotuning here)."""
+    if (torch.device(device), n) not in _WORKSPACES:
+        return False
+    return _interpreting() or chosen_config(n, k, dtype) is not None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T: the model's `lm.linear` hook. One row on CUDA: the GEMV; else F.linear."""
+    """x @ weight.T: the model's `lm.linear` hook. One row on CUDA: the GEMV; else F.linear.
+    Inside a CUDA graph capture, a shape never run before (no workspace, no tuned config:
+    autotuning would synchronize) takes F.linear too, so capturing never fails on it."""
     if usable(x, weight):
-        return gemv(x, weight)
+        if not _capturing(x.device) or ready(weight.shape[0], weight.shape[1], weight.dtype, x.device):
+            return gemv(x, weight)
+        CAPTURE_FALLBACKS[tuple(weight.shape)] = CAPTURE_FALLBACKS.get(tuple(weight.shape), 0) + 1
     return F.linear(x, weight)
 
 
@@ -252,13 +270,13 @@ def prepare(weights, device: torch.device | str | None = None) -> int:
     return len(shapes)
 
 
-def chosen_config(n: int, k: int) -> GemvConfig | None:
-    """The config the autotuner picked for (N, K), if it ran."""
+def chosen_config(n: int, k: int, dtype: torch.dtype | None = None) -> GemvConfig | None:
+    """The config the autotuner picked for (N, K) (and `dtype`, if given), if it ran."""
     if not _triton_importable():
         return None
     _, tuned = _kernels()
     for key, config in getattr(tuned, "cache", {}).items():
-        if tuple(key[:2]) == (n, k):
+        if tuple(key[:2]) == (n, k) and (dtype is None or str(dtype) in map(str, key[2:])):
             kw = config.kwargs
             return GemvConfig(kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"], config.num_warps, config.num_stages)
     return None

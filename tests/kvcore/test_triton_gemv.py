@@ -190,6 +190,21 @@ def test_gpu_graph_replays_with_split_k():
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_capture_of_a_shape_never_run_takes_f_linear():
+    w = torch.randn(3001, 1237, device="cuda", dtype=torch.float16)  # a shape no other test tunes
+    x = torch.randn(1, 1237, device="cuda", dtype=torch.float16)
+    tg.CAPTURE_FALLBACKS.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tg.linear(x, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert tg.CAPTURE_FALLBACKS == {(3001, 1237): 1}
+    assert tg.relative_error(out, tg.reference_gemv(x, w)) <= 1e-2
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_past_two_to_the_31_elements():
     # 70,000 x 32,768 = 2.29e9 elements: row offsets overflow 32 bits in the last rows
     w = torch.empty(70000, 32768, device="cuda", dtype=torch.float16)

@@ -1,0 +1,670 @@
+"""A Llama-family decoder in plain torch whose attention writes and reads a StreamingKVCache.
+
+    from kvcore.model import CausalLM
+    lm = CausalLM.from_pretrained("/models/llama-2-7b", dtype="float16", device="cuda:0",
+                                  cache_dtype="float16", max_positions=16384 + 256)
+    out = lm.generate(input_ids, max_new_tokens=32)      # [1, T] -> [1, T + 32], greedy
+    logits = lm.prefill(input_ids)                       # [1, T] -> [1, vocab] float32 (last position)
+    logits = lm.decode(token)                            # [1, 1] -> [1, vocab]: one position
+
+Architecture (LlamaForCausalLM, and MistralForCausalLM without a sliding window smaller
+than the cache): token embedding; per layer RMSNorm -> q/k/v projections -> rotary
+embeddings (plain, or Llama 3's rope scaling, `rope_parameters` / `rope_scaling` with
+rope_type "llama3") -> grouped-query attention over the cache -> o projection -> residual;
+RMSNorm -> SwiGLU MLP (down(silu(gate(x)) * up(x))) -> residual; final RMSNorm; lm_head
+(tied to the embedding or not). The arithmetic follows transformers' Llama op for op (RMSNorm
+in float32 then cast, cos/sin in float32 then cast, projections in the weights' dtype), so
+float32 logits agree to rounding and greedy tokens match (tests/kvcore/test_model.py).
+transformers is never imported here: configs are read as plain dicts (a transformers config
+object works too, through its `to_dict()`), weights with safetensors (imported lazily).
+
+Key decisions:
+- Positions after eviction (window = sinks + ring smaller than the sequence): ABSOLUTE
+  positions. A token at position p is rotated at p, its key is stored rotated, and the query
+  at p attends to the keys the cache holds: the sinks (positions < s) and the last
+  R = max_positions - s positions (p - R, p]. Relative distances stay true, as the ring holds
+  them; positions simply grow past the window (StreamingLLM's re-numbering within the cache
+  is not used: it would need un-rotated keys and a rotation per read). Prefill applies the
+  same rule inside a chunk with a mask, so chunking never changes what a position sees.
+- Prefill runs in chunks (`chunk_size`): each chunk goes through every layer, attending to
+  the layer's window in the cache (`get_valid`) plus the chunk's own keys (causal, within the
+  window rule); its keys/values of all layers then go into the cache with one `extend`.
+  Within a chunk the chunk's keys are used before the cache's rounding (quantized caches:
+  later tokens see them dequantized).
+- Decode: one position through every layer. "cuda_graph" (default on CUDA with Triton): the
+  whole step (embedding, projections, rotary at the position read from the cache's device
+  counter, the write at that counter, the attention over the device count, the MLP of every
+  layer, the logits into a static buffer) is captured once and replayed per token through
+  the cache's public device-counter methods. "counter": the same launches run eagerly (any
+  device; the CPU test of the graph's logic). "eager": `cache.append` + `cache.attend` per
+  layer at the host count (default on CPU).
+- Weights are plain tensors with transformers' names (`state_dict()`), never copied when
+  given on the right device and dtype, so a transformers model can share them (the peer
+  measurement). `lm.linear` (default torch.nn.functional.linear) computes every projection
+  and the lm_head: a faster GEMV can be plugged in.
+- Caller mistakes (bad folders, unsupported architectures, bad shapes or tensors) raise a
+  ValueError that says what and why.
+
+Run the tests: `python -m pytest tests/kvcore/test_model.py -q` (GPU: add `-m gpu`).
+GPU check at the 7B shape against transformers: `python -m kvcore.model --check-gpu --out
+model_check.json` (kvcore/model_check.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvcore.cache import StreamingKVCache
+from kvcore.capture import capture
+from kvcore.storage import FLOAT_DTYPES, parse_dtype
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+MODEL_TYPES = ("llama", "mistral")
+DECODE_METHODS = ("cuda_graph", "counter", "eager")
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape and constants of a Llama-family model (names follow transformers' config).
+
+    rope_scaling: None (plain rotary) or the Llama 3 parameters {"factor",
+    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(default=None, hash=False, compare=True)
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral's; None for Llama
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model config: {name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model config: num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads}) for grouped-query attention")
+        if self.head_dim % 2:
+            raise ValueError(f"model config: head_dim must be even for rotary embeddings, got "
+                             f"{self.head_dim}")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError(f"model config: rms_norm_eps and rope_theta must be > 0, got "
+                             f"{self.rms_norm_eps} and {self.rope_theta}")
+
+    @classmethod
+    def from_hf(cls, config: object) -> ModelConfig:
+        """From a transformers config object (LlamaConfig, ...), a dict of its keys (a
+        config.json), or a ModelConfig. ValueError for an unsupported architecture."""
+        if isinstance(config, ModelConfig):
+            return config
+        if hasattr(config, "to_dict") and not isinstance(config, Mapping):
+            config = config.to_dict()
+        if not isinstance(config, Mapping):
+            raise ValueError(f"config must be a transformers config, a dict of its keys or a "
+                             f"ModelConfig, got {type(config).__name__}")
+        c = dict(config)
+        archs = c.get("architectures") or []
+        model_type = c.get("model_type")
+        if archs and not set(archs) & set(ARCHITECTURES):
+            raise ValueError(f"unsupported architecture {archs}: kvcore.model runs "
+                             f"{list(ARCHITECTURES)} (Llama-family decoders)")
+        if model_type is not None and model_type not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r}: kvcore.model runs "
+                             f"{list(MODEL_TYPES)}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in c:
+                raise ValueError(f"config is missing {key!r}, which a Llama-family config has")
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}: the SwiGLU MLP uses silu")
+        if c.get("attention_bias") or c.get("mlp_bias"):
+            raise ValueError("unsupported: attention_bias / mlp_bias (Llama-family projections "
+                             "have no bias)")
+        num_heads = c["num_attention_heads"]
+        num_kv_heads = c.get("num_key_value_heads") or num_heads
+        head_dim = c.get("head_dim") or (c["hidden_size"] // num_heads)
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("unsupported: partial_rotary_factor != 1 (rotary over part of a head)")
+        if rope_type == "default":
+            scaling = None
+        elif rope_type == "llama3":
+            try:
+                scaling = {
+                    "factor": float(rope["factor"]),
+                    "low_freq_factor": float(rope["low_freq_factor"]),
+                    "high_freq_factor": float(rope["high_freq_factor"]),
+                    "original_max_position_embeddings": int(
+                        rope.get("original_max_position_embeddings")
+                        or c["max_position_embeddings"]),
+                }
+            except KeyError as missing:
+                raise ValueError(f"llama3 rope scaling needs {missing}, got {rope}") from None
+        else:
+            raise ValueError(f"unsupported rope_type {rope_type!r}: kvcore.model supports "
+                             f"'default' and 'llama3'")
+        tie = c.get("tie_word_embeddings", False)
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
+            num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            rope_scaling=scaling, tie_word_embeddings=bool(tie),
+            sliding_window=c.get("sliding_window"),
+        )
+
+    def to_hf(self) -> dict:
+        """The transformers LlamaConfig keys of this shape (for a reference model)."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **self.rope_scaling}
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope, "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        }
+
+
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """transformers' parameter names of the model -> shapes (lm_head absent when tied)."""
+    E, I, H, Hkv, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, E)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (E,),
+            p + "self_attn.q_proj.weight": (H * D, E),
+            p + "self_attn.k_proj.weight": (Hkv * D, E),
+            p + "self_attn.v_proj.weight": (Hkv * D, E),
+            p + "self_attn.o_proj.weight": (E, H * D),
+            p + "post_attention_layernorm.weight": (E,),
+            p + "mlp.gate_proj.weight": (I, E),
+            p + "mlp.up_proj.weight": (I, E),
+            p + "mlp.down_proj.weight": (E, I),
+        })
+    shapes["model.norm.weight"] = (E,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, E)
+    return shapes
+
+
+# ---------------------------------------------------------------------------- math
+
+
+def inverse_frequencies(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim / 2] float32, Llama 3 scaling applied if set
+    (transformers' `_compute_llama3_parameters`, op for op)."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).to(torch.float) / D))
+    s = cfg.rope_scaling
+    if s is not None:
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq.to(device)
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, head_dim] of `dtype` at integer positions [T] (a device tensor: no host
+    read, so a graph can take the position from the cache's counter)."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2] float32
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated: x * cos + rotate_half(x) * sin (cos/sin [T, D])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in float32, cast back, scale."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, max_positions: int,
+                sink_positions: int) -> torch.Tensor:
+    """Which keys each query sees under the cache's window rule: [Tq, Tk] bool.
+
+    Query at absolute position p sees key position j iff j <= p and (j < s or j > p - R),
+    R = max_positions - s: the sinks and the last R positions, itself included.
+    """
+    ring = max_positions - sink_positions
+    q, k = query_pos[:, None], key_pos[None, :]
+    return (k <= q) & ((k < sink_positions) | (k > q - ring))
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's tensors: projections [out, in] (y = x @ w.T), norms [hidden]."""
+
+    input_norm: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    post_norm: torch.Tensor
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+_LAYER_NAMES = {
+    "input_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight", "post_norm": "post_attention_layernorm.weight",
+    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
+}
+
+
+class CausalLM:
+    """A Llama-family causal LM decoding through a StreamingKVCache (see the module docstring).
+
+    Build it with `from_pretrained`, `from_config` or `from_state_dict`. Attributes: `config`
+    (ModelConfig), `cache` (StreamingKVCache), `dtype`, `device`, `linear` (settable hook),
+    `decode_method` (settable: "cuda_graph", "counter" or "eager").
+    """
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
+                 dtype: str = "float32", device: str = "cpu", cache_dtype: str | None = None,
+                 max_positions: int = 4096, sink_positions: int = 0,
+                 decode_method: str | None = None) -> None:
+        self.config = cfg = ModelConfig.from_hf(config)
+        self.dtype = parse_dtype(dtype, FLOAT_DTYPES, "dtype")
+        cache_dtype = dtype if cache_dtype is None else cache_dtype
+        self.cache = StreamingKVCache(
+            num_layers=cfg.num_layers, max_positions=max_positions, num_heads=cfg.num_heads,
+            head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads, dtype=cache_dtype,
+            device=device, sink_positions=sink_positions, out_dtype=dtype)
+        if cfg.sliding_window is not None and cfg.sliding_window < max_positions:
+            raise ValueError(
+                f"unsupported: sliding_window={cfg.sliding_window} is smaller than max_positions="
+                f"{max_positions}; the cache's window is its own (sinks + ring): pass "
+                f"max_positions <= {cfg.sliding_window} with sink_positions=0 to model it")
+        self.device = self.cache.device
+        self._kv_dtype = self.cache.out_dtype  # what the cache takes and attention returns
+        self._set_weights(weights)
+        self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
+        self._inv_freq = inverse_frequencies(cfg, self.device)
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # static input
+        self._logits = torch.zeros((1, cfg.vocab_size), dtype=torch.float32, device=self.device)
+        self._n_valid = torch.zeros((), dtype=torch.long, device=self.device)
+        self._decode_method = "eager"
+        if decode_method is None:
+            graph_ok = self.device.type == "cuda" and self.cache.fused_writes
+            decode_method = "cuda_graph" if graph_ok else "eager"
+        self.decode_method = decode_method
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_state_dict(cls, config: object, state_dict: Mapping[str, torch.Tensor], **kwargs) -> CausalLM:
+        """From tensors with transformers' names; those already on the device and in dtype are
+        used without a copy. kwargs: dtype, device, cache_dtype, max_positions,
+        sink_positions, decode_method."""
+        return cls(config, state_dict, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: object, *, seed: int = 0, **kwargs) -> CausalLM:
+        """Random weights at the config's shape (any shape), made on the device: projections
+        and embeddings normal with std 0.02 (transformers' initializer_range), norms 1."""
+        cfg = ModelConfig.from_hf(config)
+        dtype = parse_dtype(kwargs.get("dtype", "float32"), FLOAT_DTYPES, "dtype")
+        device = kwargs.get("device", "cpu")
+        StreamingKVCache(1, 1, 1, 2, device=device)  # a clear ValueError for a bad device first
+        gen = torch.Generator(device=device).manual_seed(seed)
+        weights = {}
+        for name, shape in parameter_shapes(cfg).items():
+            if name.endswith("norm.weight"):
+                weights[name] = torch.ones(shape, dtype=dtype, device=device)
+            else:
+                w = torch.empty(shape, dtype=dtype, device=device)
+                weights[name] = w.normal_(0.0, 0.02, generator=gen)
+        return cls(cfg, weights, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> CausalLM:
+        """From a local transformers folder: config.json and *.safetensors (one file, or
+        shards with model.safetensors.index.json). No network. kwargs as from_state_dict."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ValueError(f"checkpoint folder {str(folder)!r} does not exist or is not a "
+                             f"directory; pass a local folder written by save_pretrained")
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{str(folder)!r} has no config.json; a transformers checkpoint "
+                             f"folder holds config.json and *.safetensors")
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+        cfg = ModelConfig.from_hf(config)
+        files = sorted(folder.glob("*.safetensors"))
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = sorted({folder / name for name in weight_map.values()})
+            absent = [str(f.name) for f in files if not f.is_file()]
+            if absent:
+                raise ValueError(f"{index.name} names shards that are missing: {absent}")
+        if not files:
+            raise ValueError(f"{str(folder)!r} has no *.safetensors files (only safetensors "
+                             f"checkpoints are read; convert .bin weights with save_pretrained)")
+        try:
+            from safetensors.torch import load_file
+        except ImportError as error:
+            raise ImportError("from_pretrained reads safetensors: pip install safetensors") from error
+        device = str(kwargs.get("device", "cpu"))
+        StreamingKVCache(1, 1, 1, 2, device=device)  # a clear ValueError for a bad device first
+        dtype = parse_dtype(kwargs.get("dtype", "float32"), FLOAT_DTYPES, "dtype")
+        wanted = set(parameter_shapes(cfg))
+        weights = {}
+        for file in files:
+            for name, tensor in load_file(str(file), device=device).items():
+                if name in wanted:
+                    weights[name] = tensor.to(dtype)
+        return cls(cfg, weights, **kwargs)
+
+    def _set_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        cfg = self.config
+        shapes = parameter_shapes(cfg)
+        missing = [n for n in shapes if n not in weights]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(f"weights are missing {len(missing)} tensors: {missing[:5]}{more} "
+                             f"(transformers' names; tie_word_embeddings={cfg.tie_word_embeddings})")
+        params = {}
+        for name, shape in shapes.items():
+            w = weights[name]
+            if not isinstance(w, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+            if tuple(w.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)} for this config, got "
+                                 f"{list(w.shape)}; check the config against the checkpoint")
+            if not w.is_floating_point():
+                raise ValueError(f"{name} must be floating point, got {w.dtype}")
+            params[name] = w.detach().to(device=self.device, dtype=self.dtype)  # no copy if already so
+        self.embed = params["model.embed_tokens.weight"]  # [vocab, hidden]
+        self.layers = [
+            LayerWeights(**{f: params[f"model.layers.{i}.{n}"] for f, n in _LAYER_NAMES.items()})
+            for i in range(cfg.num_layers)
+        ]
+        self.norm = params["model.norm.weight"]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else params["lm_head.weight"]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under transformers' names (the tensors themselves, no copy)."""
+        out = {"model.embed_tokens.weight": self.embed}
+        for i, layer in enumerate(self.layers):
+            for f, n in _LAYER_NAMES.items():
+                out[f"model.layers.{i}.{n}"] = getattr(layer, f)
+        out["model.norm.weight"] = self.norm
+        if not self.config.tie_word_embeddings:
+            out["lm_head.weight"] = self.lm_head
+        return out
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights read per decoded token: every layer, the final norm and the
+        lm_head, plus one embedding row (the embedding table is otherwise not read; a tied
+        lm_head counts once, as the lm_head)."""
+        per_layer = sum(getattr(layer, f).nbytes for layer in self.layers for f in _LAYER_NAMES)
+        row = self.embed[0].nbytes
+        return per_layer + self.norm.nbytes + self.lm_head.nbytes + row
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"CausalLM(layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/"
+                f"{c.num_kv_heads}, head_dim={c.head_dim}, vocab={c.vocab_size}, "
+                f"dtype={str(self.dtype)[6:]}, device={self.device}, cache={self.cache!r})")
+
+    # ------------------------------------------------------------------ public steps
+
+    @property
+    def decode_method(self) -> str:
+        """How `decode` runs: "cuda_graph", "counter" or "eager" (module docstring)."""
+        return self._decode_method
+
+    @decode_method.setter
+    def decode_method(self, method: str) -> None:
+        if method not in DECODE_METHODS:
+            raise ValueError(f"decode_method must be one of {list(DECODE_METHODS)}, got {method!r}")
+        if method == "cuda_graph" and self.device.type != "cuda":
+            raise ValueError(f"decode_method='cuda_graph' needs a CUDA device, got {self.device}; "
+                             f"use 'eager' or 'counter'")
+        if method != "eager" and self.device.type != "cuda":
+            # The counter path attends over every slot with a mask: slots past the count must
+            # hold finite values, as on CUDA (zero-initialised).
+            self.cache.storage.zero_()
+        self._decode_method = method
+
+    def reset(self) -> None:
+        """Empty the cache (positions back to 0); the memory and captured graphs stay."""
+        self.cache.clear()
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+        """Append T positions: input_ids [1, T] -> logits of the last one [1, vocab] float32.
+        Continues after what the cache holds (call `reset()` for a new sequence)."""
+        ids = self.check_input_ids(input_ids, "input_ids")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        hidden = None
+        for start in range(0, ids.shape[1], chunk_size):
+            hidden = self._prefill_chunk(ids[0, start:start + chunk_size])
+        return self._logits_of(hidden[-1:])
+
+    @torch.no_grad()
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """Append one position: token [1, 1] LongTensor on the model's device -> logits
+        [1, vocab] float32. With "cuda_graph" one replay; the result is then a static buffer
+        that the next decode overwrites (clone it to keep it)."""
+        if not (isinstance(token, torch.Tensor) and token.shape == (1, 1)
+                and token.dtype == torch.long and token.device == self.device):
+            got = (type(token).__name__ if not isinstance(token, torch.Tensor)
+                   else f"{token.dtype} {list(token.shape)} on {token.device}")
+            raise ValueError(f"token must be a torch.long tensor of shape [1, 1] on {self.device}, "
+                             f"got {got}")
+        self.cache.check_complete("decode")
+        if self._decode_method == "eager":
+            return self._decode_eager(token)
+        self._token.copy_(token)
+        if self._decode_method == "counter":
+            self._decode_body(advance=True)
+        else:
+            graph = self._graph()
+            self.cache.position_counter()  # refilled where prefill (or any host path) moved it
+            graph.replay()
+        self.cache.commit_counted(1)
+        return self._logits
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32,
+                 chunk_size: int = 2048) -> torch.Tensor:
+        """Greedy: [1, T] -> [1, T + max_new_tokens]; resets the cache first (kvcore/generate.py)."""
+        from kvcore.generate import greedy
+
+        return greedy(self, input_ids, max_new_tokens, chunk_size=chunk_size)
+
+    # ------------------------------------------------------------------ prefill
+
+    def _prefill_chunk(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run positions [c, c + T) (c = positions the cache holds) through every layer;
+        extend the cache with their keys/values. Returns the final hidden states [T, hidden]."""
+        cfg, cache, kv_dtype = self.config, self.cache, self._kv_dtype
+        T, Hkv, D = ids.shape[0], cfg.num_kv_heads, cfg.head_dim
+        first = cache.total_appended
+        positions = torch.arange(first, first + T, device=self.device)
+        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)
+        past_pos = cache.positions().to(self.device)  # [n_past], oldest first (get_valid's order)
+        key_pos = torch.cat([past_pos, positions])
+        mask = window_mask(positions, key_pos, cache.max_positions, cache.sink_positions)
+        causal_only = past_pos.numel() == 0 and first + T <= cache.max_positions
+        keys = torch.empty((cfg.num_layers, T, Hkv, D), dtype=kv_dtype, device=self.device)
+        values = torch.empty_like(keys)
+        h = F.embedding(ids, self.embed)  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos, sin)  # [T, H, D], [T, Hkv, D] x2
+            keys[i], values[i] = k, v
+            if past_pos.numel():
+                past_k, past_v = cache.get_valid(i)  # [n_past, Hkv, D]
+                k, v = torch.cat([past_k, keys[i]]), torch.cat([past_v, values[i]])
+            else:
+                k, v = keys[i], values[i]
+            attn = self._prefill_attention(q.to(kv_dtype), k, v, None if causal_only else mask)
+            h = self._finish_layer(layer, h, attn.to(self.dtype))
+        cache.extend(keys, values)
+        return h
+
+    def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+        """q [T, H, D] over k/v [n, Hkv, D] (mask [T, n] bool, or None: causal) -> [T, H, D]."""
+        group = q.shape[1] // k.shape[1]
+        if group > 1:  # expanded, so every SDPA backend (masked ones included) takes it
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=mask is None, scale=self.cache.sm_scale)  # [1, H, T, D]
+        return out[0].transpose(0, 1)
+
+    # ------------------------------------------------------------------ decode
+
+    def _decode_eager(self, token: torch.Tensor) -> torch.Tensor:
+        """One position through append + attend per layer, at the host count."""
+        cache, kv_dtype = self.cache, self._kv_dtype
+        position = torch.full((1,), cache.total_appended, dtype=torch.long, device=self.device)
+        cos, sin = rotary_cos_sin(position, self._inv_freq, self.dtype)
+        h = F.embedding(token[0], self.embed)  # [1, hidden]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos, sin)
+            cache.append(i, k[0].to(kv_dtype), v[0].to(kv_dtype))
+            attn = cache.attend(i, q[0].to(kv_dtype))  # [H, D]
+            h = self._finish_layer(layer, h, attn[None].to(self.dtype))
+        return self._logits_of(h)
+
+    def _decode_body(self, advance: bool) -> None:
+        """One position at the cache's device counter, every launch capturable: what the CUDA
+        graph replays. Reads the static token, writes the static logits; `advance` moves the
+        device counter (the caller commits the position on the host)."""
+        cache, kv_dtype = self.cache, self._kv_dtype
+        count = cache.position_counter()  # the position being written
+        torch.add(count, 1, out=self._n_valid)  # valid slots once it is written
+        cos, sin = rotary_cos_sin(count.view(1), self._inv_freq, self.dtype)
+        h = F.embedding(self._token[0], self.embed)  # [1, hidden]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos, sin)
+            cache.write_at_counter(k[0].to(kv_dtype), v[0].to(kv_dtype), layer=i)
+            attn = cache.attend_slots(i, q[0].to(kv_dtype), self._n_valid)  # [H, D]
+            h = self._finish_layer(layer, h, attn[None].to(self.dtype))
+        if advance:
+            cache.advance_counter()
+        self._logits.copy_(self._logits_of(h))
+
+    def _graph(self) -> torch.cuda.CUDAGraph:
+        """The captured decode step for the current attention backend and linear hook: warm
+        up once on a side stream (compiles every kernel; writes the same slot the first
+        replay rewrites, and does not move the counter), then capture."""
+        key = (self.cache.attention_fn, self.linear)
+        graph = self._graphs.get(key)
+        if graph is None:
+            self.cache.position_counter()  # in step with the host before capture
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._decode_body(advance=False)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+            graph = self._graphs[key] = capture(lambda: self._decode_body(advance=True))
+        return graph
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def _qkv(self, layer: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed h [T, hidden] -> rotated q [T, H, D], rotated k and v [T, Hkv, D]."""
+        cfg, linear = self.config, self.linear
+        x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+        T = h.shape[0]
+        q = linear(x, layer.wq).view(T, cfg.num_heads, cfg.head_dim)
+        k = linear(x, layer.wk).view(T, cfg.num_kv_heads, cfg.head_dim)
+        v = linear(x, layer.wv).view(T, cfg.num_kv_heads, cfg.head_dim)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _finish_layer(self, layer: LayerWeights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Attention output [T, H, D] -> o_proj + residual, then the SwiGLU MLP + residual."""
+        linear = self.linear
+        h = h + linear(attn.reshape(h.shape[0], -1), layer.wo)
+        x = rms_norm(h, layer.post_norm, self.config.rms_norm_eps)
+        return h + linear(F.silu(linear(x, layer.w_gate)) * linear(x, layer.w_up), layer.w_down)
+
+    def _logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden [1, hidden] -> logits [1, vocab] float32."""
+        x = rms_norm(h, self.norm, self.config.rms_norm_eps)
+        return self.linear(x, self.lm_head).to(torch.float32)
+
+    def check_input_ids(self, ids: object, name: str) -> torch.Tensor:
+        if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == 1
+                and ids.shape[1] >= 1 and ids.dtype == torch.long):
+            got = (type(ids).__name__ if not isinstance(ids, torch.Tensor)
+                   else f"{ids.dtype} {list(ids.shape)}")
+            raise ValueError(f"{name} must be a torch.long tensor of shape [1, T] (T >= 1, batch "
+                             f"1), got {got}")
+        ids = ids.to(self.device)
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(f"{name} must be token ids in [0, {self.config.vocab_size}), got "
+                             f"values in [{low}, {high}]")
+        return ids
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    """A ModelConfig as plain values (for records)."""
+    return asdict(cfg)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from kvcore.model_check import main
+
+    sys.exit(main())

@@ -36,9 +36,9 @@ A trial, in order:
    what the device has left.
 
 Key decisions:
-- Bytes per decoded token = the weights a token reads (every matrix but the embedding table,
-  of which it reads one row; a tied table is read whole as the LM head) + the cache bytes of
-  the positions attended (the mean over the decoded tokens). `model_decode_roofline_frac` =
+- Bytes per decoded token = the weights a token reads (`lm.weight_bytes()`: every matrix but
+  the embedding table, of which it reads one row; a tied table is read whole as the LM head)
+  + the cache bytes of the positions attended (the mean over the decoded tokens). `model_decode_roofline_frac` =
   those bytes x tok/s over the copy bandwidth of the same trial.
 - Memory: kvcore's figures are measured as the proxy benchmark measures them (CUDA allocator
   peak since a reset, plus the CUDA context NVML sees beyond the pool; the CPU's peak resident
@@ -384,40 +384,13 @@ def _unique_tensors(tensors) -> dict[int, torch.Tensor]:
 def shared_weights(peer, lm) -> bool:
     """Whether every matrix of the peer is also held by kvcore's model (same storage)."""
     peer_ptrs = {p.untyped_storage().data_ptr() for p in peer.parameters() if p.dim() == 2}
-    lm_ptrs = set()
-    for value in vars(lm).values():  # the model's tensors, wherever it keeps them
-        lm_ptrs |= {t.untyped_storage().data_ptr() for t in _tensors_in(value)}
+    lm_ptrs = {t.untyped_storage().data_ptr() for t in lm.state_dict().values()}
     return bool(peer_ptrs) and peer_ptrs <= lm_ptrs
 
 
-def _tensors_in(value, depth: int = 0):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif depth < 4 and isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors_in(item, depth + 1)
-    elif depth < 4 and isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors_in(item, depth + 1)
-    elif depth < 4 and isinstance(value, torch.nn.Module):
-        yield from value.parameters()
-        yield from value.buffers()
-    elif depth < 4 and hasattr(value, "__dict__") and not isinstance(value, type):
-        for item in vars(value).values():
-            yield from _tensors_in(item, depth + 1)
-
-
-def read_bytes_per_token(peer) -> int:
-    """Weight bytes one decoded token reads: every matrix and norm, the embedding table only as
-    the (tied) LM head (an untied table gives one row, which is nothing next to the rest)."""
-    embed = peer.get_input_embeddings().weight
-    tied = peer.get_output_embeddings().weight.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
-    total = 0
-    for ptr, tensor in _unique_tensors(peer.parameters()).items():
-        if tensor is embed and not tied:
-            continue
-        total += tensor.untyped_storage().nbytes()
-    return total
+def held_weight_bytes(lm) -> int:
+    """Bytes of the weights kvcore's model holds (each storage once: a tied table once)."""
+    return sum(t.untyped_storage().nbytes() for t in _unique_tensors(lm.state_dict().values()).values())
 
 
 def projection_weights(peer) -> list[torch.Tensor]:
@@ -668,7 +641,8 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
     prefill_s, token_s = time_kvcore(lm, prompt, cfg, device)
     fallbacks = ",".join(f"{n}x{k}" for n, k in sorted(triton_gemv.CAPTURE_FALLBACKS))
     memory = _memory_seen(device, host_peak)
-    weights_held = lm.weight_bytes()
+    weights_held = held_weight_bytes(lm)
+    weights_read = lm.weight_bytes()  # per decoded token: the table only as a (tied) LM head
     shared = shared_weights(model, lm)
     # the peer's own weights, where kvcore's model copied them, are the peer's memory
     peer_weights = 0 if shared else sum(t.untyped_storage().nbytes()
@@ -691,7 +665,7 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
 
     hf = peer.measure(cfg, prompt, device)
 
-    per_token_bytes = read_bytes_per_token(model) + kv_bytes / cfg.max_positions * (
+    per_token_bytes = weights_read + kv_bytes / cfg.max_positions * (
         cfg.context_length + (cfg.new_tokens + 1) / 2)
     decode_rates = [len(steps) / sum(steps) for steps in token_s]
     every_token = [s for steps in token_s for s in steps]

@@ -38,6 +38,9 @@ class HFBackedLM:
     def from_state_dict(cls, config, state_dict, **kwargs):
         return cls(config, state_dict, **kwargs)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
     def weight_bytes(self) -> int:
         return sum({p.untyped_storage().data_ptr(): p.nbytes for p in self.model.parameters()}.values())
 

@@ -147,3 +147,24 @@ def test_tiny_model_end_to_end(tmp_path):
         assert d["model_decode_tok_s"] > 0 and d["hf_decode_eager_tok_s"] > 0
         assert "CPU" in d["hf_compile_skipped"]
     assert lines[0]["logits_max_abs_diff"] <= 1e-3  # float32 weights and cache
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tiny_model_beside_compiled_transformers():
+    """kvcore's model on CUDA (one graph per token, the GEMV where faster) beside transformers'
+    compiled generate, float16 weights, float16 and float8 caches sharing one peer."""
+    pytest.importorskip("kvcore.model")
+    base = dict(weights_dtype="float16", context_length=300, new_tokens=16, repetitions=3, check_tokens=16,
+                prefill_chunk=128, device="cuda:0", peer="compile")
+    peer = None
+    for cache_dtype in ("float16", "float8_e4m3fn"):
+        result, peer = mb.run_model_bench(make_config(**base, cache_dtype=cache_dtype), peer=peer)
+        d = result.to_dict()
+        for name in ("model_decode_tok_s", "model_prefill_tok_s", "hf_decode_tok_s", "hf_decode_eager_tok_s",
+                     "model_speedup", "model_decode_roofline_frac", "hf_peak_mem_gb", "model_total_vram_gb"):
+            assert math.isfinite(d[name]) and d[name] > 0, (cache_dtype, name, d[name])
+        assert d["hf_skipped"] == "" and d["hf_compile_skipped"] == ""
+        assert d["weights_shared"] and d["model_linear"] in ("torch", "triton_gemv")
+        assert d["linear_capture_fallbacks"] == ""
+        assert d["logits_ok"] and d["tokens_match"], (cache_dtype, d["logits_max_abs_diff"])

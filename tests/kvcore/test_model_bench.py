@@ -77,6 +77,19 @@ def test_peer_without_room_is_skipped_not_the_trial(stand_in, monkeypatch):
     assert math.isnan(result.hf_decode_eager_tok_s) and math.isfinite(result.model_decode_tok_s)
 
 
+def test_a_checkpoint_folder_gives_the_weights(stand_in, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(3)
+    shape = dict(mb.SHAPES["tiny"], num_hidden_layers=2, tie_word_embeddings=False)
+    LlamaForCausalLM(mb.hf_config(shape, 64)).save_pretrained(tmp_path / "ckpt")
+    result, peer = mb.run_model_bench(make_config(checkpoint=str(tmp_path / "ckpt"), shape="ignored", peer="eager"))
+    assert result.model_shape == "ckpt" and result.weights_source == str(tmp_path / "ckpt")
+    assert result.num_layers == 2 and result.weights_shared and result.tokens_match
+    saved = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt")
+    torch.testing.assert_close(peer.model.lm_head.weight, saved.lm_head.weight, rtol=0, atol=0)
+
+
 def test_compare_logits_counts_only_decisive_steps():
     ref = torch.tensor([[5.0, 1.0, 0.0], [1.0, 1.01, 0.0], [0.0, 3.0, 9.0]])
     ours = torch.tensor([[5.0, 1.0, 0.0], [1.02, 1.0, 0.0], [0.0, 9.5, 9.0]])

@@ -148,7 +148,8 @@ def test_a_model_trial_runs_in_process_and_is_judged(stand_in):
 
 
 def test_smoke_in_model_mode_end_to_end_through_the_orchestrator(ray_session, tmp_path):
-    """kvcore's own model in Ray workers, recorded in a real MLflow store."""
+    """kvcore's own model in Ray workers, recorded in a real MLflow store; a second grid point
+    whose model cannot fit (a 10^10-token vocabulary: 3.8 TB of weights) is SKIPPED."""
     pytest.importorskip("kvcore.model")
     from mlflow import MlflowClient
 
@@ -156,18 +157,24 @@ def test_smoke_in_model_mode_end_to_end_through_the_orchestrator(ray_session, tm
 
     uri = f"sqlite:///{tmp_path}/store.db"
     sweep = sweep_of("+milestone=smoke", "bench.decode=model", "grid.cache.dtype=[float32]",
-                     "bench.new_tokens=4", f"tracking.uri={uri}", cwd=tmp_path)
+                     "+grid.model.vocab_size=[257,10000000000]", "bench.new_tokens=4",
+                     f"tracking.uri={uri}", cwd=tmp_path)
     out, err = io.StringIO(), io.StringIO()
     status = execute(sweep, tmp_path, out=out, err=err)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("kvbench-smoke")
     children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
-    assert len(children) == 1, err.getvalue()
-    run = children[0]
+    assert len(children) == 2, err.getvalue()
+    by_vocab = {r.data.params["model.vocab_size"]: r for r in children}
+    skipped = by_vocab["10000000000"].data.tags
+    assert skipped["verdict"] == "SKIPPED"
+    assert skipped["reason"].startswith("needs 3842.00 GB (cache 0.00 + weights 3840.00 + margin 2.00)")
+    assert "GB available host memory" in skipped["reason"]
+    run = by_vocab["257"]
     assert run.data.tags["verdict"] in ("PASS", "FAIL"), run.data.tags
     for figure in ("model_decode_tok_s", "model_prefill_tok_s", "hf_decode_eager_tok_s", "tokens_match",
                    "logits_max_abs_diff", "model_total_vram_gb", "fill_rate_pos_s"):
         assert math.isfinite(run.data.metrics[figure]), figure
     assert run.data.metrics["tokens_match"] == 1.0
     assert run.data.params["bench.decode"] == "model"
-    assert status in (0, 1)
+    assert status == 1  # a SKIPPED trial makes the command's exit status 1

@@ -1,0 +1,507 @@
+"""Tests of kvcore.model (the Llama-family decoder on the cache) and kvcore.generate.
+
+CPU: tiny random checkpoints written by transformers' `save_pretrained` (float32; GQA and
+MHA, tied and untied embeddings, Llama 3 rope scaling): greedy tokens equal transformers'
+greedy `generate` (SDPA) for 32 new tokens, logits within 1e-5 at every step; the eviction
+rule against a float64 reference that applies the same rule (itself checked against
+transformers while nothing is evicted); the decode at the device counter (the CUDA graph's
+launches, run eagerly) against the eager decode; every cache dtype; the API's errors.
+GPU (`-m gpu`): the captured decode against the eager one; the 7B shape against
+transformers (kvcore/model_check.py).
+
+Tolerances (logits, float32 weights), measured on the CPU in brackets:
+- float32 cache vs transformers: |delta| <= 1e-5 per logit, logits of size ~0.5 [1.5e-7].
+- other caches vs transformers in float32, relative L2 of each step's logits:
+  float16 1e-3 [2.5e-4], bfloat16 1e-2 [2.2e-3], int8 1e-2 [2.5e-3],
+  float8_e4m3fn 5e-2 [1.2e-2].
+
+Run: `python -m pytest tests/kvcore/test_model.py -q` (GPU: add `-m gpu`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcore.model import DECODE_METHODS, CausalLM, ModelConfig, parameter_shapes
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+               "rope_theta": 500000.0}
+# Tiny odd shapes: GQA 6/2 heads, head_dim 6, hidden 18 (not heads x head_dim).
+SHAPE = dict(vocab_size=61, hidden_size=18, intermediate_size=14, num_hidden_layers=3,
+             num_attention_heads=6, num_key_value_heads=2, head_dim=6, max_position_embeddings=256)
+FLOAT32_ATOL = 1e-5
+REPO = Path(__file__).resolve().parents[2]
+CACHE_REL_L2 = {"float16": 1e-3, "bfloat16": 1e-2, "int8": 1e-2, "float8_e4m3fn": 5e-2}
+
+
+def hf_model(seed: int = 0, **overrides):
+    """A random transformers Llama (float32, SDPA) of SHAPE with overrides."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**SHAPE, **overrides}, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None  # never stop early
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def checkpoint(tmp_path, seed: int = 0, **overrides):
+    """save_pretrained of hf_model into tmp_path; returns (folder, the transformers model)."""
+    model = hf_model(seed, **overrides)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def hf_greedy(model, ids: torch.Tensor, new: int):
+    """transformers' greedy generate: (sequences [1, T + new], logits of every step [new, V])."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.cat(out.logits)
+
+
+def kvcore_logits(lm: CausalLM, ids: torch.Tensor, prompt: int, chunk_size: int = 5) -> torch.Tensor:
+    """Teacher-forced logits [T - prompt + 1, V]: prefill ids[:, :prompt], then decode the rest."""
+    lm.reset()
+    steps = [lm.prefill(ids[:, :prompt], chunk_size=chunk_size).clone()]
+    for t in range(prompt, ids.shape[1]):
+        steps.append(lm.decode(ids[:, t : t + 1]).clone())
+    return torch.cat(steps)
+
+
+def rel_l2_per_step(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm(dim=-1) / b.double().norm(dim=-1)).max().item()
+
+
+# ---------------------------------------------------------------------- a float64 reference
+
+
+def reference_logits(model, ids: torch.Tensor, max_positions: int, sink_positions: int) -> torch.Tensor:
+    """Logits [T, V] of every position in float64, from transformers' weights and rotary
+    frequencies, written out naively with the window rule: the query at position p attends
+    to keys j <= p with j < sinks or j > p - (max_positions - sinks); keys rotated at their
+    absolute positions."""
+    cfg = model.config
+    W = {k: v.double() for k, v in model.state_dict().items()}
+    T, H, Hkv, D = ids.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
+    inv_freq = model.model.rotary_emb.inv_freq.double()
+
+    def norm(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+    def rotate(x, p):  # x [heads, D] at position p
+        ang = p * inv_freq
+        cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
+        half = D // 2
+        return x * cos + torch.cat([-x[:, half:], x[:, :half]], -1) * sin
+
+    ring = max_positions - sink_positions
+    h = W["model.embed_tokens.weight"][ids[0]]  # [T, E]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        x = norm(h, W[p + "input_layernorm.weight"])
+        q = (x @ W[p + "self_attn.q_proj.weight"].T).view(T, H, D)
+        k = (x @ W[p + "self_attn.k_proj.weight"].T).view(T, Hkv, D)
+        v = (x @ W[p + "self_attn.v_proj.weight"].T).view(T, Hkv, D)
+        q = torch.stack([rotate(q[t], t) for t in range(T)])
+        k = torch.stack([rotate(k[t], t) for t in range(T)])
+        out = torch.empty(T, H, D, dtype=torch.float64)
+        for t in range(T):
+            seen = [j for j in range(t + 1) if j < sink_positions or j > t - ring]
+            for head in range(H):
+                kv = head // (H // Hkv)
+                scores = k[seen, kv] @ q[t, head] / math.sqrt(D)
+                out[t, head] = torch.softmax(scores, 0) @ v[seen, kv]
+        h = h + out.reshape(T, H * D) @ W[p + "self_attn.o_proj.weight"].T
+        x = norm(h, W[p + "post_attention_layernorm.weight"])
+        gate = x @ W[p + "mlp.gate_proj.weight"].T
+        up = x @ W[p + "mlp.up_proj.weight"].T
+        h = h + (torch.nn.functional.silu(gate) * up) @ W[p + "mlp.down_proj.weight"].T
+    head = W.get("lm_head.weight", W["model.embed_tokens.weight"])
+    return norm(h, W["model.norm.weight"]) @ head.T
+
+
+# ---------------------------------------------------------------------- against transformers
+
+CASES = {
+    "gqa-untied-llama3": dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False),
+    "mha-tied-plain": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=8, hidden_size=20,
+                           tie_word_embeddings=True),
+    "gqa-tied-llama3": dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True,
+                            num_key_value_heads=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_tokens_and_logits_equal_transformers(tmp_path, case):
+    folder, model = checkpoint(tmp_path, seed=len(case), **CASES[case])
+    lm = CausalLM.from_pretrained(folder, dtype="float32", device="cpu", cache_dtype="float32",
+                                  max_positions=64)
+    assert lm.config.tie_word_embeddings == CASES[case]["tie_word_embeddings"]
+    assert (lm.config.rope_scaling is not None) == ("llama3" in case)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 13), generator=torch.Generator().manual_seed(1))
+    want_ids, want_logits = hf_greedy(model, ids, 32)
+    got = lm.generate(ids, max_new_tokens=32, chunk_size=5)
+    assert got.shape == (1, 45) and torch.equal(got, want_ids)
+    logits = kvcore_logits(lm, want_ids[:, :-1], prompt=13)  # [32, V]
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=FLOAT32_ATOL)
+
+
+def test_from_config_at_an_odd_shape_equals_transformers():
+    """Random weights from kvcore at an odd shape, loaded into transformers through
+    state_dict(): same greedy tokens, same logits. The config comes as a dict."""
+    config = dict(SHAPE, hidden_size=28, intermediate_size=9, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=10, rope_parameters=LLAMA3_ROPE)
+    lm = CausalLM.from_config(config, dtype="float32", device="cpu", max_positions=48, seed=3)
+    assert lm.config == ModelConfig.from_hf(transformers.LlamaConfig(**config))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**lm.config.to_hf(),
+                                                                attn_implementation="sdpa")).eval()
+    hf.load_state_dict(lm.state_dict())
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(2))
+    want_ids, want_logits = hf_greedy(hf, ids, 32)
+    assert torch.equal(lm.generate(ids, max_new_tokens=32), want_ids)
+    torch.testing.assert_close(kvcore_logits(lm, want_ids[:, :-1], prompt=7), want_logits,
+                               rtol=0, atol=FLOAT32_ATOL)
+    again = CausalLM.from_config(ModelConfig.from_hf(config), max_positions=48, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                  lm.state_dict().values()))  # seeded
+    assert not torch.equal(CausalLM.from_config(config, max_positions=48, seed=4).embed, lm.embed)
+
+
+# ---------------------------------------------------------------------- eviction
+
+
+def test_float64_reference_equals_transformers_without_eviction():
+    model = hf_model(seed=5, rope_parameters=LLAMA3_ROPE)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits[0]
+    ref = reference_logits(model, ids, max_positions=12, sink_positions=0)
+    torch.testing.assert_close(ref.float(), want, rtol=0, atol=FLOAT32_ATOL)
+    evicted = reference_logits(model, ids, max_positions=6, sink_positions=2)
+    assert (evicted[-1].float() - want[-1]).abs().max() > 1e-3  # the rule changes the result
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+@pytest.mark.parametrize("method", ["eager", "counter"])
+def test_eviction_rule_equals_the_float64_reference(sinks, method):
+    """A window of 9 positions over 33: the prompt's chunks cross the wrap, decode goes round
+    the ring twice; every step's logits match the float64 reference of the same rule."""
+    model = hf_model(seed=6, rope_parameters=LLAMA3_ROPE)
+    lm = CausalLM.from_state_dict(model.config, model.state_dict(), max_positions=9,
+                                  sink_positions=sinks, decode_method=method)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 33), generator=torch.Generator().manual_seed(6))
+    ref = reference_logits(model, ids, max_positions=9, sink_positions=sinks)
+    got = kvcore_logits(lm, ids, prompt=14, chunk_size=4)  # positions 13..32
+    torch.testing.assert_close(got.double(), ref[13:], rtol=0, atol=FLOAT32_ATOL)
+    assert lm.cache.total_appended == 33 and len(lm.cache) == 9
+    # one prompt in one chunk, or in chunks of 1, sees the same windows
+    for chunk in (1, 33):
+        lm.reset()
+        last = lm.prefill(ids, chunk_size=chunk)
+        torch.testing.assert_close(last[0].double(), ref[-1], rtol=0, atol=FLOAT32_ATOL)
+
+
+# ---------------------------------------------------------------------- decode paths, cache dtypes
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16", "int8", "float8_e4m3fn"])
+def test_decode_at_the_device_counter_equals_eager(cache_dtype):
+    """The CUDA graph's launches (write at the device counter, attention over the device
+    count, rotary at the counter's position), run eagerly, against append + attend: same
+    logits, same cache contents, the counter in step; through the ring's wrap."""
+    model = hf_model(seed=7)
+    made = dict(max_positions=10, sink_positions=1, cache_dtype=cache_dtype)
+    eager = CausalLM.from_state_dict(model.config, model.state_dict(), **made)
+    counter = CausalLM.from_state_dict(model.config, model.state_dict(), **made,
+                                       decode_method="counter")
+    assert eager.decode_method == "eager" and counter.decode_method == "counter"
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 30), generator=torch.Generator().manual_seed(7))
+    a, b = kvcore_logits(eager, ids, prompt=6), kvcore_logits(counter, ids, prompt=6)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert int(counter.cache.position_counter()) == counter.cache.total_appended == 30
+    for layer in range(3):
+        for x, y in zip(counter.cache.get_valid(layer), eager.cache.get_valid(layer)):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("cache_dtype", sorted(CACHE_REL_L2))
+def test_cache_dtypes_stay_close_to_transformers(cache_dtype):
+    model = hf_model(seed=8)
+    lm = CausalLM.from_state_dict(model.config, model.state_dict(), cache_dtype=cache_dtype,
+                                  max_positions=64)
+    assert lm.cache.dtype == getattr(torch, cache_dtype)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = model(ids).logits[0, 7:]
+    got = kvcore_logits(lm, ids, prompt=8, chunk_size=3)  # positions 7..39
+    assert rel_l2_per_step(got, want) <= CACHE_REL_L2[cache_dtype]
+    assert rel_l2_per_step(got, want) > 0  # the cache's rounding is really there
+
+
+def test_bfloat16_weights_run():
+    model = hf_model(seed=9)
+    lm = CausalLM.from_state_dict(model.config, model.state_dict(), dtype="bfloat16",
+                                  cache_dtype="int8", max_positions=32)
+    assert lm.dtype == torch.bfloat16 and lm.embed.dtype == torch.bfloat16
+    assert lm.cache.out_dtype == torch.bfloat16
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = model(ids).logits[0, -1]
+    logits = lm.prefill(ids)
+    assert logits.dtype == torch.float32 and logits.shape == (1, SHAPE["vocab_size"])
+    assert rel_l2_per_step(logits, want[None]) < 5e-2
+
+
+# ---------------------------------------------------------------------- API
+
+
+def test_weights_are_shared_not_copied_and_counted():
+    model = hf_model(seed=10)
+    state = model.state_dict()
+    lm = CausalLM.from_state_dict(model.config, state)
+    assert lm.state_dict().keys() == state.keys()
+    assert all(lm.state_dict()[k].data_ptr() == v.data_ptr() for k, v in state.items())
+    cfg = lm.config
+    E, I, H, Hkv, D, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                          cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    per_layer = 2 * E + (H * D * E) * 2 + (Hkv * D * E) * 2 + 3 * I * E
+    assert lm.weight_bytes() == 4 * (cfg.num_layers * per_layer + E + V * E + E)
+    assert lm.cache.memory_bytes() == 2 * 3 * 4096 * Hkv * D * 4  # default max_positions
+
+
+def test_linear_hook_computes_every_projection():
+    model = hf_model(seed=11)
+    lm = CausalLM.from_state_dict(model.config, model.state_dict(), max_positions=16)
+    calls = []
+
+    def linear(x, w):
+        calls.append(tuple(w.shape))
+        return x @ w.T
+
+    lm.linear = linear
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 4), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        want = model(ids).logits[0, -1]
+    torch.testing.assert_close(lm.prefill(ids)[0], want, rtol=0, atol=FLOAT32_ATOL)
+    assert len(calls) == 7 * 3 + 1
+    calls.clear()
+    lm.decode(ids[:, :1])
+    assert len(calls) == 7 * 3 + 1 and calls[-1] == (SHAPE["vocab_size"], SHAPE["hidden_size"])
+
+
+def _write(folder, model, drop: str | None = None, config_edit=None, shape_of: str | None = None):
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    if config_edit:
+        config_edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != drop}
+    if shape_of:
+        state[shape_of] = state[shape_of][:-1].clone()
+    safetensors_torch.save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_from_pretrained_errors(tmp_path):
+    model = hf_model(seed=12)
+    with pytest.raises(ValueError, match="does not exist or is not a directory"):
+        CausalLM.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        CausalLM.from_pretrained(tmp_path / "empty")
+    folder = _write(tmp_path / "noweights", model)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"has no \*.safetensors files"):
+        CausalLM.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"weights are missing 1 tensors: \['model.layers.1.mlp.up_proj.weight'\]"):
+        CausalLM.from_pretrained(_write(tmp_path / "missing", model, drop="model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"model.layers.2.self_attn.k_proj.weight must have shape \[12, 18\] .*got \[11, 18\]"):
+        CausalLM.from_pretrained(_write(tmp_path / "shape", model, shape_of="model.layers.2.self_attn.k_proj.weight"))
+
+    def gpt2(c):
+        c["architectures"], c["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+
+    with pytest.raises(ValueError, match=r"unsupported architecture \['GPT2LMHeadModel'\]"):
+        CausalLM.from_pretrained(_write(tmp_path / "gpt2", model, config_edit=gpt2))
+
+    def yarn(c):
+        c["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+
+    with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
+        CausalLM.from_pretrained(_write(tmp_path / "yarn", model, config_edit=yarn))
+    folder = _write(tmp_path / "sharded", model)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ValueError, match=r"names shards that are missing: \['model-00002-of-00002.safetensors'\]"):
+        CausalLM.from_pretrained(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        CausalLM.from_pretrained(folder)
+
+
+def test_from_pretrained_reads_shards(tmp_path):
+    model = hf_model(seed=13)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    lm = CausalLM.from_pretrained(tmp_path, max_positions=16)
+    assert all(torch.equal(lm.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(num_attention_heads=6, num_key_value_heads=4), r"num_attention_heads \(6\) must be a multiple of num_key_value_heads \(4\)"),
+        (dict(head_dim=5), "head_dim must be even for rotary embeddings, got 5"),
+        (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
+        (dict(attention_bias=True), "unsupported: attention_bias"),
+        (dict(vocab_size=0), "vocab_size must be a positive int, got 0"),
+        (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8),
+         "unsupported: sliding_window=8 is smaller than max_positions=16"),
+    ],
+)
+def test_bad_configs_are_value_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CausalLM.from_config({**SHAPE, **overrides}, max_positions=16)
+
+
+def test_bad_calls_are_value_errors(monkeypatch):
+    lm = CausalLM.from_config(SHAPE, max_positions=16)
+    with pytest.raises(ValueError, match=r"input_ids must be a torch.long tensor of shape \[1, T\]"):
+        lm.prefill(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids must be token ids in \[0, 61\), got values in \[0, 61\]"):
+        lm.prefill(torch.tensor([[0, 61]]))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
+        lm.prefill(torch.tensor([[1]]), chunk_size=0)
+    with pytest.raises(ValueError, match=r"token must be a torch.long tensor of shape \[1, 1\] on cpu, got torch.int32 \[1, 1\]"):
+        lm.decode(torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"decode_method must be one of \['cuda_graph', 'counter', 'eager'\], got 'graph'"):
+        lm.decode_method = "graph"
+    with pytest.raises(ValueError, match="decode_method='cuda_graph' needs a CUDA device, got cpu"):
+        lm.decode_method = "cuda_graph"
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got -1"):
+        lm.generate(torch.tensor([[1]]), max_new_tokens=-1)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        CausalLM.from_config(SHAPE, dtype="int8")
+    with pytest.raises(ValueError, match="config must be a transformers config, a dict of its keys or a ModelConfig"):
+        CausalLM.from_config("llama")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda:0' needs CUDA, but torch sees no CUDA device"):
+        CausalLM.from_config(SHAPE, device="cuda:0")
+    assert DECODE_METHODS == ("cuda_graph", "counter", "eager")
+    assert set(parameter_shapes(lm.config)) == set(lm.state_dict())
+
+
+def test_generate_resets_and_keeps_the_prompt():
+    lm = CausalLM.from_config(SHAPE, max_positions=32, seed=1)
+    ids = torch.tensor([[5, 7, 11]])
+    first = lm.generate(ids, max_new_tokens=6)
+    assert torch.equal(first[:, :3], ids) and lm.cache.total_appended == 3 + 5
+    assert torch.equal(lm.generate(ids, max_new_tokens=6), first)  # reset: same again
+    assert torch.equal(lm.generate(ids, max_new_tokens=0), ids)
+
+
+# ---------------------------------------------------------------------- GPU
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cache_dtype", ["float16", "bfloat16", "int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("attention", ["auto", "torch"])
+def test_gpu_graph_decode_equals_eager_decode(cache_dtype, attention):
+    """One CUDA graph replay per token against append + attend per layer (float16 weights),
+    through the ring's wrap and after a second prefill moved the host count."""
+    dtype = "bfloat16" if cache_dtype == "bfloat16" else "float16"
+    made = dict(dtype=dtype, device="cuda", cache_dtype=cache_dtype, max_positions=24,
+                sink_positions=2, seed=14)
+    graph = CausalLM.from_config(dict(SHAPE, head_dim=16), **made)
+    eager = CausalLM.from_state_dict(graph.config, graph.state_dict(), **{k: v for k, v in made.items() if k != "seed"},
+                                     decode_method="eager")
+    assert graph.decode_method == "cuda_graph"
+    graph.cache.attention = eager.cache.attention = attention
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 60), generator=torch.Generator().manual_seed(14)).cuda()
+    a, b = kvcore_logits(eager, ids, prompt=10), kvcore_logits(graph, ids, prompt=10)
+    torch.testing.assert_close(b, a, rtol=0, atol=2e-2)
+    assert int(graph.cache.position_counter()) == graph.cache.total_appended == 60
+    graph.prefill(ids[:, :5])  # host-counted: the next replay must refill the counter
+    eager.prefill(ids[:, :5])
+    torch.testing.assert_close(graph.decode(ids[:, 5:6]), eager.decode(ids[:, 5:6]), rtol=0, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_cuda
+def test_gpu_7b_shape_teacher_forced_equals_transformers():
+    from kvcore.model_check import check
+
+    record = check(layers=32, prompt=16, new_tokens=32, timed_tokens=0)
+    assert record["passed"], record
+
+
+def test_model_check_runs_at_a_tiny_shape_on_cpu():
+    """The GPU check's logic (kvcore/model_check.py) at a tiny float32 shape: it passes, at
+    float32 rounding."""
+    from kvcore import model_check
+
+    tiny = dict(SHAPE, rope_parameters=LLAMA3_ROPE)
+    record = model_check.check(layers=2, prompt=5, new_tokens=6, timed_tokens=2, dtype="float32",
+                               device="cpu", shape=tiny)
+    assert record["passed"] and record["weights_shared_with_transformers"], record
+    assert len(record["max_abs_per_step"]) == 6 and max(record["max_abs_per_step"]) < 1e-5
+    assert record["own_greedy_equal"] and record["decode_tok_s_graph"] > 0
+    json.dumps(record)  # plain values
+
+
+INTERPRETED_BODY = """
+import json, torch
+from kvcore.model import CausalLM
+cfg = dict(vocab_size=61, hidden_size=18, intermediate_size=14, num_hidden_layers=2,
+           num_attention_heads=6, num_key_value_heads=2, head_dim=6)
+worst = {}
+for cache_dtype in ("float16", "int8"):
+    made = dict(dtype="float16", cache_dtype=cache_dtype, max_positions=7, sink_positions=1)
+    ref = CausalLM.from_config(cfg, **made, seed=1, decode_method="eager")
+    ours = CausalLM.from_state_dict(cfg, ref.state_dict(), **made, decode_method="counter")
+    ref.cache.attention, ours.cache.attention = "torch", "triton"
+    assert ours.cache.fused_writes and ours.cache.attention_backend == "triton"
+    ids = torch.randint(0, 61, (1, 15), generator=torch.Generator().manual_seed(2))
+    ref.prefill(ids[:, :3]), ours.prefill(ids[:, :3])
+    worst[cache_dtype] = 0.0
+    for t in range(3, 15):  # round the ring of 7 twice
+        a, b = ref.decode(ids[:, t:t + 1]).clone(), ours.decode(ids[:, t:t + 1]).clone()
+        worst[cache_dtype] = max(worst[cache_dtype], (a - b).abs().max().item())
+    assert int(ours.cache.position_counter()) == ours.cache.total_appended == 15
+print(json.dumps(worst))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not importable")
+def test_graph_body_with_the_triton_kernels_in_the_interpreter():
+    """The captured step's launches with the real kernels (the fused write at the device
+    counter, the Triton attention over the device count), in Triton's interpreter on the
+    CPU, against the eager decode with torch attention: float16 weights, float16 and int8
+    caches, through the ring's wrap."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED_BODY], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert worst["float16"] <= 2e-3 and worst["int8"] <= 2e-3, worst

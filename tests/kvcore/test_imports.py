@@ -1,5 +1,5 @@
 """kvcore imports only torch and the standard library: importing it in a fresh interpreter loads
-none of the orchestrator's dependencies, and no Triton, NVML or transformers beyond what torch itself loads
+none of the orchestrator's dependencies, and no Triton or NVML beyond what torch itself loads
 (kvcore imports those lazily, on CUDA paths only).
 
 Run: `python -m pytest tests/kvcore/test_imports.py -q`.

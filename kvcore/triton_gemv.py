@@ -76,6 +76,8 @@ CONFIGS = (
     GemvConfig(32, 128, 4, 4, 4),
     GemvConfig(64, 128, 1, 8, 3),
     GemvConfig(64, 128, 2, 8, 4),
+    GemvConfig(32, 512, 2, 8, 3),  # 32 KB tiles: more bytes in flight per program
+    GemvConfig(16, 1024, 2, 8, 3),
 )
 
 

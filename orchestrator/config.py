@@ -342,6 +342,8 @@ def load_sweep(cfg: DictConfig, cwd: str | os.PathLike[str], overrides: Sequence
     criteria = _criteria(milestone)
 
     flat = flatten(container)
+    if flat.get("model.checkpoint"):  # workers run elsewhere: the folder's absolute path
+        flat["model.checkpoint"] = str(Path(cwd, flat["model.checkpoint"]).resolve())
     base = {path: flat[path] for path in trial_paths(flat)}
     if flat.get("bench.decode") == "model":  # the token-generation criterion judges the real model
         criteria = for_model_decode(criteria)

@@ -125,6 +125,10 @@ def test_a_checkpoint_gives_its_own_shape(tmp_path):
     got = model_shape(params)
     assert (got["num_hidden_layers"], got["vocab_size"], got["num_key_value_heads"]) == (2, 301, 2)
     assert model_config(params, "cpu").checkpoint == str(tmp_path)
+    # a relative folder is taken from the directory the command runs in
+    relative = sweep_of("+milestone=smoke", "bench.decode=model", f"model.checkpoint={tmp_path.name}",
+                        cwd=tmp_path.parent)
+    assert relative.trials[0].params["model.checkpoint"] == str(tmp_path)
 
 
 def test_a_model_trial_runs_in_process_and_is_judged(stand_in):

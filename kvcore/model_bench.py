@@ -122,6 +122,7 @@ class ModelBenchConfig:
     logits_tolerance: float | None = None  # max |logit difference| allowed; None: by the dtypes (LOGIT_TOLERANCE)
     peer: str = "compile"  # compile (static cache, compiled and eager) | eager | none
     linear: str = "auto"  # auto (the faster on CUDA) | torch | triton
+    profile: bool = False  # CUDA: where a decoded token's time goes (torch.profiler over a few steps)
     device: str = "cpu"
     seed: int = 0
 
@@ -296,6 +297,12 @@ class ModelBenchResult:
     model_cuda_context_gb: float
     model_total_vram_gb: float
     hf_peak_mem_gb: float  # the peer's own allocations beyond kvcore's (NaN: not measured)
+    # where a decoded token's time goes (--profile, CUDA; NaN/"" when not profiled)
+    profile_linear_ms: float  # projections (GEMV / GEMM kernels) per token
+    profile_attention_ms: float  # the cache's decode attention kernels per token
+    profile_other_ms: float  # every other kernel (norms, rotary, cache writes, activations)
+    profile_idle_ms: float  # the token's time with no kernel running (launch gaps)
+    profile_top: str  # the costliest kernels: "name: us per token; ..."
     # environment
     device_name: str
     torch_version: str
@@ -490,6 +497,58 @@ def compare_logits(ours: torch.Tensor, ref: torch.Tensor, tolerance: float) -> d
             "tokens_match": matched == checked}
 
 
+def _kernel_kind(name: str) -> str:
+    low = name.lower()
+    if "decode_split" in low or "decode_merge" in low or "attention" in low or "flash" in low:
+        return "attention"
+    if "gemv" in low or "gemm" in low or "cutlass" in low or "cublas" in low or "matmul" in low or "sm90_xmma" in low:
+        return "linear"
+    return "other"
+
+
+def profile_decode(lm, prompt: torch.Tensor, cfg: ModelBenchConfig, device: torch.device,
+                   steps: int = 8) -> dict[str, Any]:
+    """Device time per decoded token by kind of kernel (torch.profiler, CUDA graph replays
+    traced), after a prefill; never raises: a profiler failure is reported in profile_top."""
+    empty = {"profile_linear_ms": NAN, "profile_attention_ms": NAN, "profile_other_ms": NAN,
+             "profile_idle_ms": NAN, "profile_top": ""}
+    if not cfg.profile or device.type != "cuda":
+        return empty
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        lm.reset()
+        token = lm.prefill(prompt, chunk_size=cfg.prefill_chunk).argmax(dim=-1, keepdim=True)
+        token = lm.decode(token).argmax(dim=-1, keepdim=True)  # warm
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = lm.decode(token).argmax(dim=-1, keepdim=True)
+            _sync(device)
+            wall = time.perf_counter() - start
+        per_kind = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+        names: dict[str, float] = {}
+        for event in prof.key_averages():
+            device_us = getattr(event, "device_time_total", None)
+            if device_us is None:
+                device_us = getattr(event, "cuda_time_total", 0.0)
+            if not device_us or event.key.startswith(("cudaGraphLaunch", "ProfilerStep")) \
+                    or getattr(event, "device_type", None) == torch.autograd.DeviceType.CPU:
+                continue
+            per_kind[_kernel_kind(event.key)] += device_us
+            names[event.key] = names.get(event.key, 0.0) + device_us
+        busy_ms = sum(per_kind.values()) / 1e3 / steps
+        top = sorted(names.items(), key=lambda item: -item[1])[:8]
+        return {"profile_linear_ms": per_kind["linear"] / 1e3 / steps,
+                "profile_attention_ms": per_kind["attention"] / 1e3 / steps,
+                "profile_other_ms": per_kind["other"] / 1e3 / steps,
+                "profile_idle_ms": max(0.0, wall * 1e3 / steps - busy_ms),
+                "profile_top": "; ".join(f"{name[:60]}: {us / steps:.0f} us" for name, us in top)}
+    except Exception as error:  # the profile is a diagnosis: its failure must not fail the trial
+        return {**empty, "profile_top": f"profiler failed: {type(error).__name__}: {error}"[:300]}
+
+
 # ---------------------------------------------------------------------- the peer's runs
 
 
@@ -660,6 +719,8 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
         peak = memory["peak"] + weights_held
     kv_bytes = lm.cache.memory_bytes()
 
+    profiled = profile_decode(lm, prompt, cfg, device)
+
     # teacher forcing: the same tokens into both models
     tolerance = cfg.logits_tolerance or LOGIT_TOLERANCE[cfg.weights_dtype] + CACHE_TOLERANCE[cfg.cache_dtype]
     ours = teacher_forced_logits(lm, prompt, forced, cfg.prefill_chunk)
@@ -710,7 +771,7 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
         hf_peer=(f"transformers {transformers.__version__} LlamaForCausalLM.generate, SDPA, static cache"
                  + (", torch.compile (CompileConfig fullgraph, reduce-overhead)" if cfg.peer == "compile" else "")),
         transformers_version=transformers.__version__,
-        **check,
+        **check, **profiled,
         model_weights_gb=weights_held / 1e9, model_kv_cache_gb=kv_bytes / 1e9,
         model_peak_mem_gb=peak / 1e9, model_peak_mem_source=str(memory["peak_source"]),
         model_cuda_context_gb=memory["context"] / 1e9,
@@ -778,7 +839,11 @@ def format_table(result: ModelBenchResult) -> str:
     lines.append(f"teacher forcing: max |logit diff| {_fmt(d['logits_max_abs_diff'], '.3g')} (tolerance "
                  f"{d['logits_tolerance']:g}, ok {d['logits_ok']}), tokens {d['tokens_matched']}/"
                  f"{d['tokens_checked']} decisive of {d['tokens_compared']} match: {d['tokens_match']}")
-    for name in ("hf_skipped", "hf_compile_skipped"):
+    if d["profile_top"]:
+        lines.append(f"profile per token: linear {_fmt(d['profile_linear_ms'])} ms, attention "
+                     f"{_fmt(d['profile_attention_ms'])} ms, other {_fmt(d['profile_other_ms'])} ms, idle "
+                     f"{_fmt(d['profile_idle_ms'])} ms; top: {d['profile_top']}")
+    for name in ("hf_skipped", "hf_compile_skipped", "linear_capture_fallbacks"):
         if d[name]:
             lines.append(f"{name}: {d[name]}")
     return "\n".join(lines)
@@ -803,6 +868,8 @@ def _parser() -> argparse.ArgumentParser:
                                 help="one or several, comma-separated (one trial each, one peer)")
         elif f.name == "checkpoint":
             parser.add_argument(flag, default=None, help="local HF folder; default: random weights")
+        elif f.name == "profile":
+            parser.add_argument(flag, action="store_true", help="CUDA: where a decoded token's time goes")
         elif f.name == "logits_tolerance":
             parser.add_argument(flag, type=float, default=None, help="default: by the weights and cache dtypes")
         else:

@@ -10,7 +10,8 @@
 #          weight GB/s of F.linear and of the split-K GEMV next to the copy bandwidth
 #          -> $OUT/gemv.json (about 1 minute on an H200, mostly Triton's autotuning)
 #   model  python -m kvcore.model_bench: Llama-2-7B shape, random float16 weights, 16,384 prompt
-#          tokens, 64 new tokens x 5 repetitions, float16 and float8_e4m3fn caches in one process
+#          tokens, 64 new tokens x 5 repetitions, float16 and float8_e4m3fn caches in one process,
+#          a torch.profiler breakdown of a decoded token (linear, attention, other, idle)
 #          (transformers' compile paid once, ~45 s) -> $OUT/model-llama7b-<cache dtype>.json and
 #          $OUT/model.jsonl (about 3 minutes on an H200)
 set -euo pipefail
@@ -29,7 +30,7 @@ for phase in "${phases[@]}"; do
     model)
       "$PYTHON" -m kvcore.model_bench --shape llama7b --weights-dtype float16 \
         --cache-dtype float16,float8_e4m3fn --context-length 16384 --new-tokens 64 --repetitions 5 \
-        --peer compile --device cuda:0 --out-dir "$OUT" --json "$OUT/model.jsonl" \
+        --peer compile --profile --device cuda:0 --out-dir "$OUT" --json "$OUT/model.jsonl" \
         2>&1 | tee "$OUT/model.log" ;;
     *) echo "unknown phase $phase (gemv | model)" >&2; exit 2 ;;
   esac

@@ -181,3 +181,14 @@ def test_gpu_tiny_model_beside_compiled_transformers():
         assert d["weights_shared"] and d["model_linear"] in ("torch", "triton_gemv")
         assert d["linear_capture_fallbacks"] == ""
         assert d["logits_ok"] and d["tokens_match"], (cache_dtype, d["logits_max_abs_diff"])
+
+
+def test_profile_kinds_and_off_on_the_cpu():
+    assert mb._kernel_kind("_gemv") == "linear"
+    assert mb._kernel_kind("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize64x64x64") == "linear"
+    assert mb._kernel_kind("decode_split_kernel") == "attention"
+    assert mb._kernel_kind("decode_merge_kernel") == "attention"
+    assert mb._kernel_kind("store_rows_kernel") == "other"
+    assert mb._kernel_kind("void at::native::elementwise_kernel<128, 2>") == "other"
+    off = mb.profile_decode(None, None, make_config(profile=True), torch.device("cpu"))
+    assert math.isnan(off["profile_linear_ms"]) and off["profile_top"] == ""

@@ -140,6 +140,7 @@ def test_cli_bad_input_is_one_line_and_exit_2():
     assert len(proc.stderr.strip().splitlines()) == 1 and "cache_dtype" in proc.stderr
 
 
+@pytest.mark.slow
 def test_tiny_model_end_to_end(tmp_path):
     """kvcore's own model, the CLI, two cache dtypes sharing one peer, JSON lines written."""
     pytest.importorskip("kvcore.model")

@@ -151,6 +151,7 @@ def test_a_model_trial_runs_in_process_and_is_judged(stand_in):
     json.dumps(result)  # crosses the process boundary as plain values
 
 
+@pytest.mark.slow
 def test_smoke_in_model_mode_end_to_end_through_the_orchestrator(ray_session, tmp_path):
     """kvcore's own model in Ray workers, recorded in a real MLflow store; a second grid point
     whose model cannot fit (a 10^10-token vocabulary: 3.8 TB of weights) is SKIPPED."""

@@ -38,6 +38,9 @@ Key decisions:
   the cache's public device-counter methods. "counter": the same launches run eagerly (any
   device; the CPU test of the graph's logic). "eager": `cache.append` + `cache.attend` per
   layer at the host count (default on CPU).
+- On CUDA (with Triton) the norms (residual add fused in), the rotary embedding and the
+  SwiGLU activation are one Triton launch each (kvcore/triton_model.py; `lm.fused_ops`,
+  settable; False gives the torch ops): a 7B layer is then about 16 launches instead of 45.
 - Weights are plain tensors with transformers' names (`state_dict()`), never copied when
   given on the right device and dtype, so a transformers model can share them (the peer
   measurement). `lm.linear` (default torch.nn.functional.linear) computes every projection
@@ -301,8 +304,11 @@ class CausalLM:
     """A Llama-family causal LM decoding through a StreamingKVCache (see the module docstring).
 
     Build it with `from_pretrained`, `from_config` or `from_state_dict`. Attributes: `config`
-    (ModelConfig), `cache` (StreamingKVCache), `dtype`, `device`, `linear` (settable hook),
-    `decode_method` (settable: "cuda_graph", "counter" or "eager").
+    (ModelConfig), `cache` (StreamingKVCache), `dtype`, `device`, `linear` (settable hook:
+    (x, weight) -> x @ weight.T for every projection and the lm_head), `decode_method`
+    (settable: "cuda_graph", "counter" or "eager"), `fused_ops` (settable bool: the Triton
+    norm/rotary/activation kernels; default where the cache's Triton writes run).
+    A captured graph is kept per (attention backend, linear, fused_ops).
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
@@ -331,6 +337,8 @@ class CausalLM:
         self._logits = torch.zeros((1, cfg.vocab_size), dtype=torch.float32, device=self.device)
         self._n_valid = torch.zeros((), dtype=torch.long, device=self.device)
         self._decode_method = "eager"
+        # Triton ops for the norms, rotary and activation: CUDA with Triton (or the interpreter)
+        self.fused_ops = self.cache.fused_writes
         if decode_method is None:
             graph_ok = self.device.type == "cuda" and self.cache.fused_writes
             decode_method = "cuda_graph" if graph_ok else "eager"
@@ -492,7 +500,7 @@ class CausalLM:
         hidden = None
         for start in range(0, ids.shape[1], chunk_size):
             hidden = self._prefill_chunk(ids[0, start:start + chunk_size])
-        return self._logits_of(hidden[-1:])
+        return self.linear(hidden[-1:], self.lm_head).to(torch.float32)
 
     @torch.no_grad()
     def decode(self, token: torch.Tensor) -> torch.Tensor:
@@ -529,31 +537,31 @@ class CausalLM:
 
     def _prefill_chunk(self, ids: torch.Tensor) -> torch.Tensor:
         """Run positions [c, c + T) (c = positions the cache holds) through every layer;
-        extend the cache with their keys/values. Returns the final hidden states [T, hidden]."""
+        extend the cache with their keys/values. Returns the final normed hidden states
+        [T, hidden]."""
         cfg, cache, kv_dtype = self.config, self.cache, self._kv_dtype
         T, Hkv, D = ids.shape[0], cfg.num_kv_heads, cfg.head_dim
         first = cache.total_appended
         positions = torch.arange(first, first + T, device=self.device)
-        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)
         past_pos = cache.positions().to(self.device)  # [n_past], oldest first (get_valid's order)
         key_pos = torch.cat([past_pos, positions])
         mask = window_mask(positions, key_pos, cache.max_positions, cache.sink_positions)
         causal_only = past_pos.numel() == 0 and first + T <= cache.max_positions
         keys = torch.empty((cfg.num_layers, T, Hkv, D), dtype=kv_dtype, device=self.device)
         values = torch.empty_like(keys)
-        h = F.embedding(ids, self.embed)  # [T, hidden]
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)  # [T, H, D], [T, Hkv, D] x2
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys[i], values[i] = k, v
             if past_pos.numel():
                 past_k, past_v = cache.get_valid(i)  # [n_past, Hkv, D]
                 k, v = torch.cat([past_k, keys[i]]), torch.cat([past_v, values[i]])
             else:
                 k, v = keys[i], values[i]
-            attn = self._prefill_attention(q.to(kv_dtype), k, v, None if causal_only else mask)
-            h = self._finish_layer(layer, h, attn.to(self.dtype))
+            return self._prefill_attention(q.to(kv_dtype), k, v, None if causal_only else mask)
+
+        x = self._layers(F.embedding(ids, self.embed), positions, attend)
         cache.extend(keys, values)
-        return h
+        return x
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mask: torch.Tensor | None) -> torch.Tensor:
@@ -573,14 +581,13 @@ class CausalLM:
         """One position through append + attend per layer, at the host count."""
         cache, kv_dtype = self.cache, self._kv_dtype
         position = torch.full((1,), cache.total_appended, dtype=torch.long, device=self.device)
-        cos, sin = rotary_cos_sin(position, self._inv_freq, self.dtype)
-        h = F.embedding(token[0], self.embed)  # [1, hidden]
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.append(i, k[0].to(kv_dtype), v[0].to(kv_dtype))
-            attn = cache.attend(i, q[0].to(kv_dtype))  # [H, D]
-            h = self._finish_layer(layer, h, attn[None].to(self.dtype))
-        return self._logits_of(h)
+            return cache.attend(i, q[0].to(kv_dtype))[None]  # [1, H, D]
+
+        x = self._layers(F.embedding(token[0], self.embed), position, attend)
+        return self.linear(x, self.lm_head).to(torch.float32)
 
     def _decode_body(self, advance: bool) -> None:
         """One position at the cache's device counter, every launch capturable: what the CUDA
@@ -589,22 +596,21 @@ class CausalLM:
         cache, kv_dtype = self.cache, self._kv_dtype
         count = cache.position_counter()  # the position being written
         torch.add(count, 1, out=self._n_valid)  # valid slots once it is written
-        cos, sin = rotary_cos_sin(count.view(1), self._inv_freq, self.dtype)
-        h = F.embedding(self._token[0], self.embed)  # [1, hidden]
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.write_at_counter(k[0].to(kv_dtype), v[0].to(kv_dtype), layer=i)
-            attn = cache.attend_slots(i, q[0].to(kv_dtype), self._n_valid)  # [H, D]
-            h = self._finish_layer(layer, h, attn[None].to(self.dtype))
+            return cache.attend_slots(i, q[0].to(kv_dtype), self._n_valid)[None]  # [1, H, D]
+
+        x = self._layers(F.embedding(self._token[0], self.embed), count.view(1), attend)
         if advance:
             cache.advance_counter()
-        self._logits.copy_(self._logits_of(h))
+        self._logits.copy_(self.linear(x, self.lm_head))
 
     def _graph(self) -> torch.cuda.CUDAGraph:
         """The captured decode step for the current attention backend and linear hook: warm
         up once on a side stream (compiles every kernel; writes the same slot the first
         replay rewrites, and does not move the counter), then capture."""
-        key = (self.cache.attention_fn, self.linear)
+        key = (self.cache.attention_fn, self.linear, self.fused_ops)
         graph = self._graphs.get(key)
         if graph is None:
             self.cache.position_counter()  # in step with the host before capture
@@ -619,28 +625,53 @@ class CausalLM:
 
     # ------------------------------------------------------------------ shared pieces
 
-    def _qkv(self, layer: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
-             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normed h [T, hidden] -> rotated q [T, H, D], rotated k and v [T, Hkv, D]."""
+    def _layers(self, h: torch.Tensor, positions: torch.Tensor,
+                attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """Every decoder layer over hidden states h [T, hidden] at positions [T] (a device
+        tensor), then the final norm -> [T, hidden]. attend(layer, q [T, H, D], k, v
+        [T, Hkv, D]) hands K/V to the cache and returns the attention [T, H, D]. Each
+        residual add is fused into the next norm (one launch with the Triton ops)."""
         cfg, linear = self.config, self.linear
-        x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-        T = h.shape[0]
-        q = linear(x, layer.wq).view(T, cfg.num_heads, cfg.head_dim)
-        k = linear(x, layer.wk).view(T, cfg.num_kv_heads, cfg.head_dim)
-        v = linear(x, layer.wv).view(T, cfg.num_kv_heads, cfg.head_dim)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        T, H, Hkv, D = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        rotate = self._rotation(positions)
+        y = None  # the MLP output not yet added to h
+        for i, layer in enumerate(self.layers):
+            h, x = self._add_norm(h, y, layer.input_norm)
+            q = rotate(linear(x, layer.wq).view(T, H, D))
+            k = rotate(linear(x, layer.wk).view(T, Hkv, D))
+            v = linear(x, layer.wv).view(T, Hkv, D)
+            attn = attend(i, q, k, v).to(self.dtype)
+            h, x = self._add_norm(h, linear(attn.reshape(T, H * D), layer.wo), layer.post_norm)
+            y = linear(self._act(linear(x, layer.w_gate), linear(x, layer.w_up)), layer.w_down)
+        return self._add_norm(h, y, self.norm)[1]
 
-    def _finish_layer(self, layer: LayerWeights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Attention output [T, H, D] -> o_proj + residual, then the SwiGLU MLP + residual."""
-        linear = self.linear
-        h = h + linear(attn.reshape(h.shape[0], -1), layer.wo)
-        x = rms_norm(h, layer.post_norm, self.config.rms_norm_eps)
-        return h + linear(F.silu(linear(x, layer.w_gate)) * linear(x, layer.w_up), layer.w_down)
+    def _add_norm(self, h: torch.Tensor, y: torch.Tensor | None,
+                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + y, RMSNorm(h + y)); with the Triton ops h is updated in place."""
+        eps = self.config.rms_norm_eps
+        if self.fused_ops:
+            from kvcore.triton_model import add_rms_norm
 
-    def _logits_of(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden [1, hidden] -> logits [1, vocab] float32."""
-        x = rms_norm(h, self.norm, self.config.rms_norm_eps)
-        return self.linear(x, self.lm_head).to(torch.float32)
+            return h, add_rms_norm(h, None if y is None else y.contiguous(), weight, eps)
+        if y is not None:
+            h = h + y
+        return h, rms_norm(h, weight, eps)
+
+    def _rotation(self, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The rotary embedding at positions [T], for q or k [T, heads, D]."""
+        if self.fused_ops:
+            from kvcore.triton_model import rotary_
+
+            return lambda x: rotary_(x, positions, self._inv_freq)
+        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)
+        return lambda x: apply_rotary(x, cos, sin)
+
+    def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.fused_ops:
+            from kvcore.triton_model import silu_mul
+
+            return silu_mul(gate.contiguous(), up.contiguous())
+        return F.silu(gate) * up
 
     def check_input_ids(self, ids: object, name: str) -> torch.Tensor:
         if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == 1

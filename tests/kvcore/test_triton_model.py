@@ -1,0 +1,104 @@
+"""Tests of kvcore/triton_model.py (fused RMSNorm with the residual add, rotary, silu * up)
+against the torch ops of kvcore/model.py, which test_model.py checks against transformers.
+
+The kernels run in Triton's interpreter, in one subprocess started with TRITON_INTERPRET=1
+(the variable must be set before triton is imported); this file is that subprocess's script.
+Bounds, relative to the output's largest magnitude: float32 2e-6; float16 / bfloat16 one
+unit in the last place of the dtype (transcendentals may differ from torch's by an ulp
+before rounding). In the interpreter bfloat16 gets 2^-5 (four ulps): its casts to bfloat16
+do not round like the GPU's (measured 1.4e-2).
+
+Run: `python -m pytest tests/kvcore/test_triton_model.py -q`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+DTYPES = ["float32", "float16", "bfloat16"]
+ULP = {"float32": 2e-6, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+INTERPRETER_BOUND = {**ULP, "bfloat16": 2.0**-5}
+
+
+def run_checks(device: str = "cpu") -> dict[str, float]:
+    """Worst error of each kernel and dtype, relative to the output's largest magnitude."""
+    import torch.nn.functional as F
+
+    from kvcore.model import apply_rotary, rms_norm, rotary_cos_sin
+    from kvcore.triton_model import add_rms_norm, rotary_, silu_mul
+
+    gen = torch.Generator().manual_seed(0)
+    worst = {}
+
+    def err(got, want):
+        return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+    for name in DTYPES:
+        dtype = getattr(torch, name)
+        T, E = 3, 37  # odd sizes: masked tails
+        h = (torch.randn(T, E, generator=gen) * 3).to(device, dtype)
+        y = torch.randn(T, E, generator=gen).to(device, dtype)
+        w = (1 + 0.1 * torch.randn(E, generator=gen)).to(device, dtype)
+        want_h = h + y
+        want = rms_norm(want_h, w, 1e-5)
+        mine = h.clone()
+        got = add_rms_norm(mine, y, w, 1e-5)
+        worst[f"add_rms_norm-{name}"] = max(err(got, want), err(mine, want_h))
+        got = add_rms_norm(h.clone(), None, w, 1e-5)
+        worst[f"rms_norm-{name}"] = err(got, rms_norm(h, w, 1e-5))
+
+        heads, D = 5, 10
+        x = torch.randn(T, heads, D, generator=gen).to(device, dtype)
+        positions = torch.tensor([0, 7, 16001], device=device)
+        inv_freq = (1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))).to(device)
+        cos, sin = rotary_cos_sin(positions, inv_freq, dtype)
+        want = apply_rotary(x, cos, sin)
+        got = rotary_(x.clone(), positions, inv_freq)
+        worst[f"rotary-{name}"] = err(got, want)
+        strided = torch.randn(T, heads + 2, D, generator=gen).to(device, dtype)[:, 1:-1]  # a view
+        want = apply_rotary(strided, cos, sin)
+        rotary_(strided, positions, inv_freq)
+        worst[f"rotary-view-{name}"] = err(strided, want)
+
+        gate = torch.randn(1500, generator=gen).to(device, dtype) * 4  # not a multiple of the block
+        up = torch.randn(1500, generator=gen).to(device, dtype)
+        worst[f"silu_mul-{name}"] = err(silu_mul(gate, up), F.silu(gate) * up)
+    return worst
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(Path(__file__))], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None,
+                    reason="triton is not importable")
+@pytest.mark.parametrize("kernel", ["add_rms_norm", "rms_norm", "rotary", "rotary-view", "silu_mul"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_match_the_torch_ops(interpreter_results, kernel, dtype):
+    got = interpreter_results[f"{kernel}-{dtype}"]
+    assert got <= INTERPRETER_BOUND[dtype], f"{kernel} {dtype}: {got:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernels_match_the_torch_ops():
+    results = run_checks("cuda")
+    bad = {k: v for k, v in results.items() if v > ULP[k.rsplit("-", 1)[1]]}
+    assert not bad, bad
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_checks()))

@@ -651,15 +651,26 @@ class Peer:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for compiled in modes:
-            if not self.warm[compiled]:
-                start = time.perf_counter()
-                time_peer_generate(self.model, prompt, cfg.new_tokens, compiled, device)
+            try:
+                if not self.warm[compiled]:
+                    start = time.perf_counter()
+                    time_peer_generate(self.model, prompt, cfg.new_tokens, compiled, device)
+                    if compiled:
+                        self.compile_warmup_s = figures["hf_compile_warmup_s"] = time.perf_counter() - start
+                    self.warm[compiled] = True
+                # the fastest path as many times as kvcore's; the slow eager one at most 3 times
+                runs = [time_peer_generate(self.model, prompt, cfg.new_tokens, compiled, device)
+                        for _ in range(cfg.repetitions if compiled or len(modes) == 1 else min(3, cfg.repetitions))]
+            except Exception as error:  # the peer failing (a compile error, out of memory) is recorded
+                reason = f"failed: {type(error).__name__}: {str(error).strip()[:300]}"
+                figures["hf_compile_skipped" if compiled else "hf_skipped"] = reason
+                traceback.clear_frames(error.__traceback__)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 if compiled:
-                    self.compile_warmup_s = figures["hf_compile_warmup_s"] = time.perf_counter() - start
-                self.warm[compiled] = True
-            # the fastest path as many times as kvcore's; the slow eager one at most 3 times
-            runs = [time_peer_generate(self.model, prompt, cfg.new_tokens, compiled, device)
-                    for _ in range(cfg.repetitions if compiled or len(modes) == 1 else min(3, cfg.repetitions))]
+                    continue
+                break
             rates = [len(steps) / sum(steps) for _, steps, _ in runs]  # tokens / time, per call
             if compiled:
                 figures.update(_triple("hf_decode_tok_s", rates))

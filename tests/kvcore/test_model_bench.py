@@ -90,6 +90,16 @@ def test_a_checkpoint_folder_gives_the_weights(stand_in, tmp_path):
     torch.testing.assert_close(peer.model.lm_head.weight, saved.lm_head.weight, rtol=0, atol=0)
 
 
+def test_a_failing_peer_is_recorded_not_fatal(stand_in, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("generate broke")
+
+    monkeypatch.setattr(mb, "time_peer_generate", broken)
+    result, _ = mb.run_model_bench(make_config())
+    assert result.hf_skipped == "failed: RuntimeError: generate broke"
+    assert math.isnan(result.hf_decode_eager_tok_s) and math.isfinite(result.model_decode_tok_s)
+
+
 def test_compare_logits_counts_only_decisive_steps():
     ref = torch.tensor([[5.0, 1.0, 0.0], [1.0, 1.01, 0.0], [0.0, 3.0, 9.0]])
     ours = torch.tensor([[5.0, 1.0, 0.0], [1.02, 1.0, 0.0], [0.0, 9.5, 9.0]])

@@ -251,7 +251,7 @@ class ModelBenchResult:
     weights_source: str  # "random (seed N)" | the checkpoint folder
     weights_shared: bool  # kvcore's model uses the very tensors transformers holds
     model_linear: str  # what lm.linear ran: "triton_gemv" | "torch"
-    linear_capture_fallbacks: str  # shapes the GEMV left to F.linear in a capture (not prepared): "" if none
+    linear_capture_fallbacks: str  # shapes the GEMV left to F.linear in a capture, or why it did not run: "" if neither
     linear_torch_gbps: float  # the model's projections in one CUDA graph, stock F.linear (0: not timed)
     linear_gemv_gbps: float  # the same with the split-K GEMV (0: not timed)
     # kvcore
@@ -701,7 +701,15 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
     prompt = torch.randint(0, vocab, (1, cfg.context_length), generator=gen).to(device)  # [1, T]
     forced = torch.randint(0, vocab, (1, cfg.check_tokens), generator=gen).to(device)  # [1, n]
 
-    linear, stock_gbps, gemv_gbps = choose_linear(cfg, model, device)
+    try:
+        linear, stock_gbps, gemv_gbps = choose_linear(cfg, model, device)
+        linear_failure = ""
+    except Exception as error:  # the GEMV not compiling here must not cost the trial
+        if cfg.linear == "triton" or isinstance(error, ValueError):
+            raise
+        linear, stock_gbps, gemv_gbps = "torch", 0.0, 0.0
+        linear_failure = f"GEMV failed, F.linear used: {type(error).__name__}: {str(error).strip()[:200]}"
+        traceback.clear_frames(error.__traceback__)
 
     # kvcore's memory figures start here: the peer's residue is subtracted, the weights counted
     gc.collect()
@@ -716,7 +724,7 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
         lm.linear = triton_gemv.linear
     triton_gemv.CAPTURE_FALLBACKS.clear()
     prefill_s, token_s = time_kvcore(lm, prompt, cfg, device)
-    fallbacks = ",".join(f"{n}x{k}" for n, k in sorted(triton_gemv.CAPTURE_FALLBACKS))
+    fallbacks = ",".join(f"{n}x{k}" for n, k in sorted(triton_gemv.CAPTURE_FALLBACKS)) or linear_failure
     memory = _memory_seen(device, host_peak)
     weights_held = held_weight_bytes(lm)
     weights_read = lm.weight_bytes()  # per decoded token: the table only as a (tied) LM head

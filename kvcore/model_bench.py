@@ -289,6 +289,7 @@ class ModelBenchResult:
     tokens_checked: int  # steps where transformers' top-1/top-2 gap exceeds the tolerance
     tokens_matched: int
     tokens_match: bool  # every checked step chose transformers' token
+    check_skipped: str  # why the teacher-forcing check did not run ("" when it ran)
     # memory (kvcore's own; the peer's apart)
     model_weights_gb: float
     model_kv_cache_gb: float
@@ -742,10 +743,17 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
 
     # teacher forcing: the same tokens into both models
     tolerance = cfg.logits_tolerance or LOGIT_TOLERANCE[cfg.weights_dtype] + CACHE_TOLERANCE[cfg.cache_dtype]
-    ours = teacher_forced_logits(lm, prompt, forced, cfg.prefill_chunk)
-    ref = peer_forced_logits(model, prompt, forced)
-    check = compare_logits(ours, ref, tolerance)
-    del lm, ours, ref
+    try:
+        ours = teacher_forced_logits(lm, prompt, forced, cfg.prefill_chunk)
+        ref = peer_forced_logits(model, prompt, forced)
+        check = {**compare_logits(ours, ref, tolerance), "check_skipped": ""}
+        del ours, ref
+    except Exception as error:  # e.g. the reference's full forward out of memory: say so, keep the rest
+        check = {"logits_max_abs_diff": NAN, "logits_tolerance": tolerance, "logits_ok": False,
+                 "tokens_compared": 0, "tokens_checked": 0, "tokens_matched": 0, "tokens_match": False,
+                 "check_skipped": f"failed: {type(error).__name__}: {str(error).strip()[:300]}"}
+        traceback.clear_frames(error.__traceback__)
+    del lm
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -862,7 +870,7 @@ def format_table(result: ModelBenchResult) -> str:
         lines.append(f"profile per token: linear {_fmt(d['profile_linear_ms'])} ms, attention "
                      f"{_fmt(d['profile_attention_ms'])} ms, other {_fmt(d['profile_other_ms'])} ms, idle "
                      f"{_fmt(d['profile_idle_ms'])} ms; top: {d['profile_top']}")
-    for name in ("hf_skipped", "hf_compile_skipped", "linear_capture_fallbacks"):
+    for name in ("hf_skipped", "hf_compile_skipped", "linear_capture_fallbacks", "check_skipped"):
         if d[name]:
             lines.append(f"{name}: {d[name]}")
     return "\n".join(lines)

@@ -28,8 +28,9 @@ A trial, in order:
    difference|, and greedy tokens compared wherever transformers' top-1/top-2 gap exceeds
    the tolerance (random weights make near-ties, where rounding may pick either).
 6. The peer: transformers' `generate` with its static cache, eager (`disable_compile`) and
-   with its own torch.compile path (`compile_config`, mode "reduce-overhead", fullgraph;
-   only on CUDA: on the CPU the compiled figure is absent with `hf_compile_skipped`); one
+   with its own torch.compile path (the automatic compile `generate` turns on for a static
+   cache on CUDA, default CompileConfig, mode "reduce-overhead"; only on CUDA: on the CPU the
+   compiled figure is absent with `hf_compile_skipped`); one
    warm-up call each (the compile happens there), then a timed call: per-token times from
    host timestamps at every token its streamer receives (`generate` synchronizes every step
    on CUDA). Skipped, with `hf_skipped` saying why, when its static cache does not fit in
@@ -576,14 +577,12 @@ def time_peer_generate(peer, prompt: torch.Tensor, new_tokens: int, compiled: bo
                        ) -> tuple[float, list[float], torch.Tensor]:
     """One `generate` call, static cache, compiled or not: (prefill seconds, per-token decode
     seconds, the tokens)."""
-    from transformers import CompileConfig
-
     kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, do_sample=False,
                                   cache_implementation="static", attention_mask=torch.ones_like(prompt))
-    if compiled:
-        kwargs["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
-    else:
+    if not compiled:
         kwargs["disable_compile"] = True
+    # compiled: generate's own automatic compile of the decode step, which a static cache on
+    # CUDA turns on (its default CompileConfig: inductor, mode "reduce-overhead", CUDA graphs)
     streamer = _timestamps_streamer()
     _sync(device)
     start = time.perf_counter()
@@ -796,7 +795,8 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
         model_speedup_eager=ratio(decode["model_decode_tok_s"], hf["hf_decode_eager_tok_s"]),
         model_prefill_speedup=ratio(prefill["model_prefill_tok_s"], hf["hf_prefill_tok_s"]),
         hf_peer=(f"transformers {transformers.__version__} LlamaForCausalLM.generate, SDPA, static cache"
-                 + (", torch.compile (CompileConfig fullgraph, reduce-overhead)" if cfg.peer == "compile" else "")),
+                 + (", torch.compile (generate's automatic compile, default CompileConfig: reduce-overhead)"
+                    if cfg.peer == "compile" else "")),
         transformers_version=transformers.__version__,
         **check, **profiled,
         model_weights_gb=weights_held / 1e9, model_kv_cache_gb=kv_bytes / 1e9,

@@ -30,17 +30,20 @@ A trial, in order:
 6. The peer: transformers' `generate` with its static cache, eager (`disable_compile`) and
    with its own torch.compile path (the automatic compile `generate` turns on for a static
    cache on CUDA, default CompileConfig, mode "reduce-overhead"; only on CUDA: on the CPU the
-   compiled figure is absent with `hf_compile_skipped`); one
-   warm-up call each (the compile happens there), then a timed call: per-token times from
-   host timestamps at every token its streamer receives (`generate` synchronizes every step
-   on CUDA). Skipped, with `hf_skipped` saying why, when its static cache does not fit in
-   what the device has left.
+   compiled figure is absent with `hf_compile_skipped`); one warm-up call each, once per
+   process (the compile happens there), then timed calls (`repetitions` of the compiled
+   path, at most 3 of the eager one): per-token times from host timestamps at every token
+   its streamer receives (`generate` synchronizes every step on CUDA); each call's tokens /
+   time, median, min and max. Skipped, with `hf_skipped` saying why, when its static cache
+   does not fit in what the device has left; a peer that fails is recorded the same way.
+7. With `--profile` (CUDA): a few more decode steps under torch.profiler, the token's device
+   time split into projections, attention, other kernels and idle time, and the top kernels.
 
 Key decisions:
 - Bytes per decoded token = the weights a token reads (`lm.weight_bytes()`: every matrix but
   the embedding table, of which it reads one row; a tied table is read whole as the LM head)
-  + the cache bytes of the positions attended (the mean over the decoded tokens). `model_decode_roofline_frac` =
-  those bytes x tok/s over the copy bandwidth of the same trial.
+  + the cache bytes of the positions attended (the mean over the decoded tokens).
+  `model_decode_roofline_frac` = those bytes x tok/s over the copy bandwidth of the same trial.
 - Memory: kvcore's figures are measured as the proxy benchmark measures them (CUDA allocator
   peak since a reset, plus the CUDA context NVML sees beyond the pool; the CPU's peak resident
   growth plus the weights, which exist before the reset). Whatever the peer holds (its static
@@ -63,7 +66,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any

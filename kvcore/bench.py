@@ -601,6 +601,25 @@ def _copy_measurement(cfg: BenchConfig, device: torch.device, gen: torch.Generat
     return m, src.nbytes
 
 
+def measure_copy_gbps(device: torch.device | str, gb: float | None = None, repetitions: int = 5,
+                      rep_budget_s: float = 1.0, seed: int = 0) -> tuple[float, float, float]:
+    """The trial's copy probe on its own: device-to-device copy bandwidth, read + write bytes
+    per second, as (median, min, max) GB/s (for other benchmarks' rooflines)."""
+    device = resolve_device(str(device))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    cfg = BenchConfig(device=str(device), copy_gb=gb, repetitions=repetitions,
+                      rep_budget_s=rep_budget_s, seed=seed)
+    m, nbytes = _copy_measurement(cfg, device, gen, 4 * cfg.min_region_s)
+    median, low, high = m.summary()
+    result = (median * 2 * nbytes / 1e9, low * 2 * nbytes / 1e9, high * 2 * nbytes / 1e9)
+    del m
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
 class _Trial:
     """What the regions of one trial share: the cache, its random inputs, the weights, and
     the position counter (fill, decode and the checks all append from the same pool)."""

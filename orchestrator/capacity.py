@@ -13,6 +13,12 @@ Byte arithmetic (GB are 10^9 bytes, as the milestone table counts them):
 - weights = model.weights_gb (the benchmark allocates and streams them).
 - margin = 0.5 GB + 10 % of the cache: CUDA context or interpreter and torch, one layer's
   dequantized or gathered copy during reads and decode, the small input pools.
+- bench.decode=model: the real model's cache (prompt + the longest run after it) and weights
+  (`kvcore.model_bench`'s arithmetic, from the model config's shape or the checkpoint's
+  config.json), margin + 1.5 GB of activations (a prefill chunk's MLP, the teacher-forcing
+  pass, logits); the proxy benchmark runs first and frees its memory, so the larger of the
+  two is the need. transformers' own copy (its static cache) is not counted: the trial runs
+  the peer only where it still fits, and says so where it does not.
 
 Key decisions:
 - What a device offers: a GPU's total memory x `gpu_memory_fraction` (it runs one trial at a
@@ -29,12 +35,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import json
+from pathlib import Path
+
+from kvcore.model_bench import SHAPE_KEYS, SHAPES, cache_bytes as model_cache_bytes, weight_bytes
 from kvcore.storage import QUANTIZED_DTYPES, STORAGE_DTYPES
 
 GB = 1e9
 MARGIN_BYTES = 0.5 * GB  # fixed part of the margin
 MARGIN_CACHE_FRACTION = 0.10  # part of the margin that grows with the cache
 SCALE_BYTES = 4  # float32 scale per quantized row
+MODEL_ACTIVATION_BYTES = 1.5 * GB  # bench.decode=model: activations, logits, the teacher-forcing pass
+MODEL_CHECK_TOKENS = 32  # tokens kvcore.model_bench feeds after the prompt to compare logits
+DECODE_MODES = ("proxy", "model")  # bench.decode: the cache and a weights blob, or also the real model
+# model.* config keys -> transformers' LlamaConfig names, where they differ
+_HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
 
 
 @dataclass(frozen=True)
@@ -68,11 +84,52 @@ def cache_bytes(params: Mapping[str, Any]) -> int:
     return total
 
 
+def model_mode(params: Mapping[str, Any]) -> bool:
+    """Whether a trial runs the real model too (bench.decode=model)."""
+    return params.get("bench.decode", "proxy") == "model"
+
+
+def model_shape(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The LlamaConfig shape of a bench.decode=model trial: the checkpoint's config.json, else
+    the model config's keys (model.num_layers -> num_hidden_layers, ...)."""
+    checkpoint = params.get("model.checkpoint")
+    if checkpoint:
+        path = Path(checkpoint, "config.json")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"model.checkpoint: cannot read {path}: {error}") from None
+        base = SHAPES["llama7b"]
+        shape = {key: config.get(key, base[key]) for key in SHAPE_KEYS}
+        shape["head_dim"] = config.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+        return shape
+    shape = {hf: params[f"model.{key}"] for key, hf in _HF_NAMES.items()}
+    for key in SHAPE_KEYS:
+        if key not in shape and key != "rope_scaling":
+            shape[key] = params[f"model.{key}"]
+    prefix = "model.rope_scaling."
+    scaling = {p[len(prefix):]: v for p, v in params.items() if p.startswith(prefix)}
+    shape["rope_scaling"] = scaling or None
+    return shape
+
+
+def _model_need_parts(params: Mapping[str, Any]) -> tuple[int, int, int]:
+    shape = model_shape(params)
+    positions = params["milestone.context_length"] + max(params["bench.new_tokens"], MODEL_CHECK_TOKENS)
+    cache = model_cache_bytes(shape, positions, params["cache.dtype"])
+    weights = weight_bytes(shape, params["model.weights_dtype"])
+    return cache, weights, int(MARGIN_BYTES + MODEL_ACTIVATION_BYTES + MARGIN_CACHE_FRACTION * cache)
+
+
 def trial_need_parts(params: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(cache, weights, margin) bytes of a trial."""
+    """(cache, weights, margin) bytes of a trial (the real model's where larger)."""
     cache = cache_bytes(params)
     weights = int(params["model.weights_gb"] * GB)
     margin = int(MARGIN_BYTES + MARGIN_CACHE_FRACTION * cache)
+    if model_mode(params):
+        model = _model_need_parts(params)
+        if sum(model) > cache + weights + margin:
+            return model
     return cache, weights, margin
 
 

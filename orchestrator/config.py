@@ -37,9 +37,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from kvcore.bench import BenchResult
-from orchestrator.criteria import REQUIRED_CRITERIA, Criterion
+from kvcore.model_bench import ModelBenchResult
+from orchestrator.criteria import REQUIRED_CRITERIA, Criterion, for_model_decode
 from orchestrator.grid import Axis, TrialSpec, flatten, make_trials
-from orchestrator.trial import LABELS, TRIAL_FIELDS, bench_config
+from orchestrator.trial import MODEL_FIELDS, TRIAL_FIELDS, check_params, trial_paths
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SCHEMA_NAME = "kvbench_schema"
@@ -71,6 +72,16 @@ class ModelSchema:
     num_kv_heads: int = MISSING
     head_dim: int = MISSING
     weights_gb: float = MISSING
+    # the real model's shape and weights (bench.decode=model)
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    vocab_size: int = MISSING
+    rope_theta: float = MISSING
+    rope_scaling: Optional[Dict[str, Any]] = MISSING
+    tie_word_embeddings: bool = MISSING
+    rms_norm_eps: float = MISSING
+    weights_dtype: str = MISSING
+    checkpoint: Optional[str] = MISSING
 
 
 @dataclass
@@ -84,6 +95,9 @@ class BenchSchema:
     repetitions: int = MISSING
     decode_steps: int = MISSING
     rep_budget_s: float = MISSING
+    decode: str = MISSING
+    new_tokens: int = MISSING
+    peer: str = MISSING
 
 
 @dataclass
@@ -204,7 +218,8 @@ def available_milestones(conf_dir: Path = CONF_DIR) -> list[str]:
 def _figure_names() -> set[str]:
     """Numeric figures a benchmark result holds: what criteria may judge."""
     numeric = ("float", "int", "bool", float, int, bool)
-    return {f.name for f in dataclasses.fields(BenchResult) if f.type in numeric}
+    return {f.name for result in (BenchResult, ModelBenchResult) for f in dataclasses.fields(result)
+            if f.type in numeric}
 
 
 def _criteria(milestone: Mapping[str, Any]) -> tuple[Criterion, ...]:
@@ -276,11 +291,12 @@ def _axes(grid: Mapping[str, Any], base: Mapping[str, Any], pinned: set[str]) ->
 
 def _check_trial(trial: TrialSpec, axes: Sequence[Axis]) -> None:
     try:
-        bench_config(trial.params, device="cpu").validate()
+        check_params(trial.params)
     except ValueError as error:
         message = str(error)
         field_name = message.split(" ", 1)[0]
-        paths = [p for p, f in TRIAL_FIELDS.items() if f == field_name] or ["the trial"]
+        fields = {**TRIAL_FIELDS, **MODEL_FIELDS, "bench.decode": "decode"}
+        paths = [p for p, f in fields.items() if f == field_name] or ["the trial"]
         path = paths[0]
         if path in dict(axes):
             where = f"grid.{path} (grid point {trial.index}: {path}={trial.params[path]!r})"
@@ -326,7 +342,11 @@ def load_sweep(cfg: DictConfig, cwd: str | os.PathLike[str], overrides: Sequence
     criteria = _criteria(milestone)
 
     flat = flatten(container)
-    base = {path: flat[path] for path in (*TRIAL_FIELDS, *LABELS)}
+    if flat.get("model.checkpoint"):  # workers run elsewhere: the folder's absolute path
+        flat["model.checkpoint"] = str(Path(cwd, flat["model.checkpoint"]).resolve())
+    base = {path: flat[path] for path in trial_paths(flat)}
+    if flat.get("bench.decode") == "model":  # the token-generation criterion judges the real model
+        criteria = for_model_decode(criteria)
     axes = _axes(container["grid"], base, pinned=_overridden(overrides))
     trials = make_trials(base, axes)
     for trial in trials:

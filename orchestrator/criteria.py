@@ -54,6 +54,16 @@ class Criterion:
         return f"{self.metric} {self.op} {self.threshold:g}"
 
 
+# bench.decode=model: the figures of the real model that replace the proxy's in criteria
+MODEL_METRICS = {"decode_tok_s": "model_decode_tok_s", "total_vram_gb": "model_total_vram_gb"}
+
+
+def for_model_decode(criteria: Sequence[Criterion]) -> tuple[Criterion, ...]:
+    """The criteria of a bench.decode=model sweep: token generation (and total VRAM) judge the
+    real model's figures instead of the proxy's; criteria naming other figures are unchanged."""
+    return tuple(Criterion(c.name, MODEL_METRICS.get(c.metric, c.metric), c.op, c.threshold) for c in criteria)
+
+
 def judge(figures: Mapping[str, float], criteria: Sequence[Criterion]) -> tuple[CriterionOutcome, ...]:
     """One outcome per criterion, in the criteria's order."""
     outcomes = []

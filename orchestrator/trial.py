@@ -21,6 +21,10 @@ Key decisions:
   in MLflow's charts); strings are info.
 - Trial parameters are dotted config paths (`model.num_layers`); `TRIAL_FIELDS` maps each to
   the BenchConfig field it sets. `model.name` is a label only.
+- `bench.decode=model` (default `proxy`): the trial also runs the real model through kvcore
+  beside transformers (`kvcore.model_bench`, random weights at the model config's shape or
+  `model.checkpoint`), after the proxy benchmark has freed its memory; its figures join the
+  result. Only then are `MODEL_FIELDS` trial parameters, so proxy trials keep their keys.
 
 Fault injection, so tests inject each fault for real through this same code path: the driver
 reads $KVBENCH_INJECT_FAULT (e.g. "kill:0,hang:2,oom:1": fault kind and grid index) and hands
@@ -45,7 +49,9 @@ import psutil
 import torch
 
 from kvcore.bench import BenchConfig, run_benchmark
-from orchestrator.capacity import trial_need_bytes
+from kvcore.model_bench import SHAPE_KEYS, ModelBenchConfig, run_model_bench
+from kvcore.model_bench import release as release_model_bench
+from orchestrator.capacity import DECODE_MODES, model_mode, model_shape, trial_need_bytes
 from orchestrator.grid import TrialSpec
 
 # config path of a trial parameter -> the BenchConfig field it sets
@@ -63,6 +69,16 @@ TRIAL_FIELDS: dict[str, str] = {
     "bench.rep_budget_s": "rep_budget_s",
 }
 LABELS = ("model.name",)  # trial parameters that name things but do not change the benchmark
+# what a bench.decode=model trial adds: config path -> ModelBenchConfig field (None: read here)
+MODEL_FIELDS: dict[str, str | None] = {
+    "bench.decode": None,
+    "bench.new_tokens": "new_tokens",
+    "bench.peer": "peer",
+    "model.checkpoint": "checkpoint",
+    "model.weights_dtype": "weights_dtype",
+    **{f"model.{key}": None for key in SHAPE_KEYS if key not in
+       ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")},
+}
 FAULT_ENV = "KVBENCH_INJECT_FAULT"
 FAULTS = ("kill", "hang", "oom")
 
@@ -97,6 +113,39 @@ def bench_config(params: Mapping[str, Any], device: str) -> BenchConfig:
     missing = sorted(set(TRIAL_FIELDS) - set(params))
     assert not missing, f"trial parameters lack {missing}"
     return BenchConfig(device=device, **{field: params[path] for path, field in TRIAL_FIELDS.items()})
+
+
+def trial_paths(flat: Mapping[str, Any]) -> list[str]:
+    """The config paths that are a trial's parameters, given the flattened config: the proxy's,
+    plus MODEL_FIELDS (and a rope scaling mapping's keys) with bench.decode=model."""
+    paths = [*TRIAL_FIELDS, *LABELS]
+    mode = flat.get("bench.decode", "proxy")
+    if mode not in DECODE_MODES:
+        raise ValueError(f"bench.decode must be one of {list(DECODE_MODES)}, got {mode!r}")
+    if mode == "model":
+        paths += [p for p in flat if p in MODEL_FIELDS or p.startswith("model.rope_scaling.")]
+    return paths
+
+
+def model_config(params: Mapping[str, Any], device: str) -> ModelBenchConfig:
+    """The ModelBenchConfig of a bench.decode=model trial on `device` (not validated here)."""
+    shape = () if params["model.checkpoint"] else tuple(sorted(model_shape(params).items()))
+    return ModelBenchConfig(
+        shape=params["model.name"], shape_overrides=shape, device=device,
+        cache_dtype=params["cache.dtype"], context_length=params["milestone.context_length"],
+        repetitions=params["bench.repetitions"], sink_positions=params["cache.sink_positions"],
+        **{field: params[path] for path, field in MODEL_FIELDS.items() if field is not None},
+    )
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    """ValueError for a trial the benchmark(s) would refuse; the message starts with the field."""
+    bench_config(params, device="cpu").validate()
+    mode = params.get("bench.decode", "proxy")
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {list(DECODE_MODES)}, got {mode!r}")
+    if model_mode(params):
+        model_config(params, device="cpu").validate()
 
 
 def trial_device() -> str:
@@ -149,6 +198,11 @@ def run_trial(spec: TrialSpec, attempt: int = 1, fault: str | None = None) -> di
     try:
         _commit_fault(fault, attempt, device)
         result = run_benchmark(bench_config(spec.params, device)).to_dict()
+        if model_mode(spec.params):  # the proxy's memory is freed: now the real model
+            model, peer = run_model_bench(model_config(spec.params, device))
+            del peer
+            release_model_bench(device)
+            result = {**model.to_dict(), **result}  # shared descriptions (shape, device) stay the proxy's
     except Exception as error:  # a failing trial is a result; KeyboardInterrupt still stops
         if _is_oom(error):
             status, reason = "ERROR", _oom_reason(spec, device, error)

@@ -26,7 +26,7 @@ from kvcore import StreamingKVCache
 import kvcore.attention, kvcore.cache, kvcore.slots, kvcore.storage, kvcore.graphs
 import kvcore.ring, kvcore.capture, kvcore.model, kvcore.generate, kvcore.triton_model
 import kvcore.model_check
-import kvcore.triton_decode, kvcore.triton_store, kvcore.bench, kvcore.profiling
+import kvcore.triton_decode, kvcore.triton_store, kvcore.bench, kvcore.profiling, kvcore.triton_gemv, kvcore.model_bench
 cache = StreamingKVCache(2, 4, 2, 3, dtype="int8")
 cache.append_all(*[__import__("torch").randn(2, 2, 3).half()] * 2)
 cache.attend(0, __import__("torch").randn(2, 3).half())

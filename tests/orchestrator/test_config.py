@@ -52,7 +52,7 @@ def sweep_of(*overrides: str, cwd="/tmp") -> Sweep:
 
 
 def test_every_milestone_file_is_listed():
-    assert set(available_milestones()) == {*TABLE, "smoke"}
+    assert set(available_milestones()) == {*TABLE, "smoke", "m10-model"}
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))

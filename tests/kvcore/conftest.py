@@ -88,6 +88,16 @@ def element_bound(x: torch.Tensor, storage: str, out_dtype: torch.dtype) -> torc
     out_floor = torch.finfo(out_dtype).smallest_normal * torch.finfo(out_dtype).eps / 2
     if storage in ("float32", "float16", "bfloat16"):
         return torch.zeros_like(x)  # stored as given, read back exactly
+    if storage == "int4":  # a scale per group of 32 along head_dim, amax / 7
+        D = x.shape[-1]
+        groups = -(-D // 32)
+        padded = torch.zeros((*x.shape[:-1], groups * 32), dtype=torch.float64)
+        padded[..., :D] = x.abs()
+        amax = padded.view(*x.shape[:-1], groups, 32).amax(dim=-1)
+        scale = (amax / 7.0).clamp_min(SCALE_FLOOR).repeat_interleave(32, dim=-1)[..., :D]
+        quant = scale / 2
+        slack = 2.0**-20 * (scale + x.abs())
+        return quant + slack + UNIT_ROUNDOFF[out_dtype] * (x.abs() + quant + slack) + out_floor
     qmax = 127.0 if storage == "int8" else 448.0
     scale = (x.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(SCALE_FLOOR)
     if storage == "int8":

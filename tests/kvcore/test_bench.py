@@ -309,7 +309,7 @@ def test_slow_regions_are_time_boxed_and_say_how_much_was_timed():
 @pytest.mark.parametrize("overrides,message", [
     (dict(num_layers=0), "num_layers must be a positive int, got 0"),
     (dict(num_kv_heads=4), "num_heads must be a multiple of num_kv_heads"),
-    (dict(dtype="int4"), "dtype must be one of"),
+    (dict(dtype="int2"), "dtype must be one of"),
     (dict(sink_positions=37), "sink_positions must be an int in [0, context_length=37)"),
     (dict(weights_gb=-1.0), "weights_gb must be a finite number >= 0.0, got -1.0"),
     (dict(repetitions=0), "repetitions must be a positive int"),
@@ -351,7 +351,7 @@ def test_cli_bad_flag_exits_2_with_one_clear_line():
 
 @pytest.mark.parametrize("args,needle", [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["--dtype", "int4"], "dtype must be one of"),
+    (["--dtype", "int2"], "dtype must be one of"),
     (["--context-length", "4", "--sink-positions", "4"], "sink_positions must be an int in"),
     (["--device", "tpu"], "device must be 'cpu' or 'cuda[:N]', got 'tpu'"),
 ])

@@ -426,7 +426,7 @@ def test_attend_on_an_empty_layer_raises(make_cache):
         (dict(num_kv_heads=4), r"num_heads must be a multiple of num_kv_heads, got num_heads=6 and num_kv_heads=4"),
         (dict(sink_positions=7), r"sink_positions must be in \[0, max_positions=7\), got 7"),
         (dict(sink_positions=-1), r"sink_positions must be in \[0, max_positions=7\), got -1"),
-        (dict(dtype="int4"), r"dtype must be one of \[.*\], got 'int4'"),
+        (dict(dtype="int2"), r"dtype must be one of \[.*\], got 'int2'"),
         (dict(dtype=torch.float16), r"dtype must be one of .*got torch.float16"),
         (dict(out_dtype="int8"), r"out_dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'int8'"),
         (dict(device="gpu0"), r"device must be a torch device string .* got 'gpu0'"),

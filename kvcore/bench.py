@@ -636,15 +636,20 @@ def _peer_error(cache: StreamingKVCache, peer: SdpaPeer, outputs: torch.Tensor,
     return worst
 
 
-def overhead_bytes(num_layers: int, context_length: int, num_kv_heads: int, head_dim: int,
-                   out_bytes: int) -> int:
+def overhead_bytes(num_layers: int, context_length: int, num_heads: int, num_kv_heads: int,
+                   head_dim: int, dtype: str, prefill_chunk: int = BenchConfig.prefill_chunk) -> int:
     """Device memory the benchmark itself holds at most next to the cache and the weights
-    (the peer's copy excluded: it is skipped where it does not fit): one layer's K and V
-    read back by get_valid in out_dtype, the float64 check chunks (K, V, repeated over the
-    group, scores), the input pools and 256 MB for kernels' buffers and the allocator."""
+    (the peer's copy excluded: it is skipped where it does not fit; the copy region's buffers
+    are freed before the cache exists): one layer's K and V read back by get_valid in the
+    dtype reads return (a copy once the ring has wrapped, or dequantized), the float64 check
+    chunks (K, V, scores, their float32 and float64 temporaries), the input pools, the prefill
+    chunk and the decode step's buffers, and 256 MB for kernels' buffers and the allocator's
+    rounding. Orchestrator capacity adds it to a trial's need, so a trial that cannot fit is
+    skipped before it allocates."""
+    out_bytes = 4 if dtype == "float32" else 2  # quantized storage reads back in float16
     layer_read = 2 * context_length * num_kv_heads * head_dim * out_bytes
     check = 8 * _CHECK_CHUNK_BYTES
-    pools = 4 * (_POOL_POSITIONS + 256) * num_layers * num_kv_heads * head_dim * out_bytes
+    pools = 2 * (_POOL_POSITIONS + prefill_chunk + 4) * num_layers * num_heads * head_dim * out_bytes
     return layer_read + check + pools + (256 << 20)
 
 

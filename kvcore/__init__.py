@@ -2,8 +2,10 @@
 
     from kvcore import DecodeStep, StreamingKVCache
 
-Modules: `slots` (ring-slot index math on ints), `storage` (dtypes and 8-bit quantization),
-`cache` (StreamingKVCache), `attention` (torch decode attention and a float64 reference),
+Modules: `slots` (ring-slot index math on ints), `ring` (host counts and the device-side
+position counter), `storage` (formats, 8-bit quantization, the K/V tensors and their writes
+and reads), `cache` (StreamingKVCache, the public front), `capture` (CUDA graph capture),
+`attention` (torch decode attention and a float64 reference),
 `triton_decode` (the flash-decoding kernel), `triton_store` (fused writes and dequantizing
 reads), `graphs` (decode steps and appends as CUDA graphs, the position counter on the device),
 `bench` (the milestone benchmark, `python -m kvcore.bench`), `profiling` (per-call costs on a

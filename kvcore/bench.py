@@ -72,6 +72,7 @@ Key decisions:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -412,10 +413,24 @@ def _proc_status_kb(field: str) -> int | None:
     return None
 
 
+def _trim_host_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim), so that the
+    resident set holds only live data and a trial's allocations grow it again, even in a
+    process that already freed memory (a long test session, a reused worker)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the live-tensor floor below still holds
+
+
 class _HostPeak:
-    """Peak resident-set growth of this process since `reset` (CPU trials)."""
+    """Peak host memory of a CPU trial: the growth of this process's resident set since
+    `reset` (after the heap was trimmed), never less than the bytes of the tensors the trial
+    holds at once (`floor`). The floor makes the figure independent of what ran before in
+    the same process: freed pages that the allocator reuses do not grow the resident set."""
 
     def reset(self) -> None:
+        _trim_host_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current VmRSS
@@ -426,12 +441,21 @@ class _HostPeak:
         if rss is None:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.start_kb = rss
+        self.floor = 0
 
-    def growth_bytes(self) -> int:
+    def hold(self, tensors: list[torch.Tensor | None]) -> None:
+        """The trial holds these tensors at the same time: the peak is at least their bytes."""
+        self.floor = max(self.floor, _storage_bytes(tensors))
+
+    def growth_bytes(self) -> tuple[int, str]:
+        """(peak bytes, source): the resident-set growth, or the live-tensor floor when larger."""
         peak = _proc_status_kb("VmHWM") if self.source == "vmhwm" else None
         if peak is None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-        return max(0, peak - self.start_kb) * 1024
+        grown = max(0, peak - self.start_kb) * 1024
+        if grown >= self.floor:
+            return grown, self.source
+        return self.floor, "live_tensors"
 
 
 def _storage_bytes(tensors: list[torch.Tensor | None]) -> int:
@@ -847,7 +871,8 @@ class _Trial:
 def _memory_seen(device: torch.device, host_peak: _HostPeak) -> dict[str, object]:
     """Peak memory since the reset, NVML's view, and the CUDA context beyond the pool."""
     if device.type != "cuda":
-        return {"peak": host_peak.growth_bytes(), "peak_source": host_peak.source,
+        peak, source = host_peak.growth_bytes()
+        return {"peak": peak, "peak_source": source,
                 "context": 0.0, "nvml_used_gb": 0.0, "nvml_source": "unavailable",
                 "driver_version": "", "gpu_uuid": ""}
     _sync(device)
@@ -889,6 +914,9 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
     kv_ok = abs(measured - cache_bytes) <= max(1 << 20, 1e-3 * cache_bytes)
 
     trial = _Trial(cfg, device, gen, cache)
+    if device.type != "cuda":
+        host_peak.hold([cache.k_store, cache.v_store, cache.k_scale, cache.v_scale, trial.weights,
+                        trial.pool_k, trial.pool_v, trial.src_k, trial.src_v, *trial.queries])
     fill = trial.measure_fill()
     append_all = trial.measure_append_all()
     prefill = trial.measure_prefill()

@@ -1,5 +1,5 @@
 """StreamingKVCache: a preallocated ring-buffer KV cache on any torch device, with attention
-sinks, grouped-query attention and float32/float16/bfloat16/int8/float8_e4m3fn storage.
+sinks, grouped-query attention and float32/float16/bfloat16/int8/float8_e4m3fn/int4 storage.
 
     from kvcore import StreamingKVCache
     cache = StreamingKVCache(num_layers=32, max_positions=16384, num_heads=32, head_dim=128,
@@ -14,7 +14,10 @@ Layout (the contract other kvcore code relies on):
   [2, L, P, Hkv, D], so a position's K and V of many layers go in with one copy.
 - `k_scale`, `v_scale`: float32 [num_layers, max_positions, num_kv_heads] for int8/float8
   (dequantized = store.to(float32) * scale[..., None], see kvcore/storage.py), else None;
-  also halves of one allocation.
+  also halves of one allocation. int4 packs two values per byte (the stores' last axis is
+  ceil(head_dim / 2) uint8) with scales [.., ceil(head_dim / 32)] (kvcore/storage.py).
+- Float storage stores what it is given, inf and NaN included; quantized storage keeps the
+  finite values of a row with inf or NaN (kvcore/storage.py states the rule).
 - Absolute position p lives in slot `kvcore.slots.slot_of(p)`; a layer holding c positions
   occupies slots [0, min(c, P)). `attend` reads that prefix in place; `get_range`/`get_valid`
   return positions in the order they were written: sinks first, then the ring from its head.
@@ -44,6 +47,17 @@ Key decisions:
   on CUDA (a memset) so the masked torch attention of a graph never meets a NaN.
 - `attention` ("auto" | "torch" | "triton", settable) picks what `attend` runs; the torch
   path is the reference and the benchmark's baseline.
+- Three pieces: the storage (kvcore/storage.py: tensors, formats, writes and reads along
+  slots), the ring bookkeeping (kvcore/ring.py: host counts, the device-side position
+  counter; kvcore/slots.py: slot math) and this front, which validates and plans.
+
+Device-side positions (for CUDA graphs, e.g. kvcore/graphs.py and kvcore/model.py): a step
+captured once and replayed for every position uses only these public methods:
+    counter = cache.position_counter()          # 0-d int64: complete positions, on the device
+    cache.write_at_counter(keys, values, layer)  # K/V of a layer (or all) at position `counter`
+    cache.attend_slots(layer, query, n_valid)    # attention over slots [0, n_valid) (a device count)
+    cache.advance_counter()                       # counter += 1, captured
+    cache.commit_counted(1)                       # after each replay: the host count follows
 
 Run the tests: `python -m pytest tests/kvcore -q` (GPU machine: `python -m pytest tests/kvcore -m gpu`).
 """
@@ -52,20 +66,20 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 from collections.abc import Callable
 
 import torch
 
-from kvcore import attention
+from kvcore import attention, capture
+from kvcore.ring import Ring
 from kvcore.slots import check_geometry, ordered_runs, slot_of, window_ranges, write_runs
 from kvcore.storage import (
     FLOAT_DTYPES,
     STORAGE_DTYPES,
-    dequantize,
+    KVStorage,
     is_quantized,
     parse_dtype,
-    quantize_into,
+    triton_kernels_usable,
 )
 
 
@@ -78,18 +92,6 @@ def _positive_int(name: str, value: object) -> int:
 ATTENTION_MODES = ("auto", "torch", "triton")
 
 
-def _triton_kernels_usable(device: torch.device) -> bool:
-    """Whether kvcore's Triton kernels can run on tensors of `device`: CUDA with Triton
-    importable, or any device under Triton's interpreter (TRITON_INTERPRET=1, tests)."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def select_decode_attention(device: torch.device, mode: str = "auto") -> Callable[..., torch.Tensor]:
     """The single dispatch point of `attend`. mode "auto": the Triton kernel on CUDA when it and
     Triton import, else the torch reference path; "torch": always the torch path; "triton":
@@ -100,7 +102,7 @@ def select_decode_attention(device: torch.device, mode: str = "auto") -> Callabl
         raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {mode!r}")
     if mode == "torch":
         return attention.decode_attention
-    if device.type == "cuda" or (mode == "triton" and _triton_kernels_usable(device)):
+    if device.type == "cuda" or (mode == "triton" and triton_kernels_usable(device)):
         try:
             import triton  # noqa: F401
             from kvcore.triton_decode import decode_attention
@@ -122,8 +124,9 @@ class StreamingKVCache:
     Args:
         num_layers, max_positions, num_heads, head_dim: positive ints.
         num_kv_heads: KV heads (GQA/MQA); defaults to num_heads; must divide num_heads.
-        dtype: storage, one of float32, float16, bfloat16, int8, float8_e4m3fn.
-        device: any torch device string, e.g. "cpu", "cuda:0".
+        dtype: storage, one of float32, float16, bfloat16, int8, float8_e4m3fn, int4.
+        device: any torch device string, e.g. "cpu", "cuda:0" (ValueError for CUDA where
+            torch sees no CUDA device).
         sink_positions: the first positions ever appended, kept forever (0 <= s < max_positions).
         out_dtype: float32, float16 or bfloat16: what reads and `attend` return for quantized
             storage, and the dtype keys, values and queries must have then. Ignored for float
@@ -174,46 +177,38 @@ class StreamingKVCache:
             raise ValueError(
                 f"device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}"
             ) from error
+        if requested.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} needs CUDA, but torch sees no CUDA device here (CUDA build: "
+                f"{torch.version.cuda is not None}); use device='cpu' or run on a GPU machine"
+            )
 
         L, P, H, D = self.num_layers, self.max_positions, self.num_kv_heads, self.head_dim
-        # Zeros on CUDA (a memset at copy speed): the device-count attention of CUDA graphs
-        # masks slots past the count, and a masked NaN of uninitialised memory would still
-        # poison SDPA. CPU keeps torch.empty: pages are touched only as positions arrive.
-        alloc = torch.zeros if requested.type == "cuda" else torch.empty
-        self._kv = alloc((2, L, P, H, D), dtype=self.dtype, device=requested)
-        self.k_store, self.v_store = self._kv.unbind(0)  # [L, P, Hkv, D] each
-        self._kv_scale: torch.Tensor | None = None
-        self.k_scale: torch.Tensor | None = None
-        self.v_scale: torch.Tensor | None = None
-        if self.quantized:
-            self._kv_scale = alloc((2, L, P, H), dtype=torch.float32, device=requested)
-            self.k_scale, self.v_scale = self._kv_scale.unbind(0)  # [L, P, Hkv] each
-        self.device = self._kv.device  # resolved: "cuda" becomes "cuda:0"
+        self.storage = KVStorage(L, P, H, D, self.dtype, self.out_dtype, requested)
+        self.k_store, self.v_store = self.storage.k_store, self.storage.v_store  # [L, P, Hkv, D]
+        self.k_scale, self.v_scale = self.storage.k_scale, self.storage.v_scale  # [L, P, Hkv] or None
+        self.device = self.storage.device  # resolved: "cuda" becomes "cuda:0"
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)
+        self.ring = Ring(L)
 
         self._kv_shape = torch.Size((H, D))
         self._flat_shape = torch.Size((H * D,))
         self._kv_dims = {"num_kv_heads": H, "head_dim": D}
         self.attention = attention  # validates the mode and resolves the function now
-        # Fused Triton writes (kvcore/triton_store.py): CUDA with Triton, or the interpreter.
-        self._fused = _triton_kernels_usable(self.device)
-        self._writer = None  # kvcore.graphs.DeviceWriter, made on first graph write (CUDA)
+        self._write_graphs = capture.GraphLRU()  # captured append_all writes (CUDA)
         self._stage: torch.Tensor | None = None  # [2L, Hkv, D]: the pending position, stacked
-        self._total = 0  # complete positions ever appended
-        self._pending = 0  # layers already given the position in progress
-        self._written = 0  # of those, layers already written to storage
         self._pending_kv: list[torch.Tensor | None] = [None] * (2 * L)  # K of layers, then V
 
     # ------------------------------------------------------------------ size and bookkeeping
 
     def __len__(self) -> int:
         """Valid complete positions: min(total_appended, max_positions)."""
-        return min(self._total, self.max_positions)
+        return min(self.ring.total, self.max_positions)
 
     @property
     def total_appended(self) -> int:
         """Complete positions ever appended (all layers given), including those slid out."""
-        return self._total
+        return self.ring.total
 
     def __repr__(self) -> str:
         return (
@@ -226,12 +221,11 @@ class StreamingKVCache:
 
     def memory_bytes(self) -> int:
         """Exact bytes of the device storage the cache holds: K/V stores and their scales."""
-        scales = 0 if self._kv_scale is None else self._kv_scale.nbytes
-        return self._kv.nbytes + scales
+        return self.storage.memory_bytes()
 
     def clear(self) -> None:
         """Forget every position (including one in progress); keep the memory."""
-        self._total = self._pending = self._written = 0
+        self.ring.clear()
         self._pending_kv = [None] * (2 * self.num_layers)
 
     def positions(self, layer: int | None = None) -> torch.Tensor:
@@ -240,7 +234,7 @@ class StreamingKVCache:
         Without `layer`: the complete positions (len(cache) of them). With `layer`: that layer's
         own window, which includes the position in progress once the layer has been given it.
         """
-        count = self._total if layer is None else self._layer_count(self._check_layer(layer))
+        count = self.ring.total if layer is None else self.ring.layer_count(self._check_layer(layer))
         ranges = window_ranges(count, self.max_positions, self.sink_positions)
         if not ranges:
             return torch.empty(0, dtype=torch.long)
@@ -259,8 +253,25 @@ class StreamingKVCache:
     @property
     def attention_backend(self) -> str:
         """"triton" or "torch": which implementation `attend` dispatches to on this device."""
-        fn = self._attention_fn()
-        return "torch" if fn is attention.decode_attention else "triton"
+        return "torch" if self._decode_attention is attention.decode_attention else "triton"
+
+    @property
+    def attention_fn(self) -> Callable[..., torch.Tensor]:
+        """The function `attend` runs (signature of kvcore.attention.decode_attention); a
+        captured graph keeps one graph per function."""
+        return self._decode_attention
+
+    @property
+    def fused_writes(self) -> bool:
+        """Whether writes (and 8-bit reads) run the Triton kernels of kvcore/triton_store.py
+        (CUDA with Triton, or Triton's interpreter); device-counter writes can then be
+        captured with graphs on CUDA."""
+        return self.storage.fused
+
+    @property
+    def pending_layers(self) -> int:
+        """Layers already given the position in progress (0: no position in progress)."""
+        return self.ring.pending
 
     # ------------------------------------------------------------------ writes
 
@@ -275,7 +286,7 @@ class StreamingKVCache:
         kv_shape, dtype, device = self._kv_shape, self.out_dtype, self.device
         try:
             ok = (
-                layer == self._pending
+                layer == self.ring.pending
                 and type(layer) is int
                 and key.shape == kv_shape
                 and value.shape == kv_shape
@@ -294,11 +305,10 @@ class StreamingKVCache:
         pending[layer] = key
         pending[self.num_layers + layer] = value
         if layer + 1 < self.num_layers:
-            self._pending = layer + 1
+            self.ring.pending = layer + 1
         else:
-            self._write_pending(self.num_layers)
-            self._total += 1
-            self._pending = self._written = 0
+            counted = self._write_pending(self.num_layers)
+            self.ring.commit(1, counted=counted)
 
     def append_all(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append one position in every layer: keys/values [num_layers, num_kv_heads, head_dim].
@@ -306,20 +316,43 @@ class StreamingKVCache:
         On CUDA with Triton: one replay of a CUDA graph that writes K and V of every layer
         (quantized in the same kernel) at the slot the cache's position counter on the device
         points to. Graphs are kept per pair of input addresses (up to
-        `kvcore.graphs.MAX_WRITE_GRAPHS`), so static input buffers replay one graph. Elsewhere
+        `kvcore.capture.MAX_WRITE_GRAPHS`), so static input buffers replay one graph. Elsewhere
         one copy for K and one for V (plus the quantization passes for 8-bit storage).
         """
-        self._check_no_pending("append_all")
+        self.check_complete("append_all")
         shape = {"num_layers": self.num_layers, **self._kv_dims}
         self._check_tensor(keys, "keys", shape)
         self._check_tensor(values, "values", shape)
         with torch.no_grad():
-            if self.device.type == "cuda" and self._fused:
-                self._device_writer().write(keys.unsqueeze(1), values.unsqueeze(1), self._total)
-            else:
-                slot = slot_of(self._total, self.max_positions, self.sink_positions)
-                self._store_run(slice(None), slot, keys.unsqueeze(1), values.unsqueeze(1))
-        self._total += 1
+            if self.device.type == "cuda" and self.storage.fused:
+                self._replay_write(keys, values)
+                self.ring.commit(1, counted=True)
+                return
+            slot = slot_of(self.ring.total, self.max_positions, self.sink_positions)
+            self.storage.write_slots(slice(None), slot, keys.unsqueeze(1), values.unsqueeze(1))
+        self.ring.commit(1)
+
+    def _replay_write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write keys/values [L, Hkv, D] at the device counter and advance it: one replay of a
+        graph captured per pair of input addresses. The caller commits the position."""
+
+        def body() -> None:
+            self.write_at_counter(keys, values)
+            self.advance_counter()
+
+        def make() -> torch.cuda.CUDAGraph:
+            self.write_at_counter(keys, values, warmup=True)
+            return capture.capture(body)
+
+        key = (keys.data_ptr(), values.data_ptr(), keys.stride(), values.stride())
+        graph = self._write_graphs.get(key, make)
+        self.position_counter()  # refilled from the host count where another path moved it
+        graph.replay()
+
+    @property
+    def write_graphs(self) -> int:
+        """Captured append_all writes kept (one per input address pair)."""
+        return len(self._write_graphs)
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Bulk prefill of T positions: keys/values [num_layers, T, num_kv_heads, head_dim].
@@ -329,66 +362,89 @@ class StreamingKVCache:
         (three when the same call also fills the last free sinks); each write is one fused
         Triton kernel for K and V (quantizing in registers) on CUDA, else a copy per K/V.
         """
-        self._check_no_pending("extend")
+        self.check_complete("extend")
         shape = {"num_layers": self.num_layers, "T": None, **self._kv_dims}
         self._check_tensor(keys, "keys", shape)
         self._check_tensor(values, "values", {**shape, "T": keys.shape[1]})
-        runs = write_runs(self._total, keys.shape[1], self.max_positions, self.sink_positions)
+        runs = write_runs(self.ring.total, keys.shape[1], self.max_positions, self.sink_positions)
         with torch.no_grad():
             for offset, slot, n in runs:
                 part = slice(offset, offset + n)
-                self._store_run(slice(None), slot, keys[:, part], values[:, part], fused=True)
-        self._total += keys.shape[1]
+                self.storage.write_slots(slice(None), slot, keys[:, part], values[:, part], bulk=True)
+        self.ring.commit(keys.shape[1])
 
-    def _store_run(self, layers: slice, slot: int, keys: torch.Tensor, values: torch.Tensor,
-                   fused: bool = False) -> None:
-        """Write keys/values [n_layers, T, Hkv, D] into slots [slot, slot + T) of `layers`
-        (contiguous slots: the caller split the run where the ring wraps), quantizing if
-        needed. One fused Triton kernel where it can run and it pays (8-bit storage, or
-        `fused` for bulk writes), else torch copies."""
-        if self._fused and (fused or self._kv_scale is not None):
-            from kvcore.triton_store import store_slots
-
-            scale = None if self._kv_scale is None else self._kv_scale[:, layers]
-            store_slots(self._kv[:, layers], scale, keys, values, slot)
-            return
-        slots = slice(slot, slot + keys.shape[1])
-        for half, src in ((0, keys), (1, values)):
-            if self._kv_scale is None:
-                self._kv[half, layers, slots].copy_(src)
-            else:
-                quantize_into(src, self._kv[half, layers, slots], self._kv_scale[half, layers, slots])
-
-    def _write_pending(self, upto: int) -> None:
-        """Write layers [_written, upto) of the position in progress in one batch: one stack,
-        then (a whole position on CUDA) one graph replay, else one write."""
-        lo, L = self._written, self.num_layers
+    def _write_pending(self, upto: int) -> bool:
+        """Write layers [written, upto) of the position in progress in one batch: one stack,
+        then (a whole position on CUDA) one graph replay that also advanced the device
+        counter (returns True then), else one write (False)."""
+        lo, L = self.ring.written, self.num_layers
         if lo >= upto:
-            return
+            return False
         pending = self._pending_kv
+        counted = False
         with torch.no_grad():
-            if lo == 0 and upto == L and self.device.type == "cuda" and self._fused:
+            if lo == 0 and upto == L and self.device.type == "cuda" and self.storage.fused:
                 if self._stage is None:
                     self._stage = torch.empty((2 * L, *self._kv_shape), dtype=self.out_dtype,
                                               device=self.device)
-                kv = torch.stack(pending, out=self._stage).view(2, L, 1, *self._kv_shape)
-                self._device_writer().write(kv[0], kv[1], self._total)
+                kv = torch.stack(pending, out=self._stage).view(2, L, *self._kv_shape)
+                self._replay_write(kv[0], kv[1])
+                counted = True
             else:
                 n = upto - lo
                 kv = torch.stack(pending[lo:upto] + pending[L + lo : L + upto])  # [2n, Hkv, D]
                 kv = kv.view(2, n, 1, *self._kv_shape)
-                slot = slot_of(self._total, self.max_positions, self.sink_positions)
-                self._store_run(slice(lo, upto), slot, kv[0], kv[1])
+                slot = slot_of(self.ring.total, self.max_positions, self.sink_positions)
+                self.storage.write_slots(slice(lo, upto), slot, kv[0], kv[1])
         pending[lo:upto] = pending[L + lo : L + upto] = [None] * (upto - lo)
-        self._written = upto
+        self.ring.written = upto
+        return counted
 
-    def _device_writer(self):
-        """The position counter on the device and the CUDA graphs that write at it."""
-        if self._writer is None:
-            from kvcore.graphs import DeviceWriter
+    # ------------------------------------------------------------------ device-side positions
 
-            self._writer = DeviceWriter(self._kv, self._kv_scale, self.sink_positions)
-        return self._writer
+    def position_counter(self) -> torch.Tensor:
+        """The count of complete positions kept on the device: a 0-d int64 tensor, the same
+        one for the cache's life (graphs capture it), first made equal to the host count
+        (one small launch, only when another path moved the host count). It is the
+        position that `write_at_counter` writes next."""
+        return self.ring.counter(self.device)
+
+    def write_at_counter(self, keys: torch.Tensor, values: torch.Tensor, layer: int | None = None,
+                         warmup: bool = False) -> None:
+        """Write one position at the device counter, without host bookkeeping (capturable):
+        keys/values [num_layers, num_kv_heads, head_dim] for every layer (layer None), or
+        [num_kv_heads, head_dim] for one layer. Slots follow the ring (sinks kept); the
+        counter is read on the device, not moved. With `warmup`, compile and load the fused
+        kernel without writing (call it before capturing a graph).
+
+        Use inside a captured step, then `advance_counter()` once the position is complete,
+        and `commit_counted()` on the host after each replay. Validates shapes, dtypes and
+        devices (once per capture; a replay runs no Python).
+        """
+        if layer is None:
+            dims, layers = {"num_layers": self.num_layers, **self._kv_dims}, slice(None)
+        else:
+            index = self._check_layer(layer)
+            dims, layers = self._kv_dims, slice(index, index + 1)
+        self._check_tensor(keys, "keys", dims)
+        self._check_tensor(values, "values", dims)
+        if layer is None:
+            keys, values = keys.unsqueeze(1), values.unsqueeze(1)  # [L, 1, Hkv, D]
+        else:
+            keys, values = keys[None, None], values[None, None]  # [1, 1, Hkv, D]
+        self.storage.write_at_count(layers, keys, values, self.position_counter(),
+                                    self.sink_positions, warmup=warmup)
+
+    def advance_counter(self, n: int = 1) -> None:
+        """Advance the device counter by n on the device (capturable); the host count moves
+        only with `commit_counted`."""
+        self.position_counter().add_(n)
+
+    def commit_counted(self, n: int = 1) -> None:
+        """After launches (a graph replay) that wrote n complete positions at the counter and
+        advanced it by n: advance the host count to match, without reading the device."""
+        self.check_complete("commit_counted")
+        self.ring.commit(n, counted=True)
 
     # ------------------------------------------------------------------ reads
 
@@ -401,7 +457,7 @@ class StreamingKVCache:
         always a dequantized copy in out_dtype (one fused Triton kernel per run on CUDA).
         """
         layer = self._check_layer(layer)
-        count = self._layer_count(layer)
+        count = self.ring.layer_count(layer)
         valid = min(count, self.max_positions)
         for name, v in (("start", start), ("end", end)):
             if isinstance(v, bool) or not isinstance(v, int):
@@ -415,15 +471,7 @@ class StreamingKVCache:
             )
         self._flush_for(layer)
         runs = ordered_runs(count, self.max_positions, self.sink_positions, start, end)
-        if self._kv_scale is not None and self._fused:
-            return self._dequantized_runs(layer, runs, end - start)
-        k = self._gather(self.k_store[layer], runs, start)
-        v = self._gather(self.v_store[layer], runs, start)
-        if self._kv_scale is None:
-            return k, v
-        k_scale = self._gather(self.k_scale[layer], runs, start)
-        v_scale = self._gather(self.v_scale[layer], runs, start)
-        return dequantize(k, k_scale, self.out_dtype), dequantize(v, v_scale, self.out_dtype)
+        return self.storage.read_runs(layer, runs, end - start)
 
     def get_valid(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every valid position of the layer, oldest first (sinks first): see get_range.
@@ -432,32 +480,7 @@ class StreamingKVCache:
         ring head sits at the first ring slot), else a copy; 8-bit storage: dequantized copy.
         """
         layer = self._check_layer(layer)
-        return self.get_range(layer, 0, min(self._layer_count(layer), self.max_positions))
-
-    def _dequantized_runs(self, layer: int, runs: list[tuple[int, int]],
-                          n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """8-bit K and V of a layer's slot runs, dequantized by one fused kernel per run."""
-        from kvcore.triton_store import load_dequantized
-
-        out_k = torch.empty((n, *self._kv_shape), dtype=self.out_dtype, device=self.device)
-        out_v = torch.empty_like(out_k)
-        offset = 0
-        for a, b in runs:
-            load_dequantized(self.k_store[layer], self.v_store[layer], self.k_scale[layer],
-                             self.v_scale[layer], out_k[offset : offset + b - a],
-                             out_v[offset : offset + b - a], a, b)
-            offset += b - a
-        return out_k, out_v
-
-    @staticmethod
-    def _gather(store: torch.Tensor, runs: list[tuple[int, int]], start: int) -> torch.Tensor:
-        """Rows of `store` [P, ...] along the slot runs: a view for one run, else a copy."""
-        if len(runs) == 1:
-            a, b = runs[0]
-            return store[a:b]
-        if not runs:
-            return store[start:start]
-        return torch.cat([store[a:b] for a, b in runs])
+        return self.get_range(layer, 0, min(self.ring.layer_count(layer), self.max_positions))
 
     def attend(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         """Decode attention of one query [num_heads, head_dim] over every valid position of
@@ -476,42 +499,35 @@ class StreamingKVCache:
         """
         layer = self._check_layer(layer)
         self._check_tensor(query, "query", {"num_heads": self.num_heads, "head_dim": self.head_dim})
-        count = self._layer_count(layer)
+        count = self.ring.layer_count(layer)
         if count == 0:
             raise ValueError(
                 f"layer {layer} holds no positions; append to it before attend"
             )
         self._flush_for(layer)
-        return self._attend_slots(layer, query, min(count, self.max_positions))
+        return self.attend_slots(layer, query, min(count, self.max_positions))
 
-    def _attend_slots(self, layer: int, query: torch.Tensor, n_valid: int | torch.Tensor,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention over slots [0, n_valid) of a layer, unchecked: n_valid an int, or a 0-d
-        device tensor (clamped to max_positions; CUDA graphs). `out` [H, D] receives it."""
-        fn = self._attention_fn()
-        scales = (None, None) if self._kv_scale is None else (self.k_scale[layer], self.v_scale[layer])
-        args = (query, self.k_store[layer], self.v_store[layer], *scales, n_valid, self.sm_scale,
-                self.out_dtype)
+    def attend_slots(self, layer: int, query: torch.Tensor, n_valid: int | torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of query [num_heads, head_dim] over slots [0, n_valid) of a layer, as
+        stored (no pending write is flushed, the layer index is not checked): n_valid an int
+        in [1, max_positions], or a 0-d int64 tensor on the device (a count kept there, e.g.
+        `position_counter() + 1` in a captured step; clamped to max_positions). `out`
+        [num_heads, head_dim] of out_dtype receives the result (a static buffer for graphs).
+        Capturable on CUDA with either attention backend."""
+        fn = self._decode_attention
+        args = (query, *self.storage.layer(layer), n_valid, self.sm_scale, self.out_dtype)
         if out is None:
             return fn(*args)
         if fn is attention.decode_attention:
             return out.copy_(fn(*args))
         return fn(*args, out=out)
 
-    def _attention_fn(self) -> Callable[..., torch.Tensor]:
-        """What `attend` runs: resolved by the `attention` setter (in __init__ and on change)."""
-        return self._decode_attention
-
-    # ------------------------------------------------------------------ per-layer counts
-
-    def _layer_count(self, layer: int) -> int:
-        """Positions the layer has been given (pure: no write)."""
-        return self._total + 1 if layer < self._pending else self._total
-
     def _flush_for(self, layer: int) -> None:
         """Write pending layers if `layer` is one of them and not yet written."""
-        if self._written <= layer < self._pending:
-            self._write_pending(self._pending)
+        if self.ring.written <= layer < self.ring.pending:
+            counted = self._write_pending(self.ring.pending)
+            assert not counted, "a partial position is never written at the counter"
 
     # ------------------------------------------------------------------ validation
 
@@ -528,24 +544,27 @@ class StreamingKVCache:
 
     def _check_next_layer(self, layer: object) -> int:
         index = self._check_layer(layer)
-        if index != self._pending:
+        pending, total = self.ring.pending, self.ring.total
+        if index != pending:
             raise ValueError(
                 f"layers must be appended in order 0..{self.num_layers - 1} for each position: "
-                f"expected layer {self._pending}, got {index}"
+                f"expected layer {pending}, got {index}"
                 + (
-                    f" (position {self._total} is in progress)"
-                    if self._pending
-                    else f" (position {self._total} starts at layer 0)"
+                    f" (position {total} is in progress)"
+                    if pending
+                    else f" (position {total} starts at layer 0)"
                 )
             )
         return index
 
-    def _check_no_pending(self, what: str) -> None:
-        if self._pending:
+    def check_complete(self, what: str) -> None:
+        """ValueError naming `what` unless no position is in progress (layer by layer)."""
+        pending = self.ring.pending
+        if pending:
             raise ValueError(
-                f"{what} needs a complete position, but position {self._total} is in progress "
-                f"(layers 0..{self._pending - 1} appended); append layers "
-                f"{self._pending}..{self.num_layers - 1} first"
+                f"{what} needs a complete position, but position {self.ring.total} is in progress "
+                f"(layers 0..{pending - 1} appended); append layers "
+                f"{pending}..{self.num_layers - 1} first"
             )
 
     def _check_tensor(self, x: object, name: str, dims: dict[str, int | None]) -> None:

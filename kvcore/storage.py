@@ -1,5 +1,15 @@
-"""Storage formats of the KV cache: dtype names, 8-bit quantization with per-row scales and
-4-bit quantization with per-group scales.
+"""The KV cache's storage: its formats (dtype names, 8-bit quantization with per-row scales,
+4-bit with per-group scales)
+and `KVStorage`, the preallocated tensors with their writes and reads.
+
+Two parts, one concept (where and how the cache's bytes live):
+- Formats (the one place that knows about storage dtypes; a new dtype is added here):
+  `STORAGE_DTYPES`, `store_layout` (allocation shapes of the stores and scales),
+  `quantize_into` / `quantize` / `dequantize`.
+- `KVStorage`: the allocation [2, L, P, Hkv, D] (K and V halves) and its scales, written at
+  host-planned slot runs or at the slot of a position counter kept on the device, read along
+  slot runs (dequantized for 8-bit formats). It knows slots, not positions: which position
+  lives where is the ring bookkeeping's job (kvcore/ring.py, kvcore/slots.py).
 
 Formats (`dtype` strings the cache accepts):
 - float32, float16, bfloat16: stored as given, non-finite values included (inf and NaN are
@@ -47,8 +57,8 @@ Key decisions: scales are float32 (a float16 scale would add its own 2^-11 error
 underflow for small rows); rounding is round-half-to-even via torch.round for int8 and int4 and
 the cast's round-to-nearest for float8. `quantize_into` writes straight into the cache's store
 (amax, divide, [round,] cast-copy: about four passes over the row data): the CPU path and the
-reference; on CUDA the cache uses the fused kernel of kvcore/triton_store.py, which stores the
-same bits in one pass.
+reference; on CUDA the storage uses the fused kernel of kvcore/triton_store.py, which stores
+the same bits in one pass (`KVStorage.fused`).
 
 Run the tests: `python -m pytest tests/kvcore/test_storage.py -q`.
 """
@@ -56,8 +66,11 @@ Run the tests: `python -m pytest tests/kvcore/test_storage.py -q`.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+
+# ---------------------------------------------------------------------------- formats
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -184,3 +197,171 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
     values = nibbles[..., :head_dim].to(torch.float32) - 8.0
     per_value = scale.repeat_interleave(INT4_GROUP, dim=-1)[..., :head_dim]
     return (values * per_value).to(out_dtype)
+
+
+def store_layout(
+    dtype: torch.dtype, num_layers: int, max_positions: int, num_kv_heads: int, head_dim: int
+) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...] | None]:
+    """Allocation of a storage format: (store shape, store dtype, scale shape or None).
+
+    The store holds K and V as halves [2, L, P, Hkv, D]; 8-bit formats add float32 scales
+    [2, L, P, Hkv] (one per row); int4 packs the last axis to ceil(D / 2) bytes and has
+    scales [2, L, P, Hkv, ceil(D / 32)] (one per group of 32 values).
+    """
+    L, P, H, D = num_layers, max_positions, num_kv_heads, head_dim
+    scales = (2, L, P, H, *scale_shape(dtype, D)) if is_quantized(dtype) else None
+    return (2, L, P, H, packed_dim(dtype, D)), dtype, scales
+
+
+def triton_kernels_usable(device: torch.device) -> bool:
+    """Whether kvcore's Triton kernels can run on tensors of `device`: CUDA with Triton
+    importable, or any device under Triton's interpreter (TRITON_INTERPRET=1, tests)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- the tensors
+
+
+class KVStorage:
+    """The preallocated K/V stores of every layer and their scales, and the writes and reads
+    along slots (see the module docstring). The caller validated shapes, dtypes and devices.
+
+    Attributes: `kv` [2, L, P, Hkv, D] (storage dtype) with its halves `k_store`, `v_store`
+    [L, P, Hkv, D] (int4: [.., ceil(D / 2)] uint8); `kv_scale` [2, L, P, Hkv] float32 (int4:
+    [.., ceil(D / 32)]) with halves `k_scale`, `v_scale` for quantized formats, else None; `dtype`, `out_dtype` (what writes take and reads return),
+    `device`; `fused` (bool, settable): use the Triton kernels of kvcore/triton_store.py for
+    writes and 8-bit reads (default: where they can run); False gives the torch paths.
+    """
+
+    def __init__(self, num_layers: int, max_positions: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device) -> None:
+        store_shape, store_dtype, scale_shape = store_layout(
+            dtype, num_layers, max_positions, num_kv_heads, head_dim)
+        # Zeros on CUDA (a memset at copy speed): attention over a count kept on the device
+        # masks slots past the count, and a masked NaN of uninitialised memory would still
+        # poison SDPA. CPU keeps torch.empty: pages are touched only as positions arrive.
+        alloc = torch.zeros if device.type == "cuda" else torch.empty
+        self.kv = alloc(store_shape, dtype=store_dtype, device=device)
+        self.k_store, self.v_store = self.kv.unbind(0)  # [L, P, Hkv, D] each
+        self.kv_scale: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        if scale_shape is not None:
+            self.kv_scale = alloc(scale_shape, dtype=torch.float32, device=device)
+            self.k_scale, self.v_scale = self.kv_scale.unbind(0)  # [L, P, Hkv] each
+        self.dtype, self.out_dtype, self.head_dim = dtype, out_dtype, head_dim
+        self.device = self.kv.device  # resolved: "cuda" becomes "cuda:0"
+        self.max_positions = max_positions
+        self.fused = triton_kernels_usable(self.device)
+
+    def memory_bytes(self) -> int:
+        """Exact bytes of the stores and their scales."""
+        return self.kv.nbytes + (0 if self.kv_scale is None else self.kv_scale.nbytes)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                         torch.Tensor | None]:
+        """(k_store[layer], v_store[layer], k_scale[layer] or None, v_scale[layer] or None):
+        the arguments of the decode-attention functions, views in slot order."""
+        if self.kv_scale is None:
+            return self.k_store[layer], self.v_store[layer], None, None
+        return self.k_store[layer], self.v_store[layer], self.k_scale[layer], self.v_scale[layer]
+
+    # ------------------------------------------------------------------ writes
+
+    def write_slots(self, layers: slice, slot: int, keys: torch.Tensor, values: torch.Tensor,
+                    bulk: bool = False) -> None:
+        """Write keys/values [n_layers, T, Hkv, D] into slots [slot, slot + T) of `layers`
+        (contiguous: the caller split the run where the ring wraps), quantizing if needed.
+        One fused Triton kernel where it can run and it pays (8-bit storage, or `bulk`
+        writes), else torch copies."""
+        if self.fused and (bulk or self.kv_scale is not None):
+            from kvcore.triton_store import store_slots
+
+            scale = None if self.kv_scale is None else self.kv_scale[:, layers]
+            store_slots(self.kv[:, layers], scale, keys, values, slot)
+            return
+        slots = slice(slot, slot + keys.shape[1])
+        for half, src in ((0, keys), (1, values)):
+            if self.kv_scale is None:
+                self.kv[half, layers, slots].copy_(src)
+            else:
+                quantize_into(src, self.kv[half, layers, slots], self.kv_scale[half, layers, slots])
+
+    def write_at_count(self, layers: slice, keys: torch.Tensor, values: torch.Tensor,
+                       count: torch.Tensor, sink_positions: int, warmup: bool = False) -> None:
+        """Write keys/values [n_layers, T, Hkv, D] as positions count .. count + T - 1 of
+        `layers`, `count` a 0-d int64 tensor on the device read by the launches (so a CUDA
+        graph captured once writes wherever the counter points). Slots follow
+        kvcore.slots.slot_of. Fused: one Triton launch (with `warmup`, compile and load it
+        without running, before a capture). Else torch ops on the device (index copies,
+        quantizing first for 8-bit formats); `warmup` is then a no-op."""
+        scale = None if self.kv_scale is None else self.kv_scale[:, layers]
+        if self.fused:
+            from kvcore.triton_store import store_at_count
+
+            store_at_count(self.kv[:, layers], scale, keys, values, count, sink_positions,
+                           warmup=warmup)
+            return
+        if warmup:
+            return
+        ring = self.max_positions - sink_positions
+        pos = count + torch.arange(keys.shape[1], device=count.device)  # [T]
+        slots = torch.where(pos < sink_positions, pos,
+                            sink_positions + (pos - sink_positions).remainder(ring))
+        for half, src in ((0, keys), (1, values)):
+            store = self.kv[half, layers]  # [n, P, Hkv, D]
+            if scale is not None:
+                src, row_scale = quantize(src, self.dtype)
+                scale[half].index_copy_(1, slots, row_scale)
+            if store.element_size() == 1:  # index_copy_ has no float8 kernel: copy the bytes
+                store, src = store.view(torch.uint8), src.view(torch.uint8)
+            store.index_copy_(1, slots, src)
+
+    # ------------------------------------------------------------------ reads
+
+    def read_runs(self, layer: int, runs: list[tuple[int, int]],
+                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer along slot runs [(a, b), ...] (n slots in all), concatenated
+        in run order: [n, Hkv, D] each of out_dtype. Float formats: views for one run, else a
+        copy; 8-bit formats: a dequantized copy (one fused kernel per run where it runs)."""
+        if self.kv_scale is not None and self.fused:
+            return self._dequantized_runs(layer, runs, n)
+        k = _gather(self.k_store[layer], runs)
+        v = _gather(self.v_store[layer], runs)
+        if self.kv_scale is None:
+            return k, v
+        k_scale = _gather(self.k_scale[layer], runs)
+        v_scale = _gather(self.v_scale[layer], runs)
+        return (dequantize(k, k_scale, self.out_dtype, self.head_dim),
+                dequantize(v, v_scale, self.out_dtype, self.head_dim))
+
+    def _dequantized_runs(self, layer: int, runs: list[tuple[int, int]],
+                          n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from kvcore.triton_store import load_dequantized
+
+        shape = (self.k_store.shape[2], self.head_dim)  # [Hkv, D] (int4 stores D / 2 bytes)
+        out_k = torch.empty((n, *shape), dtype=self.out_dtype, device=self.device)
+        out_v = torch.empty_like(out_k)
+        offset = 0
+        for a, b in runs:
+            load_dequantized(self.k_store[layer], self.v_store[layer], self.k_scale[layer],
+                             self.v_scale[layer], out_k[offset : offset + b - a],
+                             out_v[offset : offset + b - a], a, b)
+            offset += b - a
+        return out_k, out_v
+
+
+def _gather(store: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """Rows of `store` [P, ...] along the slot runs: a view for one run (or none), else a copy."""
+    if len(runs) == 1:
+        a, b = runs[0]
+        return store[a:b]
+    if not runs:
+        return store[:0]
+    return torch.cat([store[a:b] for a, b in runs])

@@ -438,6 +438,61 @@ def test_bad_construction_raises(overrides, message):
         StreamingKVCache(**{**args, **overrides})
 
 
+def test_cuda_device_without_cuda_is_a_value_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=rf"device '{device}' needs CUDA, but torch sees no CUDA device"):
+            StreamingKVCache(3, 7, 6, 5, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_writes_at_the_device_counter_equal_appends(dtype, sinks):
+    """The public device-counter path (what a captured step runs), eagerly on the CPU torch
+    ops, through the ring's wrap and mixed with host-counted writes: same stores, same reads,
+    the counter in step with the host count."""
+    made = dict(num_layers=3, max_positions=7, num_heads=6, head_dim=5, num_kv_heads=2,
+                dtype=dtype, sink_positions=sinks)
+    ours, ref = StreamingKVCache(**made), StreamingKVCache(**made)
+    ours.storage.kv.zero_()  # finite slots past the count, as on CUDA (zero-initialised)
+    if ours.storage.kv_scale is not None:
+        ours.storage.kv_scale.zero_()
+    gen = torch.Generator().manual_seed(11)
+    for i in range(19):
+        keys = torch.randn(3, 2, 5, generator=gen).to(ref.out_dtype)
+        values = torch.randn(3, 2, 5, generator=gen).to(ref.out_dtype)
+        if i % 5 == 3:  # host-counted write: the counter must be refilled before the next
+            ours.append_all(keys, values)
+        elif i % 2:
+            ours.write_at_counter(keys, values)  # every layer at once
+            ours.advance_counter()
+            ours.commit_counted(1)
+        else:
+            for layer in range(3):  # layer by layer, as a model step does
+                ours.write_at_counter(keys[layer], values[layer], layer=layer)
+            ours.advance_counter()
+            ours.commit_counted(1)
+        ref.append_all(keys, values)
+        assert int(ours.position_counter()) == ours.total_appended == ref.total_appended
+        query = torch.randn(6, 5, generator=gen).to(ref.out_dtype)
+        for layer in range(3):
+            got, want = ours.get_valid(layer), ref.get_valid(layer)
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), f"step {i} layer {layer}"
+            by_count = ours.attend_slots(layer, query, ours.position_counter())
+            torch.testing.assert_close(by_count, ref.attend(layer, query), rtol=2e-3, atol=2e-3)
+
+
+def test_counter_writes_check_their_input():
+    cache = StreamingKVCache(3, 7, 6, 5, num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"keys must have shape \[num_kv_heads=2, head_dim=5\], got \[3, 2, 5\]"):
+        cache.write_at_counter(torch.zeros(3, 2, 5), torch.zeros(3, 2, 5), layer=1)
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 3\), got 3"):
+        cache.write_at_counter(torch.zeros(2, 5), torch.zeros(2, 5), layer=3)
+    cache.append(0, torch.zeros(2, 5), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="commit_counted needs a complete position"):
+        cache.commit_counted(1)
+
+
 def test_defaults_and_out_dtype():
     cache = StreamingKVCache(2, 4, 6, 5)
     assert cache.num_kv_heads == 6 and cache.dtype == torch.float32

@@ -15,7 +15,7 @@ import weakref
 import pytest
 import torch
 
-from kvcore import StreamingKVCache, attention, graphs, triton_decode
+from kvcore import StreamingKVCache, attention, capture, triton_decode
 from kvcore.attention import reference_attention
 from kvcore.graphs import DecodeStep
 
@@ -40,7 +40,8 @@ def _stored(cache: StreamingKVCache, layer: int) -> tuple[torch.Tensor, torch.Te
 def _written(cache: StreamingKVCache) -> list[torch.Tensor]:
     """The slots every layer has written (the valid prefix), with scales, on the CPU as float."""
     n = len(cache)
-    parts = [cache._kv[:, :, :n]] + ([] if cache._kv_scale is None else [cache._kv_scale[:, :, :n]])
+    storage = cache.storage
+    parts = [storage.kv[:, :, :n]] + ([] if storage.kv_scale is None else [storage.kv_scale[:, :, :n]])
     return [part.cpu().float() for part in parts]
 
 
@@ -105,11 +106,11 @@ def test_torch_attention_with_the_count_on_the_device(dtype):
     gen = torch.Generator().manual_seed(3)
     for _ in range(5):
         cache.append_all(*_random_step(cache, gen)[:2])
-    cache._kv[:, :, 5:] = 0  # finite values past the count, as on CUDA (zero-initialised)
-    if cache._kv_scale is not None:
-        cache._kv_scale[:, :, 5:] = 1.0
+    cache.storage.kv[:, :, 5:] = 0  # finite values past the count, as on CUDA (zero-initialised)
+    if cache.storage.kv_scale is not None:
+        cache.storage.kv_scale[:, :, 5:] = 1.0
     query = torch.randn(6, 5, generator=gen).to(cache.out_dtype)
-    scales = (None, None) if cache._kv_scale is None else (cache.k_scale[1], cache.v_scale[1])
+    scales = (None, None) if cache.k_scale is None else (cache.k_scale[1], cache.v_scale[1])
     args = (query, cache.k_store[1], cache.v_store[1], *scales)
     by_int = attention.decode_attention(*args, 5, cache.sm_scale, cache.out_dtype)
     by_tensor = attention.decode_attention(*args, torch.tensor(5), cache.sm_scale, cache.out_dtype)
@@ -203,7 +204,7 @@ def test_gpu_device_counter_follows_the_other_write_paths(dtype):
         if i != 6:
             assert _same_stores(ours, ref), f"step {i}: stores differ"
     torch.cuda.synchronize()
-    assert int(ours._device_writer().count) == ours._device_writer().held == ours.total_appended
+    assert int(ours.position_counter()) == ours.ring.held == ours.total_appended
     alive = weakref.ref(ours)
     del ours, step
     assert alive() is None  # no reference cycle: the cache's memory goes with its last name
@@ -212,7 +213,7 @@ def test_gpu_device_counter_follows_the_other_write_paths(dtype):
 @pytest.mark.gpu
 @needs_graphs
 def test_gpu_append_all_graphs_past_the_limit(monkeypatch):
-    monkeypatch.setattr(graphs, "MAX_WRITE_GRAPHS", 2)
+    monkeypatch.setattr(capture, "MAX_WRITE_GRAPHS", 2)
     made = dict(SHAPE, dtype="bfloat16")
     ours, ref = StreamingKVCache(**made, device="cuda"), StreamingKVCache(**made)
     gen = torch.Generator().manual_seed(5)
@@ -221,5 +222,5 @@ def test_gpu_append_all_graphs_past_the_limit(monkeypatch):
     for i in range(16):
         ours.append_all(*pool_gpu[i % 5])
         ref.append_all(*pool[i % 5])
-    assert len(ours._device_writer().graphs) == 2
+    assert ours.write_graphs == 2
     assert _same_stores(ours, ref)

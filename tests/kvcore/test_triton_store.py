@@ -145,9 +145,8 @@ def run_checks() -> dict:
                     dtype=dtype, sink_positions=S)
         ours = StreamingKVCache(**made, attention="triton")
         ref = StreamingKVCache(**made, attention="torch")
-        ref._fused = False  # the torch write and read paths: an independent reference
+        ref.storage.fused = False  # the torch write and read paths: an independent reference
         step = DecodeStep(ours, graph=False)
-        writer = ours._device_writer()
         worst = 0.0
         for position in range(P + 4):  # past the wrap
             k = torch.randn(L, H, D, generator=gen).to(ours.out_dtype)
@@ -156,24 +155,23 @@ def run_checks() -> dict:
             step.keys.copy_(k)
             step.values.copy_(v)
             step.queries.copy_(q)
-            writer.sync(ours.total_appended)
-            step._body(writer)  # what the graph replays
-            writer.held += 1
-            ours._total += 1
+            step.body()  # what the graph replays
+            ours.commit_counted(1)
             for layer in range(L):
                 ref.append(layer, k[layer], v[layer])
                 want = ref.attend(layer, q[layer]).double()
                 err = ((step.out[layer].double() - want).norm() / want.norm()).item()
                 worst = max(worst, err)
-        same_store = torch.equal(ours._kv.float(), ref._kv.float()) and (
-            ours._kv_scale is None or torch.equal(ours._kv_scale, ref._kv_scale))  # full: every slot written
+        mine, theirs = ours.storage, ref.storage
+        same_store = torch.equal(mine.kv.float(), theirs.kv.float()) and (
+            mine.kv_scale is None or torch.equal(mine.kv_scale, theirs.kv_scale))  # full: every slot written
         problems = [] if same_store else ["stores differ"]
         for layer in range(L):  # reads: fused dequantization per slot run (sinks, wrapped ring)
             got, want = ours.get_valid(layer), ref.get_valid(layer)
             if not all(torch.equal(g, w) for g, w in zip(got, want)):
                 problems.append(f"get_valid({layer}) differs from the torch path")
-        if int(writer.count) != P + 4:
-            problems.append(f"device counter {int(writer.count)}, expected {P + 4}")
+        if int(ours.position_counter()) != P + 4:
+            problems.append(f"device counter {int(ours.position_counter())}, expected {P + 4}")
         if not worst <= 2e-2:
             problems.append(f"attention differs from append + attend by {worst:.2e}")
         results[f"step-body-{dtype}"] = "; ".join(problems)

@@ -40,6 +40,8 @@ from orchestrator import timeline
 from orchestrator.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
+# The `ray` command of the Python running the tests (a virtual environment need not be on PATH).
+RAY_CLI = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
 pytestmark = pytest.mark.slow
 
 
@@ -77,7 +79,7 @@ def stop_cluster(temp_dir: str, port: int) -> None:
 
 
 def ray_start(args: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run(["ray", "start", *args], env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([RAY_CLI, "start", *args], env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"ray start {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
@@ -92,7 +94,7 @@ def cluster():
               f"--object-store-memory={100 * 1024 * 1024}"]
     try:
         ray_start(["--head", f"--port={port}", "--include-dashboard=false", f"--dashboard-port={free_port()}",
-                   f"--ray-client-server-port={free_port()}", *common], env)
+                   *common], env)
         ray_start([f"--address=127.0.0.1:{port}", *common], env)
         yield f"127.0.0.1:{port}", env
     finally:

@@ -135,6 +135,8 @@ class BenchConfig:
     min_region_s: float = 0.005  # floor: a shorter repetition makes the trial invalid
     max_spread: float = 2.0  # max / min rate across repetitions above this: invalid
     copy_gb: float | None = None  # copy buffer; None: 1.0 on CUDA, 0.25 on CPU
+    regions: str = "all"  # "all", or "decode": copy, decode and the peers only (fill, append_all,
+    # prefill and retrieve skipped: their figures NaN; the cache is still filled, untimed)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field, what it got and what fits."""
@@ -168,6 +170,8 @@ class BenchConfig:
         _check_number("max_spread", self.max_spread, low=1.0)
         if self.copy_gb is not None:
             _check_number("copy_gb", self.copy_gb, low=0.0)
+        if self.regions not in ("all", "decode"):
+            raise ValueError(f"regions must be 'all' or 'decode', got {self.regions!r}")
         resolve_device(self.device)
 
 
@@ -252,6 +256,7 @@ class BenchResult:
     decode_gbps: float
     decode_steps_timed: int
     decode_method: str  # how decode/decode_cache steps ran: "cuda_graph" | "eager_per_layer"
+    decode_kernel_configs: str  # JSON: the Triton decode configs the autotuner picked ("" on torch)
     decode_cache_tok_s: float
     decode_cache_tok_s_min: float
     decode_cache_tok_s_max: float
@@ -917,20 +922,30 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
     if device.type != "cuda":
         host_peak.hold([cache.k_store, cache.v_store, cache.k_scale, cache.v_scale, trial.weights,
                         trial.pool_k, trial.pool_v, trial.src_k, trial.src_v, *trial.queries])
-    fill = trial.measure_fill()
-    append_all = trial.measure_append_all()
-    prefill = trial.measure_prefill()
+    decode_only = cfg.regions == "decode"
+    fill = None if decode_only else trial.measure_fill()
+    append_all = None if decode_only else trial.measure_append_all()
+    prefill = None if decode_only else trial.measure_prefill()
     trial.settle()
-    retrieve, reads, retrieve_err = trial.measure_retrieve()
+    if decode_only:  # not measured: NaN figures, no check to fail
+        retrieve, reads, retrieve_err = None, 0, 0.0
+    else:
+        retrieve, reads, retrieve_err = trial.measure_retrieve()
     graph = trial.step is not None
     decode_cache = trial.measure_decode("decode_cache", with_weights=False, graph=graph)
     decode = trial.measure_decode("decode", with_weights=True, graph=graph)
     memory = _memory_seen(device, host_peak)  # before the baseline: our path's footprint
     decode_err = trial.checked_step(graph)
+    kernel_configs = ""
+    if cache.attention_backend == "triton":
+        from kvcore.triton_decode import tuned_configs
+
+        kernel_configs = json.dumps(tuned_configs(), sort_keys=True)
     peers = measure_peers(trial)
     baseline, baseline_err = peers["baseline"], peers["baseline_err"]
 
-    measurements = [copy, fill, append_all, prefill, retrieve, decode_cache, decode]
+    measurements = [m for m in (copy, fill, append_all, prefill, retrieve, decode_cache, decode)
+                    if m is not None]
     measurements += [m for m in (baseline, peers["flash_attn"], peers["flashinfer"]) if m is not None]
     reasons = assess(measurements, cfg.min_region_s, cfg.max_spread)
     retrieve_ok = retrieve_err <= RETRIEVE_TOLERANCE[trial.dtype]
@@ -947,7 +962,8 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
 
     rate = {m.name: m.summary() for m in measurements}  # (median, min, max) per second
     nan = (math.nan, math.nan, math.nan)
-    for name in ("baseline_decode", "flash_attn_decode", "flashinfer_decode"):
+    for name in ("baseline_decode", "flash_attn_decode", "flashinfer_decode", "fill", "append_all",
+                 "prefill", "retrieve"):
         rate.setdefault(name, nan)
     L, P = cfg.num_layers, cfg.context_length
     weight_bytes = 0 if trial.weights is None else trial.weights.nbytes
@@ -961,20 +977,20 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         sink_positions=cfg.sink_positions, device=str(device), repetitions=cfg.repetitions,
         attention_backend=cache.attention_backend,
         **_triple("fill_rate_pos_s", rate["fill"]),
-        fill_gbps=rate["fill"][0] * write_bytes / 1e9, fill_positions_timed=fill.units,
+        fill_gbps=rate["fill"][0] * write_bytes / 1e9, fill_positions_timed=0 if fill is None else fill.units,
         **_triple("append_all_rate_pos_s", rate["append_all"]),
         append_all_gbps=rate["append_all"][0] * write_bytes / 1e9,
-        append_all_positions_timed=append_all.units,
+        append_all_positions_timed=0 if append_all is None else append_all.units,
         **_triple("prefill_rate_pos_s", rate["prefill"]),
         prefill_gbps=rate["prefill"][0] * write_bytes / 1e9,
-        prefill_positions_timed=prefill.units, prefill_chunk=trial.chunk,
+        prefill_positions_timed=0 if prefill is None else prefill.units, prefill_chunk=trial.chunk,
         **_triple("retrieve_rate_ops_s", rate["retrieve"]),
         retrieve_gbps=rate["retrieve"][0] * cache_bytes / (L * P) / 1e9,
         retrieve_layers_timed=reads, retrieve_check_ok=retrieve_ok,
         retrieve_check_err=retrieve_err,
         **_triple("decode_tok_s", rate["decode"]),
         decode_gbps=decode_gbps, decode_steps_timed=decode.units,
-        decode_method=trial.decode_method,
+        decode_method=trial.decode_method, decode_kernel_configs=kernel_configs,
         **_triple("decode_cache_tok_s", rate["decode_cache"]),
         decode_cache_gbps=decode_cache_gbps, decode_cache_steps_timed=decode_cache.units,
         **_triple("baseline_decode_tok_s", rate["baseline_decode"]),

@@ -79,6 +79,7 @@ from kvcore.storage import (
     KVStorage,
     is_quantized,
     parse_dtype,
+    storage_name,
     triton_kernels_usable,
 )
 
@@ -214,7 +215,7 @@ class StreamingKVCache:
         return (
             f"StreamingKVCache(num_layers={self.num_layers}, max_positions={self.max_positions}, "
             f"num_heads={self.num_heads}, head_dim={self.head_dim}, "
-            f"num_kv_heads={self.num_kv_heads}, dtype={str(self.dtype)[6:]!r}, "
+            f"num_kv_heads={self.num_kv_heads}, dtype={storage_name(self.dtype)!r}, "
             f"device={str(self.device)!r}, sink_positions={self.sink_positions}, "
             f"out_dtype={str(self.out_dtype)[6:]!r}; {len(self)} valid)"
         )
@@ -495,7 +496,8 @@ class StreamingKVCache:
         given to the cache, random normal inputs, measured over a batch of outputs:
         float32 1e-5, float16 2e-3, bfloat16 2e-3 (its own output rounding, 2^-8 relative per
         element, is most of that: one tiny output may exceed it), int8 2e-2, float8_e4m3fn
-        8e-2 (measured on CPU at head_dim 128: about 2e-4, 1.7e-3, 1e-2 and 4e-2).
+        8e-2, int4 0.3 (measured on CPU at head_dim 128: about 2e-4, 1.7e-3, 1e-2, 4e-2 and
+        0.13: 15 levels per group of 32 values).
         """
         layer = self._check_layer(layer)
         self._check_tensor(query, "query", {"num_heads": self.num_heads, "head_dim": self.head_dim})

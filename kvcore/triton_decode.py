@@ -158,24 +158,18 @@ def tuning_candidates(storage_dtype: torch.dtype, group: int) -> list[KernelConf
     K = KernelConfig
     if group == 1:
         if storage_dtype == INT4:
-            found = [K(16, 4, 1, False), K(32, 4, 1, False), K(16, 4, 1, False, waves=2), K(32, 8, 1, False),
-                     K(64, 4, 3, True)]
+            found = [K(16, 4, 1, False), K(32, 4, 1, False), K(16, 4, 1, False, waves=2), K(64, 4, 3, True)]
         elif storage_dtype in QUANTIZED_DTYPES:
-            found = [K(16, 4, 1, False, fast_convert=False), K(16, 4, 1, False), K(32, 4, 1, False),
-                     K(16, 4, 1, False, lazy_rescale=True), K(32, 4, 1, False, lazy_rescale=True),
-                     K(16, 4, 1, False, fast_convert=False, lazy_rescale=True),
-                     K(16, 4, 1, False, waves=2), K(64, 4, 3, True)]
+            found = [K(16, 4, 1, False), K(16, 4, 1, False, lazy_rescale=True),
+                     K(32, 4, 1, False, lazy_rescale=True), K(64, 4, 3, True)]
         elif storage_dtype == torch.float32:
-            found = [K(32, 4, 1, False), K(16, 4, 1, False), K(32, 4, 1, False, waves=2), K(64, 8, 1, False)]
+            found = [K(16, 4, 1, False), K(32, 4, 1, False, waves=2)]
         else:
-            found = [K(64, 4, 1, False), K(32, 4, 1, False), K(64, 4, 1, False, lazy_rescale=True),
-                     K(64, 4, 1, False, waves=2), K(128, 8, 1, False), K(64, 4, 3, True)]
+            found = [K(64, 4, 1, False, lazy_rescale=True), K(32, 4, 1, False), K(64, 4, 1, False, waves=2)]
     elif storage_dtype == torch.float32:
-        found = [K(32, 8, 3, True), K(32, 4, 2, True), K(64, 8, 3, True), K(32, 8, 3, True, waves=2)]
+        found = [K(32, 4, 2, True), K(32, 8, 3, True, waves=2)]
     else:
-        found = [K(64, 4, 3, True), K(128, 4, 3, True), K(64, 4, 4, True), K(64, 8, 3, True),
-                 K(128, 8, 4, True), K(64, 4, 3, True, waves=2), K(128, 4, 3, True, waves=2),
-                 K(32, 4, 4, True, waves=2)]
+        found = [K(128, 4, 3, True), K(64, 4, 4, True), K(64, 4, 3, True, waves=2), K(128, 4, 4, True, waves=2)]
     default = default_config(storage_dtype, group)
     return [default] + [c for c in found if c != default]
 
@@ -834,6 +828,10 @@ _TARGET_TOK_S = {torch.float32: 157, torch.float16: 314, torch.bfloat16: 314, to
                  torch.float8_e4m3fn: 560, INT4: 1000}
 
 
+def _dtype_name(storage: torch.dtype) -> str:
+    return next(name for name, d in _DTYPE_NAMES.items() if d == storage)
+
+
 def _median_ms(run, reps: int, calls_per_rep: int) -> tuple[float, float]:
     """Median and spread (max - min) in ms per call of `run()` (which makes `calls_per_rep` calls)."""
     for _ in range(3):
@@ -934,13 +932,13 @@ def bench_case(storage, num_kv_heads, *, num_heads=32, head_dim=128, positions=1
                     decode_attention(*args(layer), n_dev, num_splits=splits, config=cfg)
             graph_ms, spread = _median_ms(graph.replay, reps, num_layers)
         except Exception as exc:  # a config that does not compile (e.g. out of shared memory)
-            rows.append({"dtype": str(storage).removeprefix("torch."), "hkv": num_kv_heads, "config": cfg._asdict(),
+            rows.append({"dtype": _dtype_name(storage), "hkv": num_kv_heads, "config": cfg._asdict(),
                          "splits": splits, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]})
             continue
         gbs = bytes_read / (graph_ms * 1e-3) / 1e9
         tok_s = 1e3 / (32 * graph_ms)
         rows.append({
-            "dtype": str(storage).removeprefix("torch."), "hkv": num_kv_heads, "heads": num_heads,
+            "dtype": _dtype_name(storage), "hkv": num_kv_heads, "heads": num_heads,
             "head_dim": head_dim, "positions": positions, "rel_err": err, "tolerance": TOLERANCE[storage],
             "ok": None if err is None else err <= TOLERANCE[storage],
             "kernel_ms": graph_ms, "kernel_spread_ms": spread, "eager_ms": eager_ms,

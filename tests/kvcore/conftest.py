@@ -12,7 +12,7 @@ import torch
 
 from kvcore import StreamingKVCache
 
-DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]
+DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]
 # Tiny odd shapes that catch transposed dimensions.
 SHAPE = dict(num_layers=3, max_positions=7, num_heads=6, head_dim=5, num_kv_heads=2)
 

@@ -491,3 +491,15 @@ def test_host_memory_figures_do_not_depend_on_what_ran_before_in_the_process():
         assert r.total_vram_gb == r.peak_mem_gb
     # the same trial twice: the same order of magnitude, not 0 the second time
     assert 0.25 <= second.peak_mem_gb / first.peak_mem_gb <= 4
+
+
+def test_decode_only_regions_skip_fill_and_retrieve_and_stay_valid():
+    r = run_benchmark(tiny_config(regions="decode", repetitions=1))
+    d = r.to_dict()
+    assert d["fill_rate_pos_s"] is None and d["retrieve_rate_ops_s"] is None and d["prefill_gbps"] is None
+    assert r.fill_positions_timed == 0 and r.retrieve_layers_timed == 0
+    assert r.decode_cache_tok_s > 0 and r.baseline_decode_tok_s > 0 and r.decode_check_ok
+    assert r.valid, r.invalid_reason
+    json.dumps(d, allow_nan=False)
+    with pytest.raises(ValueError, match="regions must be 'all' or 'decode', got 'fill'"):
+        tiny_config(regions="fill").validate()

@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from kvcore import StreamingKVCache, attention
 from kvcore.attention import reference_attention
 from kvcore.cache import select_decode_attention
+from kvcore.storage import storage_name
 
-DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]
+DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]
 FLOAT = {"float32", "float16", "bfloat16"}
 # Relative L2 error of attend vs float64 attention on the values given to the cache, random
 # normal inputs, over a batch of outputs (documented in StreamingKVCache.attend).
-ATTEND_BOUND = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3, "int8": 2e-2, "float8_e4m3fn": 8e-2}
+ATTEND_BOUND = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3, "int8": 2e-2, "float8_e4m3fn": 8e-2, "int4": 0.3}
 
 
 def randn(cache: StreamingKVCache, *shape: int, gen: torch.Generator) -> torch.Tensor:
@@ -46,7 +47,7 @@ class Checker:
         rk, rv = ref.valid(layer)
         assert k.dtype == cache.out_dtype and k.device == cache.device
         assert k.shape == rk.shape and v.shape == rv.shape
-        storage = str(cache.dtype).removeprefix("torch.")
+        storage = storage_name(cache.dtype)
         for got, want in ((k, rk), (v, rv)):
             err = (got.cpu().double() - want).abs()
             assert (err <= self.bound(want, storage, cache.out_dtype)).all(), storage
@@ -174,7 +175,7 @@ def test_reads_are_views_while_contiguous_and_copies_after_a_wrap(make_cache):
     assert torch.equal(k, cache.k_store[1])
 
 
-@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn", "int4"])
 def test_quantized_reads_are_dequantized_copies(make_cache, dtype):
     cache = make_cache(dtype=dtype, out_dtype="bfloat16")
     L, H, D = cache.num_layers, cache.num_kv_heads, cache.head_dim
@@ -183,7 +184,8 @@ def test_quantized_reads_are_dequantized_copies(make_cache, dtype):
     k, v = cache.get_range(0, 0, 2)
     assert cache.out_dtype == torch.bfloat16 and k.dtype == torch.bfloat16
     assert not shares_storage(k, cache) and k.shape == (2, H, D)
-    assert cache.k_scale.shape == (L, cache.max_positions, H) and cache.k_scale.dtype == torch.float32
+    groups = (1,) if dtype == "int4" else ()  # int4: one scale per 32 values (head dim 5: one group)
+    assert cache.k_scale.shape == (L, cache.max_positions, H, *groups) and cache.k_scale.dtype == torch.float32
 
 
 def test_attend_at_model_head_dim(device, rel_l2):
@@ -265,8 +267,9 @@ def test_memory_bytes_sums_tensor_storage(dtype):
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
     assert cache.memory_bytes() == sum(storages.values())
     element = 4 if dtype == "float32" else 2 if dtype in ("float16", "bfloat16") else 1
+    row = 3 if dtype == "int4" else 5  # int4: 5 values in 3 bytes
     scales = 0 if dtype in FLOAT else 2 * 3 * 7 * 2 * 4
-    assert cache.memory_bytes() == 2 * 3 * 7 * 2 * 5 * element + scales
+    assert cache.memory_bytes() == 2 * 3 * 7 * 2 * row * element + scales
 
 
 @pytest.mark.gpu
@@ -499,6 +502,7 @@ def test_defaults_and_out_dtype():
     assert cache.out_dtype == torch.float32 and cache.k_scale is None  # float storage ignores out_dtype
     assert StreamingKVCache(2, 4, 6, 5, dtype="int8").out_dtype == torch.float16
     assert "dtype='int8'" in repr(StreamingKVCache(2, 4, 6, 5, dtype="int8"))
+    assert "dtype='int4'" in repr(StreamingKVCache(2, 4, 6, 5, dtype="int4"))
 
 
 # ---------------------------------------------------------------------- property test

@@ -23,7 +23,7 @@ from kvcore import triton_decode
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]
 QUANTIZED = ("int8", "float8_e4m3fn", "int4")
-CACHE_DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]  # the step body's cache
+CACHE_DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]  # the step body's cache
 SENTINEL = 3.0  # what untouched slots hold
 
 

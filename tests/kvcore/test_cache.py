@@ -537,3 +537,25 @@ def test_any_write_sequence_matches_reference(reference_cache, max_positions, da
             rk, rv = ref.valid(layer)
             assert torch.equal(k.double(), rk.reshape(k.shape)) and torch.equal(v.double(), rv.reshape(v.shape))
             assert cache.positions(layer).tolist() == ref.positions(layer)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn", "int4", "float16"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_input_keeps_the_finite_values_of_its_row(make_cache, dtype, bad):
+    # kvcore/storage.py's rule: scale from the finite values, +-inf saturate, NaN kept (float8)
+    # or 0 (int8, int4); float storage stores what it is given
+    cache = make_cache(dtype=dtype, num_layers=1)
+    row = torch.tensor([1.0, 2.0, 3.0, bad, -0.5])
+    keys = torch.stack([row, -row]).to(cache.out_dtype).to(cache.device)  # [Hkv=2, D=5]
+    cache.append(0, keys, keys)
+    k, _ = cache.get_valid(0)
+    got = k[0].cpu().double()  # [Hkv, D]
+    finite = [0, 1, 2, 4]
+    want = torch.stack([row, -row]).double()
+    assert (got[:, finite] - want[:, finite]).abs().max() <= 3.0 / 14  # int4's step, the coarsest
+    if dtype == "float16" or bad != bad and dtype == "float8_e4m3fn":
+        assert torch.equal(got[:, 3].isnan(), want[:, 3].isnan()) and (got[:, 3].isinf() == want[:, 3].isinf()).all()
+    elif bad != bad:
+        assert (got[:, 3] == 0).all()
+    else:
+        assert got[:, 3].tolist() == pytest.approx([3.0, -3.0], rel=1e-2)

@@ -19,7 +19,7 @@ from orchestrator.capacity import (
     trial_need_parts,
 )
 
-DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]
+DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]
 GiB = 1024**3
 
 

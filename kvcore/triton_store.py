@@ -130,29 +130,29 @@ def _kernels():
             tl.store(dst[:, None] + j[None, :], packed.to(tl.uint8), mask=m_e)
             g = tl.arange(0, GROUPS_PAD)
             tl.store(sdst[:, None] + g[None, :], scale, mask=r_mask[:, None] & (g < GROUPS)[None, :])
-            return
-        d = tl.arange(0, D_PAD)
-        mask = r_mask[:, None] & (d < HEAD_DIM)[None, :]
-        x = tl.load(src[:, None] + d[None, :], mask=mask, other=0.0)  # [BLOCK_R, D_PAD]
-        if QUANTIZED:
-            xf = x.to(tl.float32)
-            finite = tl.where(tl.abs(xf) < float("inf"), tl.abs(xf), 0.0)  # NaN < inf is False
-            amax = tl.max(finite, axis=1)  # [BLOCK_R], of the finite values only
-            scale = tl.maximum(tl.math.div_rn(amax, QMAX), FLOOR)
-            y = _saturate(tl.math.div_rn(xf, scale[:, None]), QMAX, IS_INT8)
-            if IS_INT8:
-                y = (y + ROUND_MAGIC) - ROUND_MAGIC  # round half to even (|y| <= 127)
-                q = y.to(kv_ptr.dtype.element_ty)
-            else:  # float8_e4m3fn: round to 3 mantissa bits here, so the cast below is exact
-                y = _round_e4m3(y)
-                q = y.to(kv_ptr.dtype.element_ty)
-                # NaN as e4m3fn's NaN code 0x7F whatever the conversion does with it
-                bits = tl.where(y == y, q.to(tl.uint8, bitcast=True), 0x7F).to(tl.uint8)
-                q = bits.to(kv_ptr.dtype.element_ty, bitcast=True)
-            tl.store(dst[:, None] + d[None, :], q, mask=mask)
-            tl.store(sdst, scale, mask=r_mask)
         else:
-            tl.store(dst[:, None] + d[None, :], x.to(kv_ptr.dtype.element_ty), mask=mask)
+            d = tl.arange(0, D_PAD)
+            mask = r_mask[:, None] & (d < HEAD_DIM)[None, :]
+            x = tl.load(src[:, None] + d[None, :], mask=mask, other=0.0)  # [BLOCK_R, D_PAD]
+            if QUANTIZED:
+                xf = x.to(tl.float32)
+                finite = tl.where(tl.abs(xf) < float("inf"), tl.abs(xf), 0.0)  # NaN < inf is False
+                amax = tl.max(finite, axis=1)  # [BLOCK_R], of the finite values only
+                scale = tl.maximum(tl.math.div_rn(amax, QMAX), FLOOR)
+                y = _saturate(tl.math.div_rn(xf, scale[:, None]), QMAX, IS_INT8)
+                if IS_INT8:
+                    y = (y + ROUND_MAGIC) - ROUND_MAGIC  # round half to even (|y| <= 127)
+                    q = y.to(kv_ptr.dtype.element_ty)
+                else:  # float8_e4m3fn: round to 3 mantissa bits here, so the cast below is exact
+                    y = _round_e4m3(y)
+                    q = y.to(kv_ptr.dtype.element_ty)
+                    # NaN as e4m3fn's NaN code 0x7F whatever the conversion does with it
+                    bits = tl.where(y == y, q.to(tl.uint8, bitcast=True), 0x7F).to(tl.uint8)
+                    q = bits.to(kv_ptr.dtype.element_ty, bitcast=True)
+                tl.store(dst[:, None] + d[None, :], q, mask=mask)
+                tl.store(sdst, scale, mask=r_mask)
+            else:
+                tl.store(dst[:, None] + d[None, :], x.to(kv_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["first_row", "n_rows"])
     def load_rows_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, ok_ptr, ov_ptr, first_row, n_rows,
@@ -184,14 +184,14 @@ def _kernels():
             out = dst + rows.to(tl.int64)[:, None] * HEAD_DIM + 2 * j[None, :]
             tl.store(out, lo.to(dst.dtype.element_ty), mask=m_e)
             tl.store(out + 1, hi.to(dst.dtype.element_ty), mask=m_o)
-            return
-        q = tl.load(src + src_rows[:, None] * HEAD_DIM + d[None, :], mask=mask)  # masked lanes never stored
-        scale = tl.load(scale_src + src_rows, mask=r_mask, other=0.0)
-        x = q.to(tl.float32) * scale[:, None]  # as kvcore.storage.dequantize, in registers
-        if IS_FP8:  # NaN (code 0x7F / 0xFF) read as NaN whatever the conversion makes of it
-            x = tl.where((q.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), x)
-        tl.store(dst + rows.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], x.to(dst.dtype.element_ty),
-                 mask=mask)
+        else:
+            q = tl.load(src + src_rows[:, None] * HEAD_DIM + d[None, :], mask=mask)  # masked lanes never stored
+            scale = tl.load(scale_src + src_rows, mask=r_mask, other=0.0)
+            x = q.to(tl.float32) * scale[:, None]  # as kvcore.storage.dequantize, in registers
+            if IS_FP8:  # NaN (code 0x7F / 0xFF) read as NaN whatever the conversion makes of it
+                x = tl.where((q.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), x)
+            tl.store(dst + rows.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], x.to(dst.dtype.element_ty),
+                     mask=mask)
 
     return store_rows_kernel, load_rows_kernel
 

@@ -587,7 +587,7 @@ def _layer_values(cache: StreamingKVCache, layer: int, half: int, dtype: torch.d
     b = min(cache.total_appended, cache.max_positions) if b is None else b
     if scale is None:
         return store[a:b].to(dtype)
-    return dequantize(store[a:b], scale[layer, a:b], dtype)
+    return dequantize(store[a:b], scale[layer, a:b], dtype, cache.head_dim)
 
 
 def chunked_reference(query: torch.Tensor, read: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],

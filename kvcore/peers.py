@@ -89,7 +89,10 @@ def _layer_copy(cache: StreamingKVCache, layer: int, half: int, n: int, dtype: t
     scale = (cache.k_scale, cache.v_scale)[half]
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
-        rows = store[a:b] if scale is None else dequantize(store[a:b], scale[layer, a:b], dtype)
+        if scale is None:
+            rows = store[a:b]
+        else:
+            rows = dequantize(store[a:b], scale[layer, a:b], dtype, cache.head_dim)
         out[:, a:b].copy_(rows.transpose(0, 1))
 
 

@@ -503,3 +503,9 @@ def test_decode_only_regions_skip_fill_and_retrieve_and_stay_valid():
     json.dumps(d, allow_nan=False)
     with pytest.raises(ValueError, match="regions must be 'all' or 'decode', got 'fill'"):
         tiny_config(regions="fill").validate()
+
+
+def test_int4_trial_with_an_odd_head_dim_checks_every_path():
+    r = run_benchmark(tiny_config(dtype="int4", repetitions=1))  # head dim 5: 3 bytes per row
+    assert r.kv_cache_ok and r.retrieve_check_ok and r.decode_check_ok and r.baseline_check_ok, r.invalid_reason
+    assert r.baseline_dtype == "float16" and r.kv_cache_gb == 2 * 3 * 37 * 2 * (3 + 4) / 1e9

@@ -5,9 +5,10 @@ Without a milestone it lists the available ones. `--cfg job` prints the composed
 
 Exit status: 0 every trial passed; 1 a trial failed, errored or was skipped; 2 a bad
 configuration (malformed override, unknown milestone, wrong type, failed check, unknown
-tracking URI scheme, unreachable cluster.address), reported before any trial runs; 130
-interrupted (Ctrl-C: running trials cancelled, the sweep's parent run marked KILLED, and
-running the same command again resumes it).
+tracking URI scheme, unreachable cluster.address) or a tracking server that refuses the user
+(no or wrong MLFLOW_TRACKING_USERNAME / _PASSWORD, no EDIT on the experiment), reported before
+any trial runs; 130 interrupted (Ctrl-C: running trials cancelled, the sweep's parent run
+marked KILLED, and running the same command again resumes it).
 
 Key decision: Hydra itself exits with status 1 when composing fails (a malformed override, a
 missing config), before the task function runs. `main` notes whether the task was entered
@@ -33,8 +34,14 @@ def run(cfg: DictConfig, cwd: str) -> int:
     try:
         sweep = load_sweep(cfg, cwd=cwd, overrides=command_overrides())
         from orchestrator.sweep import execute  # Ray and MLflow load only for a valid config
+        from orchestrator.tracking import AccessRefused, check_server_access, resolve_tracking_uri
 
-        return execute(sweep, cwd)
+        try:  # a team server's login and permission, before Ray starts
+            check_server_access(resolve_tracking_uri(sweep.tracking_uri, cwd), sweep.experiment)
+            return execute(sweep, cwd)
+        except AccessRefused as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:  # outside run_trials (execute handles Ctrl-C while trials run)
         print("\ninterrupted; run the same command again to go on from what was recorded", file=sys.stderr)
         return INTERRUPTED_STATUS

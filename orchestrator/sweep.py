@@ -16,9 +16,9 @@
    one by one as they arrive (MLflow, or the spool while MLflow is away); a progress line
    (done / running / pending, elapsed, ETA) goes to stderr;
 6. ends the parent run (FINISHED, or KILLED after Ctrl-C) with the driver's metrics
-   `sweep_wall_s` and `num_devices`, prints the table of every trial of the sweep and how to
-   open it in the MLflow UI, and returns the exit status: 0 when every trial passed, 1 when
-   not, 130 when interrupted.
+   `sweep_wall_s` and `num_devices`, prints the table of every trial of the sweep and what to
+   open to see it (a server's page of the parent run, or `mlflow ui` for a local store), and
+   returns the exit status: 0 when every trial passed, 1 when not, 130 when interrupted.
 
 What survives what:
 - A worker or node that dies: Ray reruns the task (trial.max_retries); the task reports its
@@ -72,7 +72,7 @@ from orchestrator.grid import TrialSpec
 from orchestrator.record import TrialRecord
 from orchestrator.scheduling import Cluster, device_key
 from orchestrator.spool import Recorder
-from orchestrator.tracking import resolve_tracking_uri
+from orchestrator.tracking import open_hint, resolve_tracking_uri
 from orchestrator.trial import injected_fault
 
 POLL_S = 1.0  # how often the progress line refreshes and deadlines are checked while trials run
@@ -363,6 +363,7 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
         cluster.close()
     out.write(f"\n{sweep.milestone} {sweep.title}: {len(everything)} trials\n")
     out.write(report.format_table(everything) + "\n\n")
-    out.write(f"mlflow ui --backend-store-uri {uri}\n")
+    experiment_id = recorder.tracker.experiment_id if recorder.tracker is not None else None
+    out.write(open_hint(uri, experiment_id, recorder.parent_id) + "\n")
     out.flush()
     return INTERRUPTED_STATUS if status == "KILLED" else exit_status(everything)

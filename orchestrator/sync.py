@@ -9,9 +9,13 @@ reopened), each trial becomes exactly one child run, and a finished sweep gets i
 table and plots. An uploaded file moves to `<spool>/synced/`. Running sync twice, or after an
 interrupted sync, uploads nothing twice.
 
+On a server with authentication the upload logs in as MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD as set when sync runs (the spool never holds credentials); a refused
+login or permission leaves the file in place and says what to set or ask for.
+
 One line per spool file. Exit status: 0 when everything was uploaded (or there was nothing to
-do), 1 when a file could not be uploaded now (the store is still away, or a sweep is still
-writing it: run sync again later), 2 for bad arguments.
+do), 1 when a file could not be uploaded now (the store is still away, a sweep is still
+writing it, or the server refused the login: run sync again later), 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import sys
 from pathlib import Path
 
 from orchestrator.spool import DEFAULT_SPOOL_DIR, sync_spool
-from orchestrator.tracking import TrackingUnavailable, resolve_tracking_uri
+from orchestrator.tracking import AccessRefused, TrackingUnavailable, resolve_tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             result = sync_spool(path, uri=uri)
         except TrackingUnavailable as error:
             print(f"sync: {path.name}: not uploaded, {error}; run sync again later", file=sys.stderr)
+            pending += 1
+            continue
+        except AccessRefused as error:  # the file stays; credentials come from the environment
+            print(f"sync: {path.name}: not uploaded, {error}; then run sync again", file=sys.stderr)
             pending += 1
             continue
         except ValueError as error:

@@ -68,6 +68,13 @@ Key decisions:
   `trial_key`, `keyboard`. Passwords in URIs (`scheme://user:pass@host` -> `user:***@host`) and
   the values of secret-named environment variables are masked. The config artifact gets the
   same treatment. Nothing is read from the environment to log.
+- A team's server (`mlflow server --app-name basic-auth`): `check_server_access(uri, experiment)`,
+  called before Ray starts, turns a missing login, a wrong password or a user without EDIT on
+  the experiment into `AccessRefused` (one line: the variable to set or the permission to ask
+  for); any Tracker method meeting HTTP 401/403 later raises it too, never `TrackingUnavailable`,
+  so such a refusal is never spooled. Credentials stay in MLFLOW_TRACKING_USERNAME / _PASSWORD,
+  read by MLflow at each request (a sync uses the ones set when it runs). `open_hint` names what
+  to open at the end: the server's page of the parent run, or `mlflow ui` for a local store.
 - A SQLite store keeps its artifacts next to the database (`<db dir>/mlartifacts/`), not in
   whatever directory the process runs from; `mlflow ui --backend-store-uri <uri>` serves both.
 """
@@ -307,6 +314,9 @@ def _translating(method: Callable[..., _T]) -> Callable[..., _T]:
         except Exception as error:
             if is_unavailable_error(error):
                 raise TrackingUnavailable(self.uri, method.__name__.lstrip("_"), error) from error
+            refused = access_refusal(error, self.uri, self.experiment)
+            if refused is not None:  # 401/403: a retry or the spool cannot fix it
+                raise refused from None
             raise
 
     return wrapper
@@ -567,7 +577,15 @@ class Tracker:
 
     def _delete_runs(self, runs: Any) -> None:
         for run in runs:
-            self.client.delete_run(run.info.run_id)
+            try:
+                self.client.delete_run(run.info.run_id)
+            except MlflowException as error:
+                if error.error_code != "PERMISSION_DENIED":
+                    raise
+                # A user with EDIT (not MANAGE) on a team server's experiment: the leftover
+                # stays; counts and finished_trial_keys go by distinct trial_key.
+                _log.warning("run %s is obsolete but stays: deleting runs needs MANAGE on the "
+                             "experiment (%s)", run.info.run_id, error.error_code)
 
     def _log_batch(
         self,
@@ -733,3 +751,124 @@ def _git_tags() -> dict[str, str]:
         return {}
     return {"git_commit": commit, "git_dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
 
+
+
+# ---- a team's server: credentials and permissions ----------------------------------------
+
+# What a sweep needs on its experiment: to create and update runs. MANAGE adds deleting runs,
+# which `log_trial` uses to replace a leftover incomplete child; with EDIT that leftover stays.
+WRITE_PERMISSIONS = ("EDIT", "MANAGE")
+_USERNAME_ENV, _PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+class AccessRefused(Exception):
+    """The tracking server refuses this user: no credentials, a wrong password, or no permission
+    to write to the experiment. A retry cannot fix it, so nothing is spooled; the message (one
+    line) says which variable to set or which permission to ask the server's admin for."""
+
+
+def check_server_access(uri: str, experiment: str) -> None:
+    """Raise AccessRefused unless the user of $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD
+    may write runs to `experiment` on the MLflow server at `uri` (http or https).
+
+    The driver calls it before Ray starts. Other stores, a server without authentication, an
+    admin, and an experiment that does not exist yet (its creator gets MANAGE) pass. A server
+    that cannot be reached passes too: the sweep then spools and syncs later. Credentials are
+    read from the environment by MLflow at each request; they are never stored or printed."""
+    if urlparse(uri).scheme.lower() not in ("http", "https"):
+        return
+    try:
+        _check_server_access(uri, experiment)
+    except AccessRefused:
+        raise
+    except Exception as error:
+        if is_unavailable_error(error):
+            _log.info("not checking access to %s now: %s", redact_text(uri), error)
+            return
+        raise
+
+
+def _check_server_access(uri: str, experiment: str) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+
+    def get(endpoint: str, **params: str) -> requests.Response:
+        return http_request(creds, endpoint, "GET", params=params)
+
+    found = get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=experiment)
+    if found.status_code in (401, 403):
+        raise AccessRefused(_refusal_message(uri, found.status_code, experiment))
+    if found.status_code >= 500 or found.status_code not in (200, 404):
+        return  # the sweep's own requests will tell (unavailable: spool; a bug: its error)
+    me = get("/api/2.0/mlflow/users/current")
+    if me.status_code != 200:
+        return  # a server without basic authentication: anyone may write
+    user = me.json().get("user", {})
+    if user.get("is_admin") or found.status_code == 404:
+        return  # an admin may do anything; a new experiment's creator gets MANAGE on it
+    experiment_id = found.json()["experiment"]["experiment_id"]
+    granted = get("/api/3.0/mlflow/users/permissions/get", username=user.get("username", ""),
+                  resource_type="experiment", resource_id=experiment_id)
+    if granted.status_code != 200:
+        return  # a server that cannot say: the sweep's first write will
+    permission = granted.json().get("permission", "")
+    if permission not in WRITE_PERMISSIONS:
+        raise AccessRefused(_refusal_message(uri, 403, experiment, experiment_id, permission,
+                                             user.get("username")))
+
+
+def _refusal_message(uri: str, status: int, experiment: str, experiment_id: str | None = None,
+                     permission: str | None = None, username: str | None = None) -> str:
+    server = _server_url(uri)
+    user = username or os.environ.get(_USERNAME_ENV, "")
+    if status == 401 and not (user and os.environ.get(_PASSWORD_ENV)):
+        return (f"the MLflow server {server} asks for a login and {_USERNAME_ENV} / {_PASSWORD_ENV} are "
+                f"not both set: set them to your account on that server (the server's admin creates it)")
+    if status == 401:
+        return (f"the MLflow server {server} refused user {user!r}: wrong username or password; fix "
+                f"{_PASSWORD_ENV} (and {_USERNAME_ENV}), or ask the server's admin to reset the password")
+    which = f" (id {experiment_id})" if experiment_id else ""
+    has = f"has {permission} on" if permission else "may not write to"
+    return (f"user {user!r} {has} the experiment {experiment!r}{which} on {server}; a sweep needs EDIT "
+            f"(or MANAGE) there: ask the server's admin to grant it, or set tracking.experiment to a new "
+            f"name (its creator gets MANAGE)")
+
+
+def access_refusal(error: BaseException, uri: str, experiment: str = "") -> AccessRefused | None:
+    """The AccessRefused that an MLflow error stands for (HTTP 401 or 403), else None."""
+    if isinstance(error, AccessRefused):
+        return error
+    if not isinstance(error, MlflowException):
+        return None
+    text = str(error)
+    if error.error_code == "UNAUTHENTICATED" or "error code 401" in text:
+        return AccessRefused(_refusal_message(uri, 401, experiment))
+    if error.error_code == "PERMISSION_DENIED" or "error code 403" in text:
+        return AccessRefused(_refusal_message(uri, 403, experiment))
+    return None
+
+
+def _server_url(uri: str) -> str:
+    """`uri` without any user or password in it, and without a trailing slash."""
+    parsed = urlparse(uri)
+    host = parsed.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parsed.port:
+        netloc += f":{parsed.port}"
+    return parsed._replace(netloc=netloc).geturl().rstrip("/")
+
+
+def open_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """What to open to see a sweep: a server's page of its parent run
+    (`http://host:port/#/experiments/<id>/runs/<run_id>`, no credentials), else the command
+    that serves a local store (`mlflow ui --backend-store-uri <uri>`)."""
+    if urlparse(uri).scheme.lower() in ("http", "https"):
+        url = _server_url(uri)
+        if experiment_id and run_id:
+            return f"{url}/#/experiments/{experiment_id}/runs/{run_id}"
+        if experiment_id:
+            return f"{url}/#/experiments/{experiment_id}"
+        return url
+    return f"mlflow ui --backend-store-uri {uri}"

@@ -168,6 +168,11 @@ def tuning_candidates(storage_dtype: torch.dtype, group: int) -> list[KernelConf
             found = [K(64, 4, 1, False, lazy_rescale=True), K(32, 4, 1, False), K(64, 4, 1, False, waves=2)]
     elif storage_dtype == torch.float32:
         found = [K(32, 4, 2, True), K(32, 8, 3, True, waves=2)]
+    elif storage_dtype in QUANTIZED_DTYPES:
+        # num_stages=1: no cp.async of the raw bytes into shared memory; the tile is widened to
+        # float16 in registers first, so the dot reads 16-bit operands (ldmatrix) instead of
+        # one byte per load (the 8-bit dot's cost in v2)
+        found = [K(128, 4, 1, True), K(64, 8, 1, True), K(64, 4, 3, True, waves=2), K(128, 4, 4, True, waves=2)]
     else:
         found = [K(128, 4, 3, True), K(64, 4, 4, True), K(64, 4, 3, True, waves=2), K(128, 4, 4, True, waves=2)]
     default = default_config(storage_dtype, group)

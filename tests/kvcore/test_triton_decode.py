@@ -281,6 +281,26 @@ def test_gpu_layer_past_2_31_elements(storage):
     assert td.relative_error(out, ref) <= td.TOLERANCE[DTYPES[storage]]
 
 
+@pytest.mark.parametrize("storage", list(DTYPES))
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_tuning_candidates_are_few_distinct_launchable_and_start_with_the_default(storage, group):
+    found = td.tuning_candidates(DTYPES[storage], group)
+    assert found[0] == td.default_config(DTYPES[storage], group)
+    assert 2 <= len(found) <= 5 and len(set(found)) == len(found)  # a GPU run tunes every key in seconds
+    for cfg in found:
+        assert cfg.use_dot or group == 1  # the rows loop serves one query head per KV head
+        assert not cfg.use_dot or cfg.block_n >= 16
+        assert not cfg.lazy_rescale or not cfg.use_dot
+
+
+def test_autotuner_stays_off_the_cpu_and_when_disabled(monkeypatch):
+    k = torch.zeros(48, 2, 16, dtype=torch.int8)
+    args = (torch.zeros(8, 16), k, k, torch.ones(48, 2), torch.ones(48, 2), None, None)
+    assert td._autotuned(*args) == td.default_config(torch.int8, 4) and not td._TUNED
+    monkeypatch.setenv("KVCORE_AUTOTUNE", "0")
+    assert not td.autotune_enabled()
+
+
 def test_int4_layout_agrees_with_storage():
     from kvcore import storage
 

@@ -190,7 +190,7 @@ def autotune_enabled() -> bool:
 
 def tuned_configs() -> dict[str, dict]:
     """What the autotuner picked so far, as plain values (for benchmark records)."""
-    return {f"{str(k[1]).removeprefix('torch.')} g{k[3]} d{k[4]} hkv{k[5]} cap<={k[6]}": c._asdict()
+    return {f"{_dtype_name(k[1])} g{k[3]} d{k[4]} hkv{k[5]} cap<={k[6]}": c._asdict()
             for k, c in _TUNED.items()}
 
 

@@ -17,6 +17,13 @@ DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]
 SHAPE = dict(num_layers=3, max_positions=7, num_heads=6, head_dim=5, num_kv_heads=2)
 
 
+@pytest.fixture(autouse=True)
+def _no_autotuning(monkeypatch):
+    """The decode autotuner times every candidate on a key's first call: tests of kvcore run
+    the default configs (fast, deterministic); the tuner's own tests turn it back on."""
+    monkeypatch.setenv("KVCORE_AUTOTUNE", "0")
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request) -> str:
     if request.param == "cuda" and not torch.cuda.is_available():

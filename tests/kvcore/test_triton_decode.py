@@ -301,6 +301,38 @@ def test_autotuner_stays_off_the_cpu_and_when_disabled(monkeypatch):
     assert not td.autotune_enabled()
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("storage", list(DTYPES))
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_gpu_every_tuning_candidate_matches_float64(storage, kv_heads):
+    # what the autotuner may pick must be right: each candidate, compiled, against float64
+    case = make_case(storage=storage, heads=8, kv_heads=kv_heads, head_dim=128, capacity=2100, n_valid=2077)
+    query, k, v, ks, vs, n_arg, out, valid = build(case, "cuda")
+    ref = td.reference_decode(query, k, v, ks, vs, valid)
+    for cfg in td.tuning_candidates(DTYPES[storage], 8 // kv_heads):
+        result = td.decode_attention(query, k, v, ks, vs, n_arg, out_dtype=torch.float32, config=cfg)
+        assert td.relative_error(result, ref) <= td.TOLERANCE[DTYPES[storage]], cfg
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_autotuner_picks_a_candidate_outside_the_capture(monkeypatch):
+    monkeypatch.setenv("KVCORE_AUTOTUNE", "1")
+    case = make_case(storage="float8_e4m3fn", heads=32, kv_heads=8, head_dim=128, capacity=4096, n_valid=4096)
+    query, k, v, ks, vs, _, out, _ = build(case, "cuda")
+    n_dev = torch.tensor(3000, dtype=torch.int64, device="cuda")
+    td.decode_attention(query, k, v, ks, vs, n_dev, out=out)  # tunes here, outside the capture
+    picked = td.tuned_configs()
+    assert any(key.startswith("float8_e4m3fn g4 d128 hkv8") for key in picked), picked
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        td.decode_attention(query, k, v, ks, vs, n_dev, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert td.relative_error(out, td.reference_decode(query, k, v, ks, vs, 3000)) <= 2e-3
+
+
 def test_int4_layout_agrees_with_storage():
     from kvcore import storage
 

@@ -1132,15 +1132,24 @@ def format_table(result: BenchResult) -> str:
         f"({d['baseline_method']}{', ' + d['baseline_skipped_reason'] if d['baseline_skipped_reason'] else ''})",
         f"{'figure':<24} {'field':<22} {'median':>12} {'min':>12} {'max':>12} {'GB/s':>9}",
     ]
+    def num(value: float | None, width: int, spec: str) -> str:  # None: not measured
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
     for label, field, gbps in _TABLE:
-        lines.append(f"{label:<24} {field:<22} {d[field]:>12.5g} {d[field + '_min']:>12.5g} "
-                     f"{d[field + '_max']:>12.5g} {d[gbps]:>9.4g}")
+        lines.append(f"{label:<24} {field:<22} {num(d[field], 12, '.5g')} "
+                     f"{num(d[field + '_min'], 12, '.5g')} {num(d[field + '_max'], 12, '.5g')} "
+                     f"{num(d[gbps], 9, '.4g')}")
+    for label, field in (("flash_attn decode (attention)", "flash_attn_decode_tok_s"),
+                         ("flashinfer decode (attention)", "flashinfer_decode_tok_s")):
+        if d[field] is not None:
+            lines.append(f"{label:<47} {num(d[field], 12, '.5g')}")
     for field in ("decode_speedup", "decode_roofline_frac", "decode_cache_roofline_frac",
                   "kv_cache_gb", "kv_cache_measured_gb", "weights_gb", "peak_mem_gb",
                   "nvml_used_gb", "total_vram_gb"):
-        lines.append(f"{field:<47} {d[field]:>12.5g}")
+        lines.append(f"{field:<47} {num(d[field], 12, '.5g')}")
     lines.append(f"checks: retrieve {d['retrieve_check_ok']}, decode {d['decode_check_ok']} "
-                 f"(err {d['decode_check_err']:.2g}), baseline {d['baseline_check_ok']}, "
+                 f"(err {d['decode_check_err']:.2g}), baseline {d['baseline_check_ok']}"
+                 f"{'' if d['baseline_check_err'] is None else ' (err %.2g)' % d['baseline_check_err']}, "
                  f"kv_cache {d['kv_cache_ok']} ({d['kv_cache_measured_source']}); "
                  f"nvml: {d['nvml_source']}; peak: {d['peak_mem_source']}")
     reason = f" ({d['invalid_reason']})" if d["invalid_reason"] else ""

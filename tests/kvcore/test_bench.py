@@ -509,3 +509,13 @@ def test_int4_trial_with_an_odd_head_dim_checks_every_path():
     r = run_benchmark(tiny_config(dtype="int4", repetitions=1))  # head dim 5: 3 bytes per row
     assert r.kv_cache_ok and r.retrieve_check_ok and r.decode_check_ok and r.baseline_check_ok, r.invalid_reason
     assert r.baseline_dtype == "float16" and r.kv_cache_gb == 2 * 3 * 37 * 2 * (3 + 4) / 1e9
+
+
+def test_cli_prints_figures_that_were_not_measured_as_dashes(monkeypatch, capsys):
+    monkeypatch.setattr(kvcore.peers, "free_bytes", lambda device: 10**6)  # the peer is skipped
+    assert bench.main(TINY_FLAGS + ["--regions", "decode", "--repetitions", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    fill = next(line for line in out if line.startswith("fill (append) "))
+    assert fill.split()[-4:] == ["-", "-", "-", "-"]
+    assert "(skipped, the peer's head-major torch.float32 copy needs" in out[1]
+    assert json.loads(out[-1])["baseline_decode_tok_s"] is None

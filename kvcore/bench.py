@@ -46,6 +46,10 @@ reported as median, min and max):
    computed a bounded chunk of slots at a time (a full float64 copy of a layer at 1M
    positions would be GBs: the benchmark's own overhead stays bounded, see overhead_bytes).
 
+`--regions decode` runs only the copy, the decode regions and the peers (the cache is still
+filled and wrapped, untimed): fill, append_all, prefill and retrieve figures are then NaN
+(None in JSON, "-" in the table). A kernel-and-peer run at 1M positions takes seconds.
+
 Key decisions:
 - Time-boxing: a repetition does enough work to last >= 4 x `min_region_s`, but at most
   `rep_budget_s` where one unit of work allows (a unit: one position for fill/prefill, one
@@ -122,7 +126,7 @@ class BenchConfig:
     num_kv_heads: int | None = None  # None: num_heads (multi-head attention)
     head_dim: int = 128
     context_length: int = 16384  # cache capacity (max_positions) = target context
-    dtype: str = "float32"  # cache storage: float32 | float16 | bfloat16 | int8 | float8_e4m3fn
+    dtype: str = "float32"  # cache storage: float32 | float16 | bfloat16 | int8 | float8_e4m3fn | int4
     sink_positions: int = 0
     weights_gb: float = 4.0  # bytes streamed per decode step (7B in Q4_K: 4.0 GB); 0: none
     repetitions: int = 5

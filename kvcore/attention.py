@@ -26,7 +26,7 @@ def decode_attention(
     query: torch.Tensor,  # [num_heads, head_dim]
     k_layer: torch.Tensor,  # [max_positions, num_kv_heads, head_dim], storage dtype
     v_layer: torch.Tensor,  # [max_positions, num_kv_heads, head_dim], storage dtype
-    k_scale_layer: torch.Tensor | None,  # [max_positions, num_kv_heads] float32, or None
+    k_scale_layer: torch.Tensor | None,  # [max_positions, num_kv_heads(, groups for int4)] float32, or None
     v_scale_layer: torch.Tensor | None,  # [max_positions, num_kv_heads] float32, or None
     n_valid: int | torch.Tensor,
     sm_scale: float,
@@ -53,8 +53,8 @@ def decode_attention(
         k_scale = None if k_scale_layer is None else k_scale_layer[:n_valid]
         v_scale = None if v_scale_layer is None else v_scale_layer[:n_valid]
     if k_scale is not None:
-        k = dequantize(k, k_scale, out_dtype)
-        v = dequantize(v, v_scale, out_dtype)
+        k = dequantize(k, k_scale, out_dtype, query.shape[1])  # int4: [.., ceil(D / 2)] bytes in
+        v = dequantize(v, v_scale, out_dtype, query.shape[1])
     num_heads, num_kv_heads = query.shape[0], k.shape[1]
     out = F.scaled_dot_product_attention(
         query.to(k.dtype).unsqueeze(1),  # [Hq, 1, D]

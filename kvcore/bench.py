@@ -29,12 +29,26 @@ reported as median, min and max):
    `decode_method` "cuda_graph"), else `append` and `attend` layer by layer
    ("eager_per_layer"). decode: the same plus one matrix-vector product streaming the
    weights (a 7B model's weight traffic). Then the peak memory and NVML's view are taken.
-7. baseline_decode: the stock path on the same cache: `cache.attention = "torch"` (torch SDPA,
-   kvcore/attention.py), `append` and `attend` layer by layer (`baseline_method`
-   "eager_per_layer"); `decode_speedup` = decode_cache / baseline, so it holds both the
-   kernel and the graph. Where decode_cache already ran exactly that (CPU, CUDA without
-   Triton) its figures are the baseline's (speedup 1.0) instead of a second run.
-8. One more step of each decode path is checked against float64 reference attention.
+7. baseline_decode: the stock peer a user would pick, run the way it runs best
+   (kvcore/peers.py): torch SDPA on a head-major contiguous copy of the same data
+   (`[Hkv, S, D]` per layer, transformers' static-cache layout, GQA by `enable_gqa`), every
+   layer of a step in one CUDA graph (eagerly on the CPU); float storage in its own dtype,
+   8-bit and int4 storage through the 16-bit path in out_dtype (`baseline_kind`,
+   `baseline_dtype` say which). `decode_speedup` = decode_cache / baseline. The copy is made
+   after the memory figures and freed after the timing; where it does not fit next to the
+   cache the peer is skipped (`baseline_skipped_reason`, its figures NaN), never the trial.
+   Where flash_attn / flashinfer import, their decode on the same copy is timed too
+   (`flash_attn_decode_tok_s`, `flashinfer_decode_tok_s`, attention only; NaN and a reason
+   in `optional_peers_reason` otherwise). (Before, the baseline was torch SDPA called layer
+   by layer from Python on kvcore's position-major layout, which keeps SDPA off its fast
+   kernels: a straw man, dropped.)
+8. One more step of each decode path is checked against float64 reference attention,
+   computed a bounded chunk of slots at a time (a full float64 copy of a layer at 1M
+   positions would be GBs: the benchmark's own overhead stays bounded, see overhead_bytes).
+
+`--regions decode` runs only the copy, the decode regions and the peers (the cache is still
+filled and wrapped, untimed): fill, append_all, prefill and retrieve figures are then NaN
+(None in JSON, "-" in the table). A kernel-and-peer run at 1M positions takes seconds.
 
 Key decisions:
 - Time-boxing: a repetition does enough work to last >= 4 x `min_region_s`, but at most
@@ -80,9 +94,10 @@ from datetime import datetime, timezone
 
 import torch
 
-from kvcore.attention import reference_attention
 from kvcore.cache import StreamingKVCache
 from kvcore.graphs import DecodeStep
+from kvcore.peers import PeerSkipped, SdpaPeer, optional_peers
+from kvcore.peers import copy_bytes as peer_copy_bytes
 from kvcore.storage import STORAGE_DTYPES, dequantize
 
 WEIGHT_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -111,7 +126,7 @@ class BenchConfig:
     num_kv_heads: int | None = None  # None: num_heads (multi-head attention)
     head_dim: int = 128
     context_length: int = 16384  # cache capacity (max_positions) = target context
-    dtype: str = "float32"  # cache storage: float32 | float16 | bfloat16 | int8 | float8_e4m3fn
+    dtype: str = "float32"  # cache storage: float32 | float16 | bfloat16 | int8 | float8_e4m3fn | int4
     sink_positions: int = 0
     weights_gb: float = 4.0  # bytes streamed per decode step (7B in Q4_K: 4.0 GB); 0: none
     repetitions: int = 5
@@ -124,6 +139,8 @@ class BenchConfig:
     min_region_s: float = 0.005  # floor: a shorter repetition makes the trial invalid
     max_spread: float = 2.0  # max / min rate across repetitions above this: invalid
     copy_gb: float | None = None  # copy buffer; None: 1.0 on CUDA, 0.25 on CPU
+    regions: str = "all"  # "all", or "decode": copy, decode and the peers only (fill, append_all,
+    # prefill and retrieve skipped: their figures NaN; the cache is still filled, untimed)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field, what it got and what fits."""
@@ -157,6 +174,8 @@ class BenchConfig:
         _check_number("max_spread", self.max_spread, low=1.0)
         if self.copy_gb is not None:
             _check_number("copy_gb", self.copy_gb, low=0.0)
+        if self.regions not in ("all", "decode"):
+            raise ValueError(f"regions must be 'all' or 'decode', got {self.regions!r}")
         resolve_device(self.device)
 
 
@@ -241,6 +260,7 @@ class BenchResult:
     decode_gbps: float
     decode_steps_timed: int
     decode_method: str  # how decode/decode_cache steps ran: "cuda_graph" | "eager_per_layer"
+    decode_kernel_configs: str  # JSON: the Triton decode configs the autotuner picked ("" on torch)
     decode_cache_tok_s: float
     decode_cache_tok_s_min: float
     decode_cache_tok_s_max: float
@@ -251,7 +271,13 @@ class BenchResult:
     baseline_decode_tok_s_max: float
     baseline_decode_gbps: float
     baseline_decode_steps_timed: int
-    baseline_method: str  # how baseline steps ran: "eager_per_layer" (the stock torch path)
+    baseline_method: str  # how baseline steps ran: "cuda_graph" | "eager" | "skipped"
+    baseline_kind: str  # the peer: "sdpa_head_major_graph" | "sdpa_head_major_eager"
+    baseline_dtype: str  # what the peer computes in (16-bit for 8-bit / int4 storage)
+    baseline_skipped_reason: str  # "" when the peer ran
+    flash_attn_decode_tok_s: float  # flash_attn_with_kvcache on the peer's copy; NaN: absent
+    flashinfer_decode_tok_s: float  # flashinfer single decode on the peer's copy; NaN: absent
+    optional_peers_reason: str  # why an optional peer has no figure
     decode_speedup: float  # decode_cache_tok_s / baseline_decode_tok_s
     decode_roofline_frac: float  # decode_gbps / copy_gbps
     decode_cache_roofline_frac: float  # decode_cache_gbps / copy_gbps
@@ -291,8 +317,10 @@ class BenchResult:
     date_utc: str
     wall_s: float
 
-    def to_dict(self) -> dict[str, float | int | str | bool]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, float | int | str | bool | None]:
+        """Plain JSON values; a figure that was not measured (NaN: a skipped peer) is None."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v
+                for k, v in asdict(self).items()}
 
 
 # ---------------------------------------------------------------------- timing
@@ -546,15 +574,49 @@ def decode_step(cache: StreamingKVCache, keys: list[torch.Tensor], values: list[
     return outputs
 
 
-def _layer_values(cache: StreamingKVCache, layer: int, half: int,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """Valid slot prefix of one layer's K (half 0) or V (half 1), dequantized, in dtype."""
+_CHECK_CHUNK_BYTES = 64 << 20  # float64 rows per chunk of the checks: bounded overhead
+
+
+def _check_chunk(cache: StreamingKVCache) -> int:
+    """Slots per chunk of the float64 checks (~64 MB of float64 per K or V chunk)."""
+    return max(1, _CHECK_CHUNK_BYTES // (8 * cache.num_kv_heads * cache.head_dim))
+
+
+def _layer_values(cache: StreamingKVCache, layer: int, half: int, dtype: torch.dtype,
+                  a: int = 0, b: int | None = None) -> torch.Tensor:
+    """Slots [a, b) (default: the valid prefix) of one layer's K (half 0) or V (half 1),
+    dequantized, in dtype."""
     store = (cache.k_store, cache.v_store)[half][layer]
     scale = (cache.k_scale, cache.v_scale)[half]
-    n = min(cache.total_appended, cache.max_positions)
+    b = min(cache.total_appended, cache.max_positions) if b is None else b
     if scale is None:
-        return store[:n].to(dtype)
-    return dequantize(store[:n], scale[layer, :n], dtype)
+        return store[a:b].to(dtype)
+    return dequantize(store[a:b], scale[layer, a:b], dtype, cache.head_dim)
+
+
+def chunked_reference(query: torch.Tensor, read: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+                      n: int, chunk: int, sm_scale: float) -> torch.Tensor:
+    """float64 attention of query [H, D] over n slots, read `chunk` at a time as
+    read(a, b) -> (keys, values) [b - a, Hkv, D] -> [H, D] float64 (an online softmax: the
+    temporaries are one chunk, whatever n is)."""
+    H, D = query.shape
+    q = query.double()
+    m = torch.full((H,), -math.inf, dtype=torch.float64, device=query.device)
+    total = torch.zeros(H, dtype=torch.float64, device=query.device)
+    acc = torch.zeros(H, D, dtype=torch.float64, device=query.device)
+    for a in range(0, n, chunk):
+        k, v = read(a, min(n, a + chunk))  # [c, Hkv, D]
+        Hkv = k.shape[1]
+        qg = q.view(Hkv, H // Hkv, D)  # query head h uses KV head h // group
+        scores = torch.einsum("kgd,ckd->kgc", qg, k.double()).reshape(H, -1) * sm_scale  # [H, c]
+        m_new = torch.maximum(m, scores.amax(dim=1))
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(scores - m_new[:, None])
+        total = total * alpha + p.sum(dim=1)
+        pv = torch.einsum("kgc,ckd->kgd", p.view(Hkv, H // Hkv, -1), v.double())
+        acc = acc * alpha[:, None] + pv.reshape(H, D)
+        m = m_new
+    return acc / total[:, None]
 
 
 def _read_norm2(x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
@@ -564,12 +626,15 @@ def _read_norm2(x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
 
 
 def _expected_norm2(cache: StreamingKVCache, layer: int, probe: torch.Tensor) -> float:
-    """What _read_norm2 of get_valid(layer) must give, computed from the storage."""
+    """What _read_norm2 of get_valid(layer) must give, computed from the storage (a chunk of
+    slots at a time)."""
     total = 0.0
+    n, chunk = len(cache), _check_chunk(cache)
     for half in (0, 1):
-        x = _layer_values(cache, layer, half, cache.out_dtype).float()
-        y = torch.mv(x.reshape(-1, probe.numel()), probe.float())
-        total += float(y.double().square().sum())
+        for a in range(0, n, chunk):
+            x = _layer_values(cache, layer, half, cache.out_dtype, a, min(n, a + chunk)).float()
+            y = torch.mv(x.reshape(-1, probe.numel()), probe.float())
+            total += float(y.double().square().sum())
     return total
 
 
@@ -578,12 +643,47 @@ def _decode_error(cache: StreamingKVCache, outputs: torch.Tensor | list[torch.Te
     """Worst relative error of a step's outputs (indexed by layer) on the first and last layer
     vs float64."""
     worst = 0.0
+    n = min(cache.total_appended, cache.max_positions)
     for layer in sorted({0, cache.num_layers - 1}):
-        ref = reference_attention(queries[layer], _layer_values(cache, layer, 0, torch.float64),
-                                  _layer_values(cache, layer, 1, torch.float64), cache.sm_scale)
+        def read(a: int, b: int, layer: int = layer) -> tuple[torch.Tensor, torch.Tensor]:
+            return (_layer_values(cache, layer, 0, torch.float64, a, b),
+                    _layer_values(cache, layer, 1, torch.float64, a, b))
+
+        ref = chunked_reference(queries[layer], read, n, _check_chunk(cache), cache.sm_scale)
         err = (outputs[layer].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
         worst = max(worst, float(err))
     return worst
+
+
+def _peer_error(cache: StreamingKVCache, peer: SdpaPeer, outputs: torch.Tensor,
+                queries: list[torch.Tensor]) -> float:
+    """Worst relative error of the peer's step outputs [L, H, D] on the first and last layer
+    against float64 attention over the peer's own copy (a chunk at a time)."""
+    worst = 0.0
+    for layer in sorted({0, cache.num_layers - 1}):
+        k, v = peer.keys_values(layer)  # [S, Hkv, D]
+        ref = chunked_reference(queries[layer], lambda a, b: (k[a:b], v[a:b]), peer.n,
+                                _check_chunk(cache), cache.sm_scale)
+        err = (outputs[layer].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+        worst = max(worst, float(err))
+    return worst
+
+
+def overhead_bytes(num_layers: int, context_length: int, num_heads: int, num_kv_heads: int,
+                   head_dim: int, dtype: str, prefill_chunk: int = BenchConfig.prefill_chunk) -> int:
+    """Device memory the benchmark itself holds at most next to the cache and the weights
+    (the peer's copy excluded: it is skipped where it does not fit; the copy region's buffers
+    are freed before the cache exists): one layer's K and V read back by get_valid in the
+    dtype reads return (a copy once the ring has wrapped, or dequantized), the float64 check
+    chunks (K, V, scores, their float32 and float64 temporaries), the input pools, the prefill
+    chunk and the decode step's buffers, and 256 MB for kernels' buffers and the allocator's
+    rounding. Orchestrator capacity adds it to a trial's need, so a trial that cannot fit is
+    skipped before it allocates."""
+    out_bytes = 4 if dtype == "float32" else 2  # quantized storage reads back in float16
+    layer_read = 2 * context_length * num_kv_heads * head_dim * out_bytes
+    check = 8 * _CHECK_CHUNK_BYTES
+    pools = 2 * (_POOL_POSITIONS + prefill_chunk + 4) * num_layers * num_heads * head_dim * out_bytes
+    return layer_read + check + pools + (256 << 20)
 
 
 def _copy_measurement(cfg: BenchConfig, device: torch.device, gen: torch.Generator,
@@ -845,29 +945,31 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
     if device.type != "cuda":
         host_peak.hold([cache.k_store, cache.v_store, cache.k_scale, cache.v_scale, trial.weights,
                         trial.pool_k, trial.pool_v, trial.src_k, trial.src_v, *trial.queries])
-    fill = trial.measure_fill()
-    append_all = trial.measure_append_all()
-    prefill = trial.measure_prefill()
+    decode_only = cfg.regions == "decode"
+    fill = None if decode_only else trial.measure_fill()
+    append_all = None if decode_only else trial.measure_append_all()
+    prefill = None if decode_only else trial.measure_prefill()
     trial.settle()
-    retrieve, reads, retrieve_err = trial.measure_retrieve()
+    if decode_only:  # not measured: NaN figures, no check to fail
+        retrieve, reads, retrieve_err = None, 0, 0.0
+    else:
+        retrieve, reads, retrieve_err = trial.measure_retrieve()
     graph = trial.step is not None
     decode_cache = trial.measure_decode("decode_cache", with_weights=False, graph=graph)
     decode = trial.measure_decode("decode", with_weights=True, graph=graph)
     memory = _memory_seen(device, host_peak)  # before the baseline: our path's footprint
     decode_err = trial.checked_step(graph)
-    if cache.attention_backend == "torch" and not graph:
-        # attend already is the baseline, run the same way: the same figures, not a re-run
-        baseline, baseline_err = replace(decode_cache, name="baseline_decode"), decode_err
-    else:  # the stock path: torch SDPA through attend, layer by layer, on the same cache
-        mode = cache.attention
-        cache.attention = "torch"
-        try:
-            baseline = trial.measure_decode("baseline_decode", with_weights=False, graph=False)
-            baseline_err = trial.checked_step(graph=False)
-        finally:
-            cache.attention = mode
+    kernel_configs = ""
+    if cache.attention_backend == "triton":
+        from kvcore.triton_decode import tuned_configs
 
-    measurements = [copy, fill, append_all, prefill, retrieve, decode_cache, decode, baseline]
+        kernel_configs = json.dumps(tuned_configs(), sort_keys=True)
+    peers = measure_peers(trial)
+    baseline, baseline_err = peers["baseline"], peers["baseline_err"]
+
+    measurements = [m for m in (copy, fill, append_all, prefill, retrieve, decode_cache, decode)
+                    if m is not None]
+    measurements += [m for m in (baseline, peers["flash_attn"], peers["flashinfer"]) if m is not None]
     reasons = assess(measurements, cfg.min_region_s, cfg.max_spread)
     retrieve_ok = retrieve_err <= RETRIEVE_TOLERANCE[trial.dtype]
     if not retrieve_ok:
@@ -875,13 +977,17 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
                        "did not return the stored data")
     tolerance = DECODE_TOLERANCE[trial.dtype]
     for name, err in (("decode", decode_err), ("baseline_decode", baseline_err)):
-        if not err <= tolerance:
+        if not err <= tolerance and not (name == "baseline_decode" and baseline is None):
             reasons.append(f"{name}: output off float64 reference by {err:.3g} > {tolerance:g}")
     if not kv_ok:
         reasons.append(f"kv_cache_gb {cache_bytes / 1e9:.6g} differs from the {measured_source} "
                        f"figure {measured / 1e9:.6g}")
 
     rate = {m.name: m.summary() for m in measurements}  # (median, min, max) per second
+    nan = (math.nan, math.nan, math.nan)
+    for name in ("baseline_decode", "flash_attn_decode", "flashinfer_decode", "fill", "append_all",
+                 "prefill", "retrieve"):
+        rate.setdefault(name, nan)
     L, P = cfg.num_layers, cfg.context_length
     weight_bytes = 0 if trial.weights is None else trial.weights.nbytes
     write_bytes = trial.in_bytes_per_pos + cache_bytes / P  # per position, fill and prefill
@@ -894,30 +1000,35 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         sink_positions=cfg.sink_positions, device=str(device), repetitions=cfg.repetitions,
         attention_backend=cache.attention_backend,
         **_triple("fill_rate_pos_s", rate["fill"]),
-        fill_gbps=rate["fill"][0] * write_bytes / 1e9, fill_positions_timed=fill.units,
+        fill_gbps=rate["fill"][0] * write_bytes / 1e9, fill_positions_timed=0 if fill is None else fill.units,
         **_triple("append_all_rate_pos_s", rate["append_all"]),
         append_all_gbps=rate["append_all"][0] * write_bytes / 1e9,
-        append_all_positions_timed=append_all.units,
+        append_all_positions_timed=0 if append_all is None else append_all.units,
         **_triple("prefill_rate_pos_s", rate["prefill"]),
         prefill_gbps=rate["prefill"][0] * write_bytes / 1e9,
-        prefill_positions_timed=prefill.units, prefill_chunk=trial.chunk,
+        prefill_positions_timed=0 if prefill is None else prefill.units, prefill_chunk=trial.chunk,
         **_triple("retrieve_rate_ops_s", rate["retrieve"]),
         retrieve_gbps=rate["retrieve"][0] * cache_bytes / (L * P) / 1e9,
         retrieve_layers_timed=reads, retrieve_check_ok=retrieve_ok,
         retrieve_check_err=retrieve_err,
         **_triple("decode_tok_s", rate["decode"]),
         decode_gbps=decode_gbps, decode_steps_timed=decode.units,
-        decode_method=trial.decode_method,
+        decode_method=trial.decode_method, decode_kernel_configs=kernel_configs,
         **_triple("decode_cache_tok_s", rate["decode_cache"]),
         decode_cache_gbps=decode_cache_gbps, decode_cache_steps_timed=decode_cache.units,
         **_triple("baseline_decode_tok_s", rate["baseline_decode"]),
-        baseline_decode_gbps=rate["baseline_decode"][0] * cache_bytes / 1e9,
-        baseline_decode_steps_timed=baseline.units, baseline_method="eager_per_layer",
+        baseline_decode_gbps=rate["baseline_decode"][0] * peer_copy_bytes(cache) / 1e9,
+        baseline_decode_steps_timed=0 if baseline is None else baseline.units,
+        baseline_method=peers["method"], baseline_kind=peers["kind"],
+        baseline_dtype=peers["dtype"], baseline_skipped_reason=peers["skipped"],
+        flash_attn_decode_tok_s=rate["flash_attn_decode"][0],
+        flashinfer_decode_tok_s=rate["flashinfer_decode"][0],
+        optional_peers_reason=peers["optional_reason"],
         decode_speedup=rate["decode_cache"][0] / rate["baseline_decode"][0],
         decode_roofline_frac=decode_gbps / copy_gbps[0],
         decode_cache_roofline_frac=decode_cache_gbps / copy_gbps[0],
         decode_check_ok=decode_err <= tolerance, decode_check_err=decode_err,
-        baseline_check_ok=baseline_err <= tolerance, baseline_check_err=baseline_err,
+        baseline_check_ok=bool(baseline_err <= tolerance), baseline_check_err=baseline_err,
         **_triple("copy_gbps", copy_gbps), copy_gb=copy_bytes / 1e9,
         kv_cache_gb=cache_bytes / 1e9, kv_cache_measured_gb=measured / 1e9,
         kv_cache_measured_source=measured_source, kv_cache_ok=kv_ok,
@@ -931,6 +1042,45 @@ def _run(cfg: BenchConfig, device: torch.device) -> BenchResult:
         **_environment(device),
         wall_s=time.perf_counter() - wall_start,
     )
+
+
+def measure_peers(trial: "_Trial") -> dict[str, object]:
+    """Time the stock peer (kvcore/peers.py) on a copy of the trial's cache, check one of its
+    steps against float64, then time the optional peers on the same copy; frees the copy.
+    Returns the measurements (None where a peer did not run), the check's error (NaN when
+    skipped) and the labels of BenchResult's baseline fields."""
+    cache, cfg = trial.cache, trial.cfg
+    queries = torch.stack(trial.queries)  # [L, H, D]
+    peer = SdpaPeer.build(cache, queries)
+    result: dict[str, object] = {"baseline": None, "baseline_err": math.nan, "flash_attn": None,
+                                 "flashinfer": None, "kind": peer.kind,
+                                 "dtype": str(trial.dtype).removeprefix("torch."), "skipped": "",
+                                 "method": "skipped", "optional_reason": ""}
+    if isinstance(peer, PeerSkipped):
+        result["skipped"] = peer.reason
+        result["optional_reason"] = "no copy for the peers: " + peer.reason
+        return result
+    try:
+        result["method"] = "cuda_graph" if peer.graph is not None else "eager"
+        result["baseline"] = trial.measure("baseline_decode", trial.timed(peer.steps), cfg.decode_steps)
+        result["baseline_err"] = _peer_error(cache, peer, peer.step().clone(), trial.queries)
+        reasons = []
+        for name, run in optional_peers(peer).items():
+            if isinstance(run, str):
+                reasons.append(f"{name}: {run}")
+                continue
+            try:
+                result[name] = trial.measure(f"{name}_decode",
+                                             trial.timed(lambda n, run=run: [run() for _ in range(n)]),
+                                             cfg.decode_steps)
+            except Exception as error:  # an optional peer that does not run on this build
+                reasons.append(f"{name}: {type(error).__name__}: {error}"[:200])
+        result["optional_reason"] = "; ".join(reasons)
+    finally:
+        peer.close()
+        del peer
+        _sync(trial.device)
+    return result
 
 
 def _whole_fills(n: int, capacity: int, chunk: int) -> int:
@@ -989,7 +1139,7 @@ _TABLE = (  # figure, the result field whose median/min/max it shows, its GB/s f
     ("retrieve (get_valid)", "retrieve_rate_ops_s", "retrieve_gbps"),
     ("decode (cache+weights)", "decode_tok_s", "decode_gbps"),
     ("decode (cache alone)", "decode_cache_tok_s", "decode_cache_gbps"),
-    ("baseline decode (SDPA)", "baseline_decode_tok_s", "baseline_decode_gbps"),
+    ("baseline decode (peer)", "baseline_decode_tok_s", "baseline_decode_gbps"),
     ("copy (read+write)", "copy_gbps", "copy_gbps"),
 )
 
@@ -1001,18 +1151,28 @@ def format_table(result: BenchResult) -> str:
         f"{d['num_layers']} layers x {d['num_heads']} heads ({d['num_kv_heads']} KV) x "
         f"{d['head_dim']}, {d['context_length']} positions, {d['dtype']}, "
         f"{d['sink_positions']} sinks, attention: {d['attention_backend']}, decode: "
-        f"{d['decode_method']}, baseline: {d['baseline_method']}",
+        f"{d['decode_method']}, baseline: {d['baseline_kind']} in {d['baseline_dtype']} "
+        f"({d['baseline_method']}{', ' + d['baseline_skipped_reason'] if d['baseline_skipped_reason'] else ''})",
         f"{'figure':<24} {'field':<22} {'median':>12} {'min':>12} {'max':>12} {'GB/s':>9}",
     ]
+    def num(value: float | None, width: int, spec: str) -> str:  # None: not measured
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
     for label, field, gbps in _TABLE:
-        lines.append(f"{label:<24} {field:<22} {d[field]:>12.5g} {d[field + '_min']:>12.5g} "
-                     f"{d[field + '_max']:>12.5g} {d[gbps]:>9.4g}")
+        lines.append(f"{label:<24} {field:<22} {num(d[field], 12, '.5g')} "
+                     f"{num(d[field + '_min'], 12, '.5g')} {num(d[field + '_max'], 12, '.5g')} "
+                     f"{num(d[gbps], 9, '.4g')}")
+    for label, field in (("flash_attn decode (attention)", "flash_attn_decode_tok_s"),
+                         ("flashinfer decode (attention)", "flashinfer_decode_tok_s")):
+        if d[field] is not None:
+            lines.append(f"{label:<47} {num(d[field], 12, '.5g')}")
     for field in ("decode_speedup", "decode_roofline_frac", "decode_cache_roofline_frac",
                   "kv_cache_gb", "kv_cache_measured_gb", "weights_gb", "peak_mem_gb",
                   "nvml_used_gb", "total_vram_gb"):
-        lines.append(f"{field:<47} {d[field]:>12.5g}")
+        lines.append(f"{field:<47} {num(d[field], 12, '.5g')}")
     lines.append(f"checks: retrieve {d['retrieve_check_ok']}, decode {d['decode_check_ok']} "
-                 f"(err {d['decode_check_err']:.2g}), baseline {d['baseline_check_ok']}, "
+                 f"(err {d['decode_check_err']:.2g}), baseline {d['baseline_check_ok']}"
+                 f"{'' if d['baseline_check_err'] is None else ' (err %.2g)' % d['baseline_check_err']}, "
                  f"kv_cache {d['kv_cache_ok']} ({d['kv_cache_measured_source']}); "
                  f"nvml: {d['nvml_source']}; peak: {d['peak_mem_source']}")
     reason = f" ({d['invalid_reason']})" if d["invalid_reason"] else ""

@@ -1,5 +1,5 @@
 """StreamingKVCache: a preallocated ring-buffer KV cache on any torch device, with attention
-sinks, grouped-query attention and float32/float16/bfloat16/int8/float8_e4m3fn storage.
+sinks, grouped-query attention and float32/float16/bfloat16/int8/float8_e4m3fn/int4 storage.
 
     from kvcore import StreamingKVCache
     cache = StreamingKVCache(num_layers=32, max_positions=16384, num_heads=32, head_dim=128,
@@ -14,7 +14,10 @@ Layout (the contract other kvcore code relies on):
   [2, L, P, Hkv, D], so a position's K and V of many layers go in with one copy.
 - `k_scale`, `v_scale`: float32 [num_layers, max_positions, num_kv_heads] for int8/float8
   (dequantized = store.to(float32) * scale[..., None], see kvcore/storage.py), else None;
-  also halves of one allocation.
+  also halves of one allocation. int4 packs two values per byte (the stores' last axis is
+  ceil(head_dim / 2) uint8) with scales [.., ceil(head_dim / 32)] (kvcore/storage.py).
+- Float storage stores what it is given, inf and NaN included; quantized storage keeps the
+  finite values of a row with inf or NaN (kvcore/storage.py states the rule).
 - Absolute position p lives in slot `kvcore.slots.slot_of(p)`; a layer holding c positions
   occupies slots [0, min(c, P)). `attend` reads that prefix in place; `get_range`/`get_valid`
   return positions in the order they were written: sinks first, then the ring from its head.
@@ -76,6 +79,7 @@ from kvcore.storage import (
     KVStorage,
     is_quantized,
     parse_dtype,
+    storage_name,
     triton_kernels_usable,
 )
 
@@ -121,7 +125,7 @@ class StreamingKVCache:
     Args:
         num_layers, max_positions, num_heads, head_dim: positive ints.
         num_kv_heads: KV heads (GQA/MQA); defaults to num_heads; must divide num_heads.
-        dtype: storage, one of float32, float16, bfloat16, int8, float8_e4m3fn.
+        dtype: storage, one of float32, float16, bfloat16, int8, float8_e4m3fn, int4.
         device: any torch device string, e.g. "cpu", "cuda:0" (ValueError for CUDA where
             torch sees no CUDA device).
         sink_positions: the first positions ever appended, kept forever (0 <= s < max_positions).
@@ -211,7 +215,7 @@ class StreamingKVCache:
         return (
             f"StreamingKVCache(num_layers={self.num_layers}, max_positions={self.max_positions}, "
             f"num_heads={self.num_heads}, head_dim={self.head_dim}, "
-            f"num_kv_heads={self.num_kv_heads}, dtype={str(self.dtype)[6:]!r}, "
+            f"num_kv_heads={self.num_kv_heads}, dtype={storage_name(self.dtype)!r}, "
             f"device={str(self.device)!r}, sink_positions={self.sink_positions}, "
             f"out_dtype={str(self.out_dtype)[6:]!r}; {len(self)} valid)"
         )
@@ -492,7 +496,8 @@ class StreamingKVCache:
         given to the cache, random normal inputs, measured over a batch of outputs:
         float32 1e-5, float16 2e-3, bfloat16 2e-3 (its own output rounding, 2^-8 relative per
         element, is most of that: one tiny output may exceed it), int8 2e-2, float8_e4m3fn
-        8e-2 (measured on CPU at head_dim 128: about 2e-4, 1.7e-3, 1e-2 and 4e-2).
+        8e-2, int4 0.3 (measured on CPU at head_dim 128: about 2e-4, 1.7e-3, 1e-2, 4e-2 and
+        0.13: 15 levels per group of 32 values).
         """
         layer = self._check_layer(layer)
         self._check_tensor(query, "query", {"num_heads": self.num_heads, "head_dim": self.head_dim})

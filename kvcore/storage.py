@@ -1,4 +1,5 @@
-"""The KV cache's storage: its formats (dtype names, 8-bit quantization with per-row scales)
+"""The KV cache's storage: its formats (dtype names, 8-bit quantization with per-row scales,
+4-bit with per-group scales)
 and `KVStorage`, the preallocated tensors with their writes and reads.
 
 Two parts, one concept (where and how the cache's bytes live):
@@ -11,12 +12,32 @@ Two parts, one concept (where and how the cache's bytes live):
   lives where is the ring bookkeeping's job (kvcore/ring.py, kvcore/slots.py).
 
 Formats (`dtype` strings the cache accepts):
-- float32, float16, bfloat16: stored as given; the key/value passed in must already have
-  that dtype and reads return it unchanged (no error beyond what the caller stored).
+- float32, float16, bfloat16: stored as given, non-finite values included (inf and NaN are
+  stored and read back as they are); the key/value passed in must already have that dtype and
+  reads return it unchanged (no error beyond what the caller stored).
 - int8, float8_e4m3fn: each (position, KV head) row of `head_dim` values x is stored as
   q = x / scale with scale = amax(|x|) / qmax (qmax 127 for int8, 448 for float8_e4m3fn), one
   float32 scale per row, so one outlier only coarsens its own row. Dequantized value
   x_hat = q.to(float32) * scale, then cast to the read dtype (`out_dtype`).
+- int4: two values per byte (element 2j in the low nibble of byte j, 2j + 1 in the high one,
+  each stored as q + 8 with q in [-7, 7]; an odd head_dim leaves the last high nibble unused),
+  one float32 scale per group of INT4_GROUP = 32 consecutive values along head_dim:
+  scale = amax(|x| over the group) / 7. Store [..., ceil(head_dim / 2)] uint8 (the container
+  dtype: `STORAGE_DTYPES["int4"]` is torch.uint8), scales [..., ceil(head_dim / 32)] float32.
+  Why groups of 32 along head_dim: with 15 levels a per-row scale lets one outlier of a
+  128-value row flatten the other 127 to a handful of levels; 32 confines it to a quarter of
+  the row (the group size of GGML's Q4_0 and of most 4-bit KV caches), and 32 divides the
+  usual head dims (64, 128, 256). Scales stay float32 (as for 8-bit: no overflow for float32
+  inputs, the same floor), 4 bytes per 32 values: a 128-wide row is 64 + 16 = 80 bytes, 3.2x
+  fewer than float16 (groups of 64 would give 72 bytes, 3.6x, at twice the outlier reach).
+
+Non-finite input (the same rule in this torch path and in the fused Triton write of
+kvcore/triton_store.py; no host sync, no exception, so CUDA graphs can capture it): the scale
+comes from the finite values of the row (group) only, so they keep their precision; +inf and
+-inf saturate to +-qmax (the largest magnitude the row can represent, +-amax after
+dequantization); NaN stays NaN in float8_e4m3fn (it has a NaN code) and is stored as 0 in int8
+and int4 (they have none). A row with no finite value gets the floor scale (all its finite
+values are then 0).
 
 Error bounds per element (tests check them exactly), with scale = max(amax / qmax, tiny),
 tiny = 2^-126 (smallest normal float32), and r_out = out_dtype rounding of the float32 result:
@@ -24,16 +45,17 @@ u_out * |x_hat| plus half the smallest subnormal of out_dtype (u_out = 2^-24 flo
 2^-11 float16, 2^-8 bfloat16):
 - int8:          |x - x_hat| <= scale / 2 + r_out            (= amax/254 for normal rows:
                  rounding to the nearest integer loses half a step of amax/127).
+- int4:          |x - x_hat| <= scale_g / 2 + r_out          (= amax_g/14 with the group's amax).
 - float8_e4m3fn: |x - x_hat| <= max(|x| * 2^-4, scale * 2^-10) + r_out   (3 mantissa bits:
                  relative 2^-4 for normal values; below 2^-6 * scale the subnormal spacing
                  2^-9 * scale gives an absolute floor).
-  Both also carry float32 rounding of amax / qmax, x / scale and q * scale (relative 2^-24
+  All also carry float32 rounding of amax / qmax, x / scale and q * scale (relative 2^-24
   each; the tests allow 2^-20 * (scale + |x|) for them).
 - An all-zero row gets scale = tiny and q = 0: no division by zero, no NaN.
 
 Key decisions: scales are float32 (a float16 scale would add its own 2^-11 error and could
-underflow for small rows); rounding is round-half-to-even via torch.round for int8 and the
-cast's round-to-nearest for float8. `quantize_into` writes straight into the cache's store
+underflow for small rows); rounding is round-half-to-even via torch.round for int8 and int4 and
+the cast's round-to-nearest for float8. `quantize_into` writes straight into the cache's store
 (amax, divide, [round,] cast-copy: about four passes over the row data): the CPU path and the
 reference; on CUDA the storage uses the fused kernel of kvcore/triton_store.py, which stores
 the same bits in one pass (`KVStorage.fused`).
@@ -43,6 +65,7 @@ Run the tests: `python -m pytest tests/kvcore/test_storage.py -q`.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -57,11 +80,14 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 QUANTIZED_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
     "float8_e4m3fn": torch.float8_e4m3fn,
+    "int4": torch.uint8,  # the container: two 4-bit values per byte
 }
+INT4 = torch.uint8
+INT4_GROUP = 32  # values per int4 scale, along head_dim
 STORAGE_DTYPES: dict[str, torch.dtype] = {**FLOAT_DTYPES, **QUANTIZED_DTYPES}
 
 # Largest magnitude each quantized format stores: the scale maps a row's amax onto it.
-QMAX: dict[torch.dtype, float] = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+QMAX: dict[torch.dtype, float] = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0, INT4: 7.0}
 # Floor of every scale: the smallest normal float32, so x / scale never divides by zero.
 SCALE_FLOOR: float = torch.finfo(torch.float32).tiny
 
@@ -77,35 +103,100 @@ def is_quantized(dtype: torch.dtype) -> bool:
     return dtype in QMAX
 
 
-def quantize_into(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
-    """Quantize x [..., head_dim] (floating) into out [..., head_dim] (int8 or float8_e4m3fn,
-    e.g. a slice of the cache's store) and out_scale [...] float32, in few passes over x.
+def storage_name(dtype: torch.dtype) -> str:
+    """The name of a storage dtype ("int4" for its uint8 container)."""
+    return next(name for name, d in STORAGE_DTYPES.items() if d == dtype)
 
-    scale = max(amax / qmax, SCALE_FLOOR). No clamp is needed: |x| / scale <= qmax up to one
-    float32 rounding, which rounds back to qmax (int8) or to 448 (float8, whose cast only
-    overflows from 464).
+
+def packed_dim(dtype: torch.dtype, head_dim: int) -> int:
+    """Elements of the store per (position, head) row: ceil(head_dim / 2) bytes for int4."""
+    return (head_dim + 1) // 2 if dtype == INT4 else head_dim
+
+
+def scale_shape(dtype: torch.dtype, head_dim: int) -> tuple[int, ...]:
+    """Trailing shape of the scales per (position, head) row: () for 8-bit (one scale),
+    (ceil(head_dim / INT4_GROUP),) for int4; float storage has no scales."""
+    return (math.ceil(head_dim / INT4_GROUP),) if dtype == INT4 else ()
+
+
+def row_bytes(name: str, head_dim: int) -> int:
+    """Bytes one (position, KV head) row of K or V takes in storage `name`, scales included:
+    what the cache allocates per row (`StreamingKVCache.memory_bytes()` = 2 x L x P x Hkv x
+    this), and what capacity arithmetic counts."""
+    dtype = parse_dtype(name, STORAGE_DTYPES, "dtype")
+    data = packed_dim(dtype, head_dim) * dtype.itemsize
+    if not is_quantized(dtype):
+        return data
+    return data + 4 * math.prod(scale_shape(dtype, head_dim))
+
+
+def _finite_amax(x: torch.Tensor) -> torch.Tensor:
+    """amax of |x| over the last axis, non-finite values left out, as float32."""
+    xa = x.abs().to(torch.float32)
+    return torch.where(xa < math.inf, xa, 0.0).amax(dim=-1)  # NaN < inf is False
+
+
+def quantize_into(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    """Quantize x [..., head_dim] (floating) into out (int8 or float8_e4m3fn [..., head_dim],
+    or int4's uint8 [..., ceil(head_dim / 2)], e.g. a slice of the cache's store) and
+    out_scale ([...] float32, or [..., ceil(head_dim / 32)] for int4), in few passes over x.
+
+    scale = max(amax / qmax, SCALE_FLOOR), amax over the finite values. Finite values need no
+    clamp: |x| / scale <= qmax up to one float32 rounding, which rounds back to qmax (int8,
+    int4) or to 448 (float8, whose cast only overflows from 464); +-inf and NaN follow the
+    module docstring's rule.
     """
+    if out.dtype == INT4:
+        _quantize_int4_into(x, out, out_scale)
+        return
     qmax = QMAX[out.dtype]
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, dtype=torch.float32)  # [...]
-    scale = (amax / qmax).clamp_min_(SCALE_FLOOR)
+    scale = (_finite_amax(x) / qmax).clamp_min_(SCALE_FLOOR)  # [...]
     y = torch.div(x, scale.unsqueeze(-1))  # [..., head_dim] float32 (type promotion)
     if out.dtype == torch.int8:
+        y = torch.nan_to_num_(y, nan=0.0, posinf=qmax, neginf=-qmax)
         y.round_()  # the int8 cast truncates: round to nearest (half to even) first
+    else:
+        y.clamp_(-qmax, qmax)  # +-inf to +-448; NaN stays NaN (the cast keeps it)
     out.copy_(y)
     out_scale.copy_(scale)
 
 
+def _quantize_int4_into(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    head_dim = x.shape[-1]
+    groups = math.ceil(head_dim / INT4_GROUP)
+    padded = torch.zeros((*x.shape[:-1], groups * INT4_GROUP), dtype=torch.float32, device=x.device)
+    padded[..., :head_dim] = x
+    g = padded.view(*x.shape[:-1], groups, INT4_GROUP)  # [..., G, 32]
+    scale = (_finite_amax(g) / 7.0).clamp_min_(SCALE_FLOOR)  # [..., G]
+    y = torch.nan_to_num_(g / scale.unsqueeze(-1), nan=0.0, posinf=7.0, neginf=-7.0)
+    y = y.round_().add_(8.0).view(*x.shape[:-1], groups * INT4_GROUP)
+    y = y[..., : 2 * out.shape[-1]].to(torch.uint8)  # nibbles q + 8 in [1, 15]
+    out.copy_(y[..., 0::2] | (y[..., 1::2] << 4))
+    out_scale.copy_(scale)
+
+
 def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize x [..., head_dim] to new tensors (q [..., head_dim] of dtype, scale [...] float32)."""
-    q = torch.empty(x.shape, dtype=dtype, device=x.device)
-    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    """Quantize x [..., head_dim] to new tensors (q, scale) of the shapes quantize_into writes."""
+    head_dim = x.shape[-1]
+    q = torch.empty((*x.shape[:-1], packed_dim(dtype, head_dim)), dtype=dtype, device=x.device)
+    scale = torch.empty((*x.shape[:-1], *scale_shape(dtype, head_dim)), dtype=torch.float32,
+                        device=x.device)
     quantize_into(x, q, scale)
     return q, scale
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """q [..., head_dim] with scale [...] float32 -> values [..., head_dim] of out_dtype (a copy)."""
-    return (q.to(torch.float32) * scale.unsqueeze(-1)).to(out_dtype)
+def dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
+               head_dim: int | None = None) -> torch.Tensor:
+    """q [..., head_dim] with scale [...] float32 (int4: q [..., ceil(head_dim / 2)] uint8,
+    scale [..., groups]) -> values [..., head_dim] of out_dtype (a copy). `head_dim` is only
+    needed for int4 with an odd head_dim (default: two values per byte)."""
+    if q.dtype != INT4:
+        return (q.to(torch.float32) * scale.unsqueeze(-1)).to(out_dtype)
+    head_dim = 2 * q.shape[-1] if head_dim is None else head_dim
+    nibbles = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)  # [..., 2B]: elements in order
+    values = nibbles[..., :head_dim].to(torch.float32) - 8.0
+    per_value = scale.repeat_interleave(INT4_GROUP, dim=-1)[..., :head_dim]
+    return (values * per_value).to(out_dtype)
 
 
 def store_layout(
@@ -113,13 +204,13 @@ def store_layout(
 ) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...] | None]:
     """Allocation of a storage format: (store shape, store dtype, scale shape or None).
 
-    The store holds K and V as halves [2, L, P, Hkv, D]; quantized formats add float32 scales
-    [2, L, P, Hkv] (one per row). A packed format (several values per byte) changes the last
-    axis here and its quantize/dequantize above, and nowhere else in the storage.
+    The store holds K and V as halves [2, L, P, Hkv, D]; 8-bit formats add float32 scales
+    [2, L, P, Hkv] (one per row); int4 packs the last axis to ceil(D / 2) bytes and has
+    scales [2, L, P, Hkv, ceil(D / 32)] (one per group of 32 values).
     """
     L, P, H, D = num_layers, max_positions, num_kv_heads, head_dim
-    scales = (2, L, P, H) if is_quantized(dtype) else None
-    return (2, L, P, H, D), dtype, scales
+    scales = (2, L, P, H, *scale_shape(dtype, D)) if is_quantized(dtype) else None
+    return (2, L, P, H, packed_dim(dtype, D)), dtype, scales
 
 
 def triton_kernels_usable(device: torch.device) -> bool:
@@ -142,8 +233,8 @@ class KVStorage:
     along slots (see the module docstring). The caller validated shapes, dtypes and devices.
 
     Attributes: `kv` [2, L, P, Hkv, D] (storage dtype) with its halves `k_store`, `v_store`
-    [L, P, Hkv, D]; `kv_scale` [2, L, P, Hkv] float32 with halves `k_scale`, `v_scale` for
-    quantized formats, else None; `dtype`, `out_dtype` (what writes take and reads return),
+    [L, P, Hkv, D] (int4: [.., ceil(D / 2)] uint8); `kv_scale` [2, L, P, Hkv] float32 (int4:
+    [.., ceil(D / 32)]) with halves `k_scale`, `v_scale` for quantized formats, else None; `dtype`, `out_dtype` (what writes take and reads return),
     `device`; `fused` (bool, settable): use the Triton kernels of kvcore/triton_store.py for
     writes and 8-bit reads (default: where they can run); False gives the torch paths.
     """
@@ -164,7 +255,7 @@ class KVStorage:
         if scale_shape is not None:
             self.kv_scale = alloc(scale_shape, dtype=torch.float32, device=device)
             self.k_scale, self.v_scale = self.kv_scale.unbind(0)  # [L, P, Hkv] each
-        self.dtype, self.out_dtype = dtype, out_dtype
+        self.dtype, self.out_dtype, self.head_dim = dtype, out_dtype, head_dim
         self.device = self.kv.device  # resolved: "cuda" becomes "cuda:0"
         self.max_positions = max_positions
         self.fused = triton_kernels_usable(self.device)
@@ -254,13 +345,14 @@ class KVStorage:
             return k, v
         k_scale = _gather(self.k_scale[layer], runs)
         v_scale = _gather(self.v_scale[layer], runs)
-        return dequantize(k, k_scale, self.out_dtype), dequantize(v, v_scale, self.out_dtype)
+        return (dequantize(k, k_scale, self.out_dtype, self.head_dim),
+                dequantize(v, v_scale, self.out_dtype, self.head_dim))
 
     def _dequantized_runs(self, layer: int, runs: list[tuple[int, int]],
                           n: int) -> tuple[torch.Tensor, torch.Tensor]:
         from kvcore.triton_store import load_dequantized
 
-        shape = self.k_store.shape[2:]
+        shape = (self.k_store.shape[2], self.head_dim)  # [Hkv, D] (int4 stores D / 2 bytes)
         out_k = torch.empty((n, *shape), dtype=self.out_dtype, device=self.device)
         out_v = torch.empty_like(out_k)
         offset = 0

@@ -9,7 +9,9 @@ Measurements and the reasoning behind the defaults: docs/kernel-notes.md.
 decode step, softmax(q k^T * sm_scale) v over the valid prefix [0, n_valid) of one layer of
 the cache store (layout in kvcore/cache.py: [max_positions, num_kv_heads, head_dim] per layer,
 float32, float16, bfloat16, int8 or float8_e4m3fn, with float32 [max_positions, num_kv_heads]
-scales for the quantized ones). Query head h attends with KV head h // (H / Hkv).
+scales for the 8-bit ones; int4: [max_positions, num_kv_heads, ceil(head_dim / 2)] uint8 with
+float32 [max_positions, num_kv_heads, ceil(head_dim / 32)] scales, kvcore/storage.py). Query
+head h attends with KV head h // (H / Hkv).
 
 Key decisions:
 - Flash-decoding: the grid is (KV heads, splits). Each program reads one contiguous chunk of
@@ -33,6 +35,19 @@ Key decisions:
     weights) are split into a high and a low 16-bit part, two products each, so the result
     keeps about 16 to 22 bits instead of a 16-bit operand's 8 to 11. float32 storage uses
     input_precision="ieee" (no tf32).
+- int4: the even and odd elements of each row are two planes of ceil(D / 2) columns (the
+  query, the accumulators and the output too), dequantized in registers with the group's
+  scale per element (a group's scale cannot be moved onto the score as a row's can). MHA runs
+  the elementwise rows in float32; GQA the hi/lo float16 dots, four per tile for K and V each,
+  whose float16 rounding of the dequantized values (2^-11 relative; below ~6e-5 float16 is
+  subnormal) is far below int4's own step.
+- The autotuner (`_autotuned`, on by default; KVCORE_AUTOTUNE=0 turns it off) times the few
+  `tuning_candidates` of a (dtype, group, head_dim, KV heads, capacity) key on its first call
+  outside a CUDA graph capture and keeps the fastest; explicit `config` wins. Lazy rescaling
+  (`lazy_rescale`, one of the candidates) rescales the rows path's accumulators only when a
+  row's max grows by more than 2^8, skipping one multiply per accumulator element per tile.
+- Index arithmetic in int64 wherever a slot is multiplied by a stride (a layer of 1M positions
+  x 32 KV heads x 128 holds 2^32 elements).
 - `n_valid` may be a Python int or a 0-d int32/int64 tensor on the device, read inside the
   kernel (clamped to [0, max_positions]), so a CUDA graph can capture a decode step while the
   position count lives on the GPU. With a tensor the split count follows max_positions, and a
@@ -54,8 +69,10 @@ from typing import NamedTuple
 
 import torch
 
-STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn)
-QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
+INT4 = torch.uint8  # int4 storage: two values per byte (kvcore/storage.py)
+INT4_GROUP = 32  # values per int4 scale (kvcore.storage.INT4_GROUP; a test checks they agree)
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn, INT4)
+QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn, INT4)
 QUERY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _MIN_TILES = 4  # fewest BLOCK_N tiles a split should hold
@@ -74,6 +91,7 @@ class KernelConfig(NamedTuple):
     fp32_precision: str = "ieee"  # tl.dot input_precision for float32 storage: "ieee" or "tf32x3"
     fast_convert: bool = True  # int8 -> float by an integer add and a float subtraction, not a cvt
     prefetch: bool = True  # elementwise path: load the next tile before computing this one
+    lazy_rescale: bool = False  # elementwise path: rescale the accumulators only when a max grows by > 2^8
 
 
 def _interpreting() -> bool:
@@ -134,6 +152,89 @@ def default_config(storage_dtype: torch.dtype, group: int) -> KernelConfig:
     return KernelConfig(block_n=64, num_warps=4, num_stages=3, use_dot=True)
 
 
+def tuning_candidates(storage_dtype: torch.dtype, group: int) -> list[KernelConfig]:
+    """The few configs the autotuner times for a storage dtype and group size, the default
+    first (block size, warps, stages, waves of splits, and for MHA both inner loops)."""
+    K = KernelConfig
+    if group == 1:
+        if storage_dtype == INT4:
+            found = [K(16, 4, 1, False), K(32, 4, 1, False), K(16, 4, 1, False, waves=2), K(64, 4, 3, True)]
+        elif storage_dtype in QUANTIZED_DTYPES:
+            found = [K(16, 4, 1, False), K(16, 4, 1, False, lazy_rescale=True),
+                     K(32, 4, 1, False, lazy_rescale=True), K(64, 4, 3, True)]
+        elif storage_dtype == torch.float32:
+            found = [K(16, 4, 1, False), K(32, 4, 1, False, waves=2)]
+        else:
+            found = [K(64, 4, 1, False, lazy_rescale=True), K(32, 4, 1, False), K(64, 4, 1, False, waves=2)]
+    elif storage_dtype == torch.float32:
+        found = [K(32, 4, 2, True), K(32, 8, 3, True, waves=2)]
+    elif storage_dtype in QUANTIZED_DTYPES:
+        # num_stages=1: no cp.async of the raw bytes into shared memory; the tile is widened to
+        # float16 in registers first, so the dot reads 16-bit operands (ldmatrix) instead of
+        # one byte per load (the 8-bit dot's cost in v2)
+        found = [K(128, 4, 1, True), K(64, 8, 1, True), K(64, 4, 3, True, waves=2), K(128, 4, 4, True, waves=2)]
+    else:
+        found = [K(128, 4, 3, True), K(64, 4, 4, True), K(64, 4, 3, True, waves=2), K(128, 4, 4, True, waves=2)]
+    default = default_config(storage_dtype, group)
+    return [default] + [c for c in found if c != default]
+
+
+_TUNED: dict = {}  # (device, storage, query dtype, group, head_dim, KV heads, capacity bucket) -> config
+_TUNE_REPS = 5
+
+
+def autotune_enabled() -> bool:
+    """The autotuner runs unless KVCORE_AUTOTUNE=0 (then default_config is used)."""
+    return os.environ.get("KVCORE_AUTOTUNE", "1") != "0"
+
+
+def tuned_configs() -> dict[str, dict]:
+    """What the autotuner picked so far, as plain values (for benchmark records)."""
+    return {f"{_dtype_name(k[1])} g{k[3]} d{k[4]} hkv{k[5]} cap<={k[6]}": c._asdict()
+            for k, c in _TUNED.items()}
+
+
+def _autotuned(query, k_layer, v_layer, k_scale, v_scale, sm_scale, out_dtype) -> KernelConfig:
+    """The fastest of `tuning_candidates` for this shape, timed once per key on the device.
+
+    Why not `triton.autotune`: the split count is a host choice (the grid, the partial-result
+    buffers and the merge kernel all follow it) that must come with the config, and tuning
+    must never run inside a CUDA graph capture. So this times each candidate (config and the
+    split count it implies), a few launches over every slot of the layer (the steady state of
+    a full cache), on the first call of a key outside a capture, and caches the winner.
+    Inside a capture, on the CPU, or with KVCORE_AUTOTUNE=0, the default config is used."""
+    capacity, num_kv_heads, _ = k_layer.shape
+    num_heads, head_dim = query.shape
+    group = num_heads // num_kv_heads
+    device = query.device
+    key = (device, k_layer.dtype, query.dtype, group, head_dim, num_kv_heads, _next_pow2(capacity))
+    if key in _TUNED:
+        return _TUNED[key]
+    default = default_config(k_layer.dtype, group)
+    if device.type != "cuda" or not autotune_enabled() or torch.cuda.is_current_stream_capturing():
+        return default
+    out = torch.empty((num_heads, head_dim), dtype=out_dtype or query.dtype, device=device)
+    timings = []
+    for cfg in tuning_candidates(k_layer.dtype, group):
+        def run(cfg=cfg):
+            _launch(query, k_layer, v_layer, k_scale, v_scale, capacity, sm_scale, out_dtype, out, None, cfg)
+
+        try:
+            run()  # compiles
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(_TUNE_REPS):
+                run()
+            end.record()
+            end.synchronize()
+            timings.append((start.elapsed_time(end), cfg))
+        except Exception:  # a candidate that does not compile here (e.g. shared memory)
+            continue
+    _TUNED[key] = min(timings, key=lambda t: t[0])[1] if timings else default
+    return _TUNED[key]
+
+
 def choose_splits(n_max: int, num_kv_heads: int, block_n: int, slots: int) -> int:
     """Splits per KV head so that KV heads x splits fills, without going over, the `slots`
     programs the GPU runs at once (a partial second wave would leave most SMs idle at the end),
@@ -169,7 +270,7 @@ def _resident_programs(key, kernel, make_args, kwargs) -> int:
 @cache
 def _kernels():
     """Compile-on-demand Triton kernels; triton is imported here, never at module import."""
-    global triton, tl, _widen, _load_rows  # the kernels below look these names up in the module's globals
+    global triton, tl, _widen, _load_rows, _int4_tile, _int4_split  # the kernels below look these names up in the module's globals
     import triton
     import triton.language as tl
 
@@ -200,15 +301,126 @@ def _kernels():
         """K and V tiles [BLOCK_N, D_PAD] of slots `offs` (masked past `hi`), and their scales [BLOCK_N]."""
         n_mask = offs < hi
         tile_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs[:, None] * stride_kn + d[None, :], mask=tile_mask, other=0.0)
-        v = tl.load(v_base + offs[:, None] * stride_vn + d[None, :], mask=tile_mask, other=0.0)
+        o64 = offs.to(tl.int64)  # slot x stride passes 2^31 in long layers
+        k = tl.load(k_base + o64[:, None] * stride_kn + d[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(v_base + o64[:, None] * stride_vn + d[None, :], mask=tile_mask, other=0.0)
         if QUANTIZED:
-            k_scale = tl.load(ks_base + offs * stride_ksn, mask=n_mask, other=0.0)
-            v_scale = tl.load(vs_base + offs * stride_vsn, mask=n_mask, other=0.0)
+            k_scale = tl.load(ks_base + o64 * stride_ksn, mask=n_mask, other=0.0)
+            v_scale = tl.load(vs_base + o64 * stride_vsn, mask=n_mask, other=0.0)
         else:
             k_scale = 1.0
             v_scale = 1.0
         return k, v, k_scale, v_scale
+
+    @triton.jit
+    def _int4_tile(base, scale_base, o64, n_mask, j, stride_n, stride_sn, HEAD_DIM: tl.constexpr):
+        """An int4 tile of slots o64: its even and odd elements [BLOCK_N, HALF_PAD] as float32,
+        dequantized (byte j holds elements 2j and 2j + 1, both scaled by group j // 16)."""
+        m = n_mask[:, None] & (2 * j < HEAD_DIM)[None, :]
+        b = tl.load(base + o64[:, None] * stride_n + j[None, :], mask=m, other=8).to(tl.int32)
+        sc = tl.load(scale_base + o64[:, None] * stride_sn + (j // 16)[None, :], mask=m, other=0.0)
+        return ((b & 15) - 8).to(tl.float32) * sc, ((b >> 4) - 8).to(tl.float32) * sc
+
+    @triton.jit
+    def _int4_split(q_ptr, k_base, v_base, ks_base, vs_base, mid_o_ptr, mid_lse_ptr, kv_head, split, lo, hi,
+                    qk_scale, num_splits, stride_qh, stride_kn, stride_vn, stride_ksn, stride_vsn,
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HALF_PAD: tl.constexpr, GROUPS: tl.constexpr, USE_DOT: tl.constexpr,
+                    OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        """One split of one KV head over int4 storage: the even and odd elements of every row
+        are two [., HALF_PAD] planes (the query's and the output's too), dequantized per
+        element with the group's scale in registers. USE_DOT: the G query heads (padded to 16)
+        against the tile on the tensor cores, float32 operands split into high and low float16
+        parts; else one query head, elementwise (float32 throughout)."""
+        j = tl.arange(0, HALF_PAD)
+        e_mask = 2 * j < HEAD_DIM
+        o_mask = 2 * j + 1 < HEAD_DIM
+        rows = tl.arange(0, BLOCK_N)
+        neg_inf = float("-inf")
+        if USE_DOT:
+            g = tl.arange(0, GROUP_PAD)
+            g_mask = g < GROUP
+            heads = kv_head * GROUP + g  # [GROUP_PAD]
+            qb = q_ptr + heads[:, None] * stride_qh + 2 * j[None, :]
+            q_e = tl.load(qb, mask=g_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32) * qk_scale
+            q_o = tl.load(qb + 1, mask=g_mask[:, None] & o_mask[None, :], other=0.0).to(tl.float32) * qk_scale
+            qe_hi = q_e.to(OP_DTYPE)
+            qe_lo = (q_e - qe_hi.to(tl.float32)).to(OP_DTYPE)
+            qo_hi = q_o.to(OP_DTYPE)
+            qo_lo = (q_o - qo_hi.to(tl.float32)).to(OP_DTYPE)
+            m_i = tl.full([GROUP_PAD], neg_inf, tl.float32)
+            l_i = tl.zeros([GROUP_PAD], tl.float32)
+            acc_e = tl.zeros([GROUP_PAD, HALF_PAD], tl.float32)
+            acc_o = tl.zeros([GROUP_PAD, HALF_PAD], tl.float32)
+            for start in range(lo, hi, BLOCK_N):
+                offs = start + rows
+                n_mask = offs < hi
+                o64 = offs.to(tl.int64)
+                k_e, k_o = _int4_tile(k_base, ks_base, o64, n_mask, j, stride_kn, stride_ksn, HEAD_DIM)
+                ke = tl.trans(k_e.to(OP_DTYPE).to(DOT_DTYPE))  # [HALF_PAD, BLOCK_N]
+                ko = tl.trans(k_o.to(OP_DTYPE).to(DOT_DTYPE))
+                s = tl.dot(qe_hi.to(DOT_DTYPE), ke)
+                s = tl.dot(qe_lo.to(DOT_DTYPE), ke, s)
+                s = tl.dot(qo_hi.to(DOT_DTYPE), ko, s)
+                s = tl.dot(qo_lo.to(DOT_DTYPE), ko, s)  # [GROUP_PAD, BLOCK_N]
+                s = tl.where(n_mask[None, :], s, neg_inf)
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v_e, v_o = _int4_tile(v_base, vs_base, o64, n_mask, j, stride_vn, stride_vsn, HEAD_DIM)
+                ve = v_e.to(OP_DTYPE).to(DOT_DTYPE)
+                vo = v_o.to(OP_DTYPE).to(DOT_DTYPE)
+                p_hi = p.to(OP_DTYPE)
+                p_lo = (p - p_hi.to(tl.float32)).to(OP_DTYPE)
+                acc_e = tl.dot(p_hi.to(DOT_DTYPE), ve, acc_e * alpha[:, None])
+                acc_e = tl.dot(p_lo.to(DOT_DTYPE), ve, acc_e)
+                acc_o = tl.dot(p_hi.to(DOT_DTYPE), vo, acc_o * alpha[:, None])
+                acc_o = tl.dot(p_lo.to(DOT_DTYPE), vo, acc_o)
+                m_i = m_new
+            l_use = tl.where(l_i > 0, l_i, 1.0)
+            lse = m_i + tl.log2(l_i)  # -inf for an empty split
+            part = (heads * num_splits + split).to(tl.int64)  # [GROUP_PAD]
+            ob = mid_o_ptr + part[:, None] * HEAD_DIM + 2 * j[None, :]
+            tl.store(ob, acc_e / l_use[:, None], mask=g_mask[:, None] & e_mask[None, :])
+            tl.store(ob + 1, acc_o / l_use[:, None], mask=g_mask[:, None] & o_mask[None, :])
+            tl.store(mid_lse_ptr + part, lse, mask=g_mask)
+        else:
+            qb = q_ptr + kv_head * stride_qh + 2 * j
+            q_e = tl.load(qb, mask=e_mask, other=0.0).to(tl.float32) * qk_scale
+            q_o = tl.load(qb + 1, mask=o_mask, other=0.0).to(tl.float32) * qk_scale
+            # BLOCK_N independent softmax streams, one per tile row (as the 8/16/32-bit rows path)
+            m_i = tl.full([BLOCK_N], neg_inf, tl.float32)
+            l_i = tl.zeros([BLOCK_N], tl.float32)
+            acc_e = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
+            acc_o = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
+            for start in range(lo, hi, BLOCK_N):
+                offs = start + rows
+                n_mask = offs < hi
+                o64 = offs.to(tl.int64)
+                k_e, k_o = _int4_tile(k_base, ks_base, o64, n_mask, j, stride_kn, stride_ksn, HEAD_DIM)
+                v_e, v_o = _int4_tile(v_base, vs_base, o64, n_mask, j, stride_vn, stride_vsn, HEAD_DIM)
+                s = tl.sum(k_e * q_e[None, :] + k_o * q_o[None, :], axis=1)  # [BLOCK_N]
+                s = tl.where(n_mask, s, neg_inf)
+                m_new = tl.maximum(m_i, s)
+                m_use = tl.where(m_new == neg_inf, 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                p = tl.exp2(s - m_use)
+                l_i = l_i * alpha + p
+                acc_e = acc_e * alpha[:, None] + p[:, None] * v_e
+                acc_o = acc_o * alpha[:, None] + p[:, None] * v_o
+                m_i = m_new
+            m_max = tl.max(m_i, axis=0)
+            m_use = tl.where(m_max == neg_inf, 0.0, m_max)
+            w = tl.exp2(m_i - m_use)
+            l_sum = tl.sum(l_i * w, axis=0)
+            l_use = tl.where(l_sum > 0, l_sum, 1.0)
+            lse = m_use + tl.log2(l_sum)
+            part = kv_head * num_splits + split
+            ob = mid_o_ptr + part * HEAD_DIM + 2 * j
+            tl.store(ob, tl.sum(acc_e * w[:, None], axis=0) / l_use, mask=e_mask)
+            tl.store(ob + 1, tl.sum(acc_o * w[:, None], axis=0) / l_use, mask=o_mask)
+            tl.store(mid_lse_ptr + part, lse)
 
     @triton.jit(do_not_specialize=["n_arg", "capacity", "num_splits"])
     def decode_split_kernel(
@@ -222,8 +434,9 @@ def _kernels():
         QUANTIZED: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
         SPLIT_OPERANDS: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         FP32_PRECISION: tl.constexpr, FAST_INT8: tl.constexpr, PREFETCH: tl.constexpr,
+        IS_INT4: tl.constexpr, HALF_PAD: tl.constexpr, GROUPS: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     ):
-        kv_head = tl.program_id(0)
+        kv_head = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         if N_ON_DEVICE:
             n = tl.load(n_arg).to(tl.int32)
@@ -242,7 +455,12 @@ def _kernels():
         v_base = v_ptr + kv_head * stride_vh
         neg_inf = float("-inf")
 
-        if USE_DOT:
+        if IS_INT4:
+            _int4_split(q_ptr, k_base, v_base, ks_ptr + kv_head * stride_ksh, vs_ptr + kv_head * stride_vsh,
+                        mid_o_ptr, mid_lse_ptr, kv_head, split, lo, hi, qk_scale, num_splits,
+                        stride_qh, stride_kn, stride_vn, stride_ksn, stride_vsn,
+                        GROUP, GROUP_PAD, HEAD_DIM, BLOCK_N, HALF_PAD, GROUPS, USE_DOT, OP_DTYPE, DOT_DTYPE)
+        elif USE_DOT:
             g = tl.arange(0, GROUP_PAD)
             g_mask = g < GROUP
             heads = kv_head * GROUP + g  # [GROUP_PAD]
@@ -258,7 +476,8 @@ def _kernels():
                 offs = start + rows  # [BLOCK_N] slots
                 n_mask = offs < hi
                 tile_mask = n_mask[:, None] & d_mask[None, :]
-                k = tl.load(k_base + offs[:, None] * stride_kn + d[None, :], mask=tile_mask, other=0.0)
+                o64 = offs.to(tl.int64)  # slot x stride passes 2^31 in long layers
+                k = tl.load(k_base + o64[:, None] * stride_kn + d[None, :], mask=tile_mask, other=0.0)
                 if SPLIT_OPERANDS:
                     kt = tl.trans(_widen(k, FAST_INT8, False, OP_DTYPE).to(DOT_DTYPE))  # [D_PAD, BLOCK_N]
                     s = tl.dot(q_hi.to(DOT_DTYPE), kt)
@@ -266,7 +485,7 @@ def _kernels():
                 else:
                     s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=FP32_PRECISION)
                 if QUANTIZED:
-                    k_scale = tl.load(ks_ptr + offs * stride_ksn + kv_head * stride_ksh, mask=n_mask, other=0.0)
+                    k_scale = tl.load(ks_ptr + o64 * stride_ksn + kv_head * stride_ksh, mask=n_mask, other=0.0)
                     s = s * k_scale[None, :]
                 s = tl.where(n_mask[None, :], s, neg_inf)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: each tile has a valid slot
@@ -274,10 +493,10 @@ def _kernels():
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 if QUANTIZED:
-                    v_scale = tl.load(vs_ptr + offs * stride_vsn + kv_head * stride_vsh, mask=n_mask, other=0.0)
+                    v_scale = tl.load(vs_ptr + o64 * stride_vsn + kv_head * stride_vsh, mask=n_mask, other=0.0)
                     p = p * v_scale[None, :]
                 acc = acc * alpha[:, None]
-                v = tl.load(v_base + offs[:, None] * stride_vn + d[None, :], mask=tile_mask, other=0.0)
+                v = tl.load(v_base + o64[:, None] * stride_vn + d[None, :], mask=tile_mask, other=0.0)
                 if SPLIT_OPERANDS:
                     v_op = _widen(v, FAST_INT8, False, OP_DTYPE).to(DOT_DTYPE)
                     p_hi = p.to(OP_DTYPE)
@@ -320,15 +539,31 @@ def _kernels():
                 if QUANTIZED:
                     s = s * k_scale
                 s = tl.where(n_mask, s, neg_inf)
-                m_new = tl.maximum(m_i, s)
-                m_use = tl.where(m_new == neg_inf, 0.0, m_new)  # a row with no valid slot yet
-                alpha = tl.exp2(m_i - m_use)
-                p = tl.exp2(s - m_use)
-                l_i = l_i * alpha + p
-                if QUANTIZED:
-                    p = p * v_scale
-                acc = acc * alpha[:, None] + p[:, None] * _widen(v, FAST_INT8, True, tl.float32)
-                m_i = m_new
+                if LAZY_RESCALE:
+                    # Rescale only when some row's max grew by more than 2^8 (log2 units), so most
+                    # tiles skip the multiply of every accumulator element; p stays <= 256.
+                    grow = tl.max(tl.where(s == neg_inf, neg_inf, s - m_i), axis=0)
+                    if grow > 8.0:
+                        m_new = tl.maximum(m_i, s)
+                        alpha = tl.exp2(m_i - tl.where(m_new == neg_inf, 0.0, m_new))
+                        acc = acc * alpha[:, None]
+                        l_i = l_i * alpha
+                        m_i = m_new
+                    p = tl.exp2(s - tl.where(m_i == neg_inf, 0.0, m_i))
+                    l_i = l_i + p
+                    if QUANTIZED:
+                        p = p * v_scale
+                    acc = acc + p[:, None] * _widen(v, FAST_INT8, True, tl.float32)
+                else:
+                    m_new = tl.maximum(m_i, s)
+                    m_use = tl.where(m_new == neg_inf, 0.0, m_new)  # a row with no valid slot yet
+                    alpha = tl.exp2(m_i - m_use)
+                    p = tl.exp2(s - m_use)
+                    l_i = l_i * alpha + p
+                    if QUANTIZED:
+                        p = p * v_scale
+                    acc = acc * alpha[:, None] + p[:, None] * _widen(v, FAST_INT8, True, tl.float32)
+                    m_i = m_new
             m_max = tl.max(m_i, axis=0)
             m_use = tl.where(m_max == neg_inf, 0.0, m_max)
             w = tl.exp2(m_i - m_use)
@@ -380,23 +615,26 @@ def _check_inputs(query, k_layer, v_layer, k_scale, v_scale, n_valid, out_dtype)
     if k_layer.dtype != v_layer.dtype or k_layer.dtype not in STORAGE_DTYPES:
         raise ValueError(f"k/v storage dtype must be one of {STORAGE_DTYPES} and equal, "
                          f"got {k_layer.dtype} and {v_layer.dtype}")
-    capacity, num_kv_heads, head_dim = k_layer.shape
-    num_heads = query.shape[0]
-    if query.shape[1] != head_dim:
-        raise ValueError(f"query head_dim must equal the cache's {head_dim}, got {query.shape[1]}")
+    capacity, num_kv_heads, row = k_layer.shape
+    num_heads, head_dim = query.shape
+    int4 = k_layer.dtype == INT4
+    if row != ((head_dim + 1) // 2 if int4 else head_dim):
+        want = f"ceil(head_dim / 2) = {(head_dim + 1) // 2} bytes for int4" if int4 else f"{row}"
+        raise ValueError(f"query head_dim must match the cache's rows ({want}), got head_dim {head_dim} "
+                         f"and rows of {row}")
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if k_layer.stride(-1) != 1 or v_layer.stride(-1) != 1:
         raise ValueError("k_layer / v_layer must have a contiguous last (head_dim) axis, got strides "
                          f"{k_layer.stride()} and {v_layer.stride()}; pass slices of a contiguous store")
-    if capacity * k_layer.stride(0) >= 2**31 or capacity * v_layer.stride(0) >= 2**31:
-        raise ValueError(f"one layer must hold fewer than 2**31 elements, got {capacity} x {k_layer.stride(0)}")
     quantized = k_layer.dtype in QUANTIZED_DTYPES
     if quantized:
+        want = (capacity, num_kv_heads) + ((math.ceil(head_dim / INT4_GROUP),) if int4 else ())
         for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if scale is None or scale.dtype != torch.float32 or tuple(scale.shape) != (capacity, num_kv_heads):
+            if scale is None or scale.dtype != torch.float32 or tuple(scale.shape) != want \
+                    or (int4 and scale.stride(-1) != 1):
                 got = None if scale is None else (scale.dtype, tuple(scale.shape))
-                raise ValueError(f"{name} must be float32 [{capacity}, {num_kv_heads}] for {k_layer.dtype} "
+                raise ValueError(f"{name} must be float32 {list(want)} for {k_layer.dtype} "
                                  f"storage, got {got}; pass k_scale[layer], v_scale[layer]")
     elif k_scale is not None or v_scale is not None:
         raise ValueError(f"k_scale / v_scale must be None for {k_layer.dtype} storage, got tensors")
@@ -456,18 +694,18 @@ def plan_splits(query, k_layer, v_layer, k_scale, v_scale, n_valid, *, config: K
 def _launch(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale, out_dtype, out, num_splits, config,
             dry_run=False):
     split_kernel, merge_kernel = _kernels()
-    capacity, num_kv_heads, head_dim = k_layer.shape
-    num_heads = query.shape[0]
+    capacity, num_kv_heads, _ = k_layer.shape
+    num_heads, head_dim = query.shape
     group = num_heads // num_kv_heads
     storage = k_layer.dtype
-    cfg = config or default_config(storage, group)
+    cfg = config or _autotuned(query, k_layer, v_layer, k_scale, v_scale, sm_scale, out_dtype)
     use_dot = cfg.use_dot
     d_pad = _next_pow2(head_dim)
     if use_dot:  # tl.dot needs every dimension >= 16
         d_pad = max(d_pad, 16)
         if cfg.block_n < 16:
             raise ValueError(f"config.block_n must be >= 16 with use_dot, got {cfg.block_n}")
-    elif group != 1:
+    if not use_dot and group != 1:
         raise ValueError(f"config.use_dot=False needs num_heads == num_kv_heads, got {num_heads} and {num_kv_heads}")
     on_device = isinstance(n_valid, torch.Tensor)
     quantized = storage in QUANTIZED_DTYPES
@@ -487,7 +725,9 @@ def _launch(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale, out_dt
         QUANTIZED=quantized, N_ON_DEVICE=on_device, USE_DOT=use_dot,
         SPLIT_OPERANDS=storage != torch.float32, OP_DTYPE=op_dtype, DOT_DTYPE=dot_dtype,
         FP32_PRECISION=cfg.fp32_precision, FAST_INT8=cfg.fast_convert and storage == torch.int8,
-        PREFETCH=cfg.prefetch,
+        PREFETCH=cfg.prefetch, IS_INT4=storage == INT4, LAZY_RESCALE=cfg.lazy_rescale,
+        HALF_PAD=max(16 if use_dot else 1, _next_pow2((head_dim + 1) // 2)),
+        GROUPS=math.ceil(head_dim / INT4_GROUP),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -525,9 +765,15 @@ def _launch(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale, out_dt
 def reference_decode(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale=None) -> torch.Tensor:
     """float64 attention over the dequantized slots [0, n_valid) -> [num_heads, head_dim] float64."""
     n = int(n_valid)
-    k = k_layer[:n].to(torch.float64)  # [n, Hkv, D]
-    v = v_layer[:n].to(torch.float64)
-    if k_scale is not None:
+    if k_layer.dtype == INT4:
+        from kvcore.storage import dequantize
+
+        k = dequantize(k_layer[:n], k_scale[:n].double(), torch.float64, query.shape[1])
+        v = dequantize(v_layer[:n], v_scale[:n].double(), torch.float64, query.shape[1])
+    else:
+        k = k_layer[:n].to(torch.float64)  # [n, Hkv, D]
+        v = v_layer[:n].to(torch.float64)
+    if k_scale is not None and k_layer.dtype != INT4:
         k = k * k_scale[:n, :, None].to(torch.float64)
         v = v * v_scale[:n, :, None].to(torch.float64)
     group = query.shape[0] // k_layer.shape[1]
@@ -551,6 +797,7 @@ TOLERANCE = {  # relative error bound against the float64 reference on the dequa
     torch.bfloat16: 2e-3,
     torch.int8: 1e-3,
     torch.float8_e4m3fn: 1e-3,
+    INT4: 2e-3,  # the dot path rounds dequantized values to float16 (2^-11)
 }
 
 
@@ -559,6 +806,12 @@ def random_layer(num_layers, capacity, num_kv_heads, head_dim, storage, device, 
     shape = (num_layers, capacity, num_kv_heads, head_dim)
 
     def one():
+        if storage == INT4:  # random bytes (nibbles 0..15: q in [-8, 7]), a scale per 32 values
+            data = torch.randint(0, 256, shape[:3] + ((head_dim + 1) // 2,), device=device,
+                                 dtype=torch.int32, generator=generator).to(torch.uint8)
+            groups = math.ceil(head_dim / INT4_GROUP)
+            scale = torch.rand(shape[:3] + (groups,), device=device, generator=generator) + 0.5
+            return data, scale / 7.0
         if storage == torch.int8:
             data = torch.randint(-127, 128, shape, device=device, dtype=torch.int8, generator=generator)
         else:
@@ -575,9 +828,13 @@ def random_layer(num_layers, capacity, num_kv_heads, head_dim, storage, device, 
 # ---------------------------------------------------------------------------- GPU entry point
 
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
+                "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn, "int4": INT4}
 _TARGET_TOK_S = {torch.float32: 157, torch.float16: 314, torch.bfloat16: 314, torch.int8: 560,
-                 torch.float8_e4m3fn: 560}
+                 torch.float8_e4m3fn: 560, INT4: 1000}
+
+
+def _dtype_name(storage: torch.dtype) -> str:
+    return next(name for name, d in _DTYPE_NAMES.items() if d == storage)
 
 
 def _median_ms(run, reps: int, calls_per_rep: int) -> tuple[float, float]:
@@ -617,8 +874,10 @@ def _sdpa_runner(query, k, v, k_scale, v_scale, n, storage):
     def run(layer):
         kl, vl = k[layer, :n], v[layer, :n]  # [n, Hkv, D]
         if storage in QUANTIZED_DTYPES:
-            kl = (kl.to(torch.float32) * k_scale[layer, :n, :, None]).to(compute)
-            vl = (vl.to(torch.float32) * v_scale[layer, :n, :, None]).to(compute)
+            from kvcore.storage import dequantize
+
+            kl = dequantize(kl, k_scale[layer, :n], compute, head_dim)
+            vl = dequantize(vl, v_scale[layer, :n], compute, head_dim)
         return F.scaled_dot_product_attention(q4, kl.permute(1, 0, 2)[None], vl.permute(1, 0, 2)[None],
                                               enable_gqa=gqa)
 
@@ -636,8 +895,10 @@ def bench_case(storage, num_kv_heads, *, num_heads=32, head_dim=128, positions=1
     gen = torch.Generator(device=device).manual_seed(8)
     quantized = storage in QUANTIZED_DTYPES
     elt = torch.empty((), dtype=storage).element_size()
-    kv_bytes = 2 * positions * num_kv_heads * head_dim * elt
-    scale_bytes = 2 * positions * num_kv_heads * 4 if quantized else 0
+    row = (head_dim + 1) // 2 if storage == INT4 else head_dim
+    kv_bytes = 2 * positions * num_kv_heads * row * elt
+    scales_per_row = math.ceil(head_dim / INT4_GROUP) if storage == INT4 else 1
+    scale_bytes = 2 * positions * num_kv_heads * 4 * scales_per_row if quantized else 0
     bytes_read = kv_bytes + scale_bytes
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     num_layers = _layers_for(bytes_read, l2)
@@ -656,7 +917,7 @@ def bench_case(storage, num_kv_heads, *, num_heads=32, head_dim=128, positions=1
         sdpa_ms, _ = _median_ms(lambda: [run_sdpa(layer) for layer in range(num_layers)], reps, num_layers)
     rows = []
     for cfg, splits in configs or [(None, None)]:
-        cfg = cfg or default_config(storage, num_heads // num_kv_heads)
+        cfg = cfg or _autotuned(*args(0), None, None)  # what decode_attention picks by itself
         if splits is None:  # what decode_attention picks by itself
             splits = plan_splits(*args(0), n_dev, config=cfg)
 
@@ -676,13 +937,13 @@ def bench_case(storage, num_kv_heads, *, num_heads=32, head_dim=128, positions=1
                     decode_attention(*args(layer), n_dev, num_splits=splits, config=cfg)
             graph_ms, spread = _median_ms(graph.replay, reps, num_layers)
         except Exception as exc:  # a config that does not compile (e.g. out of shared memory)
-            rows.append({"dtype": str(storage).removeprefix("torch."), "hkv": num_kv_heads, "config": cfg._asdict(),
+            rows.append({"dtype": _dtype_name(storage), "hkv": num_kv_heads, "config": cfg._asdict(),
                          "splits": splits, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]})
             continue
         gbs = bytes_read / (graph_ms * 1e-3) / 1e9
         tok_s = 1e3 / (32 * graph_ms)
         rows.append({
-            "dtype": str(storage).removeprefix("torch."), "hkv": num_kv_heads, "heads": num_heads,
+            "dtype": _dtype_name(storage), "hkv": num_kv_heads, "heads": num_heads,
             "head_dim": head_dim, "positions": positions, "rel_err": err, "tolerance": TOLERANCE[storage],
             "ok": None if err is None else err <= TOLERANCE[storage],
             "kernel_ms": graph_ms, "kernel_spread_ms": spread, "eager_ms": eager_ms,

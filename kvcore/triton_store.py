@@ -29,6 +29,12 @@ Key decisions:
   [a, b) of one layer's 8-bit K and V and writes them dequantized (q * scale in float32, then
   the output dtype's rounding: bit for bit what kvcore.storage.dequantize gives), one launch
   per contiguous run of `get_range`.
+- int4 storage ([.., ceil(D / 2)] uint8, float32 scales [.., ceil(D / 32)], kvcore/storage.py):
+  even and odd elements are loaded as two [rows, bytes] tiles, reshaped to [rows, groups, 16]
+  for the per-group amax, rounded like int8 and packed two per byte in registers.
+- Non-finite input follows kvcore/storage.py's rule with no host sync (a graph can capture
+  it): the amax skips inf and NaN, +-inf saturate to +-qmax, NaN becomes 0 (int8, int4) or
+  float8's NaN code 0x7F (set explicitly, so no conversion's NaN handling matters).
 - Triton is imported lazily (kvcore imports only torch). With TRITON_INTERPRET=1 the kernel
   runs on CPU tensors (tests in tests/kvcore/test_triton_store.py).
 """
@@ -40,7 +46,7 @@ from functools import cache
 
 import torch
 
-from kvcore.storage import QMAX, SCALE_FLOOR
+from kvcore.storage import INT4, INT4_GROUP, QMAX, SCALE_FLOOR, packed_dim
 from kvcore.triton_decode import _next_pow2  # imports no triton
 
 _BLOCK_ROWS = 16  # (position, head) rows per program
@@ -50,9 +56,18 @@ _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds to an
 @cache
 def _kernels():
     """Compile-on-demand kernel; triton is imported here, never at module import."""
-    global triton, tl, _round_e4m3  # the kernel looks these names up in the module's globals
+    global triton, tl, _round_e4m3, _saturate  # the kernel looks these names up in the module's globals
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _saturate(y, QMAX: tl.constexpr, NAN_TO_ZERO: tl.constexpr):
+        """+-inf (and anything past +-QMAX) to +-QMAX; NaN to 0 (int8, int4) or kept (float8).
+        Comparisons with NaN are false, so NaN passes the clamps untouched."""
+        y = tl.where(y > QMAX, QMAX, tl.where(y < -QMAX, -QMAX, y))
+        if NAN_TO_ZERO:
+            y = tl.where(y == y, y, 0.0)
+        return y
 
     @triton.jit
     def _round_e4m3(y):
@@ -70,10 +85,11 @@ def _kernels():
         n_rows, T, P, S,
         sk_l, sk_t, sk_h, sv_l, sv_t, sv_h,
         d_half, d_l, d_p, d_h,
-        c_half, c_l, c_p,
+        c_half, c_l, c_p, c_h,
         HKV: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
         QUANTIZED: tl.constexpr, IS_INT8: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr,
         POS_ON_DEVICE: tl.constexpr, ROUND_MAGIC: tl.constexpr,
+        IS_INT4: tl.constexpr, HALF_PAD: tl.constexpr, GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr,
     ):
         half = tl.program_id(1)  # 0: K, 1: V
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # row = (layer * T + t) * HKV + head
@@ -87,32 +103,62 @@ def _kernels():
             slot = tl.where(pos < P, pos, S + (pos - S) % (P - S).to(tl.int64))
         else:  # a contiguous run of slots planned on the host
             slot = pos_arg.to(tl.int64) + t
-        d = tl.arange(0, D_PAD)
-        mask = r_mask[:, None] & (d < HEAD_DIM)[None, :]
         if half == 0:
             src = k_src + layer * sk_l + t * sk_t + head * sk_h
         else:
             src = v_src + layer * sv_l + t * sv_t + head * sv_h
-        x = tl.load(src[:, None] + d[None, :], mask=mask, other=0.0)  # [BLOCK_R, D_PAD]
         dst = kv_ptr + half.to(tl.int64) * d_half + layer * d_l + slot * d_p + head * d_h
-        if QUANTIZED:
-            xf = x.to(tl.float32)
-            amax = tl.max(tl.abs(xf), axis=1)  # [BLOCK_R]
+        sdst = scale_ptr + half.to(tl.int64) * c_half + layer * c_l + slot * c_p + head * c_h
+        if IS_INT4:  # byte j holds elements 2j (low nibble) and 2j + 1; 16 bytes per group
+            j = tl.arange(0, HALF_PAD)
+            m_e = r_mask[:, None] & (2 * j < HEAD_DIM)[None, :]
+            m_o = r_mask[:, None] & (2 * j + 1 < HEAD_DIM)[None, :]
+            xe = tl.load(src[:, None] + 2 * j[None, :], mask=m_e, other=0.0).to(tl.float32)
+            xo = tl.load(src[:, None] + 2 * j[None, :] + 1, mask=m_o, other=0.0).to(tl.float32)
+            xe = tl.reshape(xe, (BLOCK_R, GROUPS_PAD, 16))
+            xo = tl.reshape(xo, (BLOCK_R, GROUPS_PAD, 16))
+            fe = tl.where(tl.abs(xe) < float("inf"), tl.abs(xe), 0.0)  # NaN < inf is False
+            fo = tl.where(tl.abs(xo) < float("inf"), tl.abs(xo), 0.0)
+            amax = tl.maximum(tl.max(fe, axis=2), tl.max(fo, axis=2))  # [BLOCK_R, GROUPS_PAD]
             scale = tl.maximum(tl.math.div_rn(amax, QMAX), FLOOR)
-            y = tl.math.div_rn(xf, scale[:, None])
-            if IS_INT8:
-                y = (y + ROUND_MAGIC) - ROUND_MAGIC  # round half to even (|y| <= 127)
-            else:  # float8_e4m3fn: round to 3 mantissa bits here, so the cast below is exact
-                y = _round_e4m3(y)
-            tl.store(dst[:, None] + d[None, :], y.to(kv_ptr.dtype.element_ty), mask=mask)
-            sdst = scale_ptr + half.to(tl.int64) * c_half + layer * c_l + slot * c_p + head
-            tl.store(sdst, scale, mask=r_mask)
+            ye = _saturate(tl.math.div_rn(xe, scale[:, :, None]), QMAX, True)
+            yo = _saturate(tl.math.div_rn(xo, scale[:, :, None]), QMAX, True)
+            ye = (ye + ROUND_MAGIC) - ROUND_MAGIC + 8.0  # nibbles q + 8 in [1, 15]
+            yo = (yo + ROUND_MAGIC) - ROUND_MAGIC + 8.0
+            packed = ye.to(tl.int32) | (yo.to(tl.int32) << 4)
+            packed = tl.reshape(packed, (BLOCK_R, HALF_PAD))
+            tl.store(dst[:, None] + j[None, :], packed.to(tl.uint8), mask=m_e)
+            g = tl.arange(0, GROUPS_PAD)
+            tl.store(sdst[:, None] + g[None, :], scale, mask=r_mask[:, None] & (g < GROUPS)[None, :])
         else:
-            tl.store(dst[:, None] + d[None, :], x.to(kv_ptr.dtype.element_ty), mask=mask)
+            d = tl.arange(0, D_PAD)
+            mask = r_mask[:, None] & (d < HEAD_DIM)[None, :]
+            x = tl.load(src[:, None] + d[None, :], mask=mask, other=0.0)  # [BLOCK_R, D_PAD]
+            if QUANTIZED:
+                xf = x.to(tl.float32)
+                finite = tl.where(tl.abs(xf) < float("inf"), tl.abs(xf), 0.0)  # NaN < inf is False
+                amax = tl.max(finite, axis=1)  # [BLOCK_R], of the finite values only
+                scale = tl.maximum(tl.math.div_rn(amax, QMAX), FLOOR)
+                y = _saturate(tl.math.div_rn(xf, scale[:, None]), QMAX, IS_INT8)
+                if IS_INT8:
+                    y = (y + ROUND_MAGIC) - ROUND_MAGIC  # round half to even (|y| <= 127)
+                    q = y.to(kv_ptr.dtype.element_ty)
+                else:  # float8_e4m3fn: round to 3 mantissa bits here, so the cast below is exact
+                    y = _round_e4m3(y)
+                    q = y.to(kv_ptr.dtype.element_ty)
+                    # NaN as e4m3fn's NaN code 0x7F whatever the conversion does with it
+                    bits = tl.where(y == y, q.to(tl.uint8, bitcast=True), 0x7F).to(tl.uint8)
+                    q = bits.to(kv_ptr.dtype.element_ty, bitcast=True)
+                tl.store(dst[:, None] + d[None, :], q, mask=mask)
+                tl.store(sdst, scale, mask=r_mask)
+            else:
+                tl.store(dst[:, None] + d[None, :], x.to(kv_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["first_row", "n_rows"])
     def load_rows_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, ok_ptr, ov_ptr, first_row, n_rows,
-                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                         IS_INT4: tl.constexpr, PACKED: tl.constexpr, HALF_PAD: tl.constexpr,
+                         GROUPS: tl.constexpr, IS_FP8: tl.constexpr):
         half = tl.program_id(1)  # 0: K, 1: V
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows of the run
         r_mask = rows < n_rows
@@ -127,11 +173,25 @@ def _kernels():
             src = v_ptr
             scale_src = vs_ptr
             dst = ov_ptr
-        q = tl.load(src + src_rows[:, None] * HEAD_DIM + d[None, :], mask=mask)  # masked lanes never stored
-        scale = tl.load(scale_src + src_rows, mask=r_mask, other=0.0)
-        x = q.to(tl.float32) * scale[:, None]  # as kvcore.storage.dequantize, in registers
-        tl.store(dst + rows.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], x.to(dst.dtype.element_ty),
-                 mask=mask)
+        if IS_INT4:  # byte j: elements 2j (low nibble) and 2j + 1, scale of group j // 16
+            j = tl.arange(0, HALF_PAD)
+            m_e = r_mask[:, None] & (2 * j < HEAD_DIM)[None, :]
+            m_o = r_mask[:, None] & (2 * j + 1 < HEAD_DIM)[None, :]
+            b = tl.load(src + src_rows[:, None] * PACKED + j[None, :], mask=m_e, other=0).to(tl.int32)
+            sc = tl.load(scale_src + src_rows[:, None] * GROUPS + (j // 16)[None, :], mask=m_e, other=0.0)
+            lo = ((b & 15) - 8).to(tl.float32) * sc
+            hi = ((b >> 4) - 8).to(tl.float32) * sc
+            out = dst + rows.to(tl.int64)[:, None] * HEAD_DIM + 2 * j[None, :]
+            tl.store(out, lo.to(dst.dtype.element_ty), mask=m_e)
+            tl.store(out + 1, hi.to(dst.dtype.element_ty), mask=m_o)
+        else:
+            q = tl.load(src + src_rows[:, None] * HEAD_DIM + d[None, :], mask=mask)  # masked lanes never stored
+            scale = tl.load(scale_src + src_rows, mask=r_mask, other=0.0)
+            x = q.to(tl.float32) * scale[:, None]  # as kvcore.storage.dequantize, in registers
+            if IS_FP8:  # NaN (code 0x7F / 0xFF) read as NaN whatever the conversion makes of it
+                x = tl.where((q.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), x)
+            tl.store(dst + rows.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], x.to(dst.dtype.element_ty),
+                     mask=mask)
 
     return store_rows_kernel, load_rows_kernel
 
@@ -168,9 +228,11 @@ def _launch(kv, kv_scale, keys, values, pos_arg, sink_positions, warmup=False) -
     own invariants are asserted here."""
     L, T, H, D = keys.shape
     P = kv.shape[2]
-    assert kv.dim() == 5 and kv.shape[0] == 2 and tuple(kv.shape[1:]) == (L, P, H, D), "store layout"
+    int4 = kv.dtype == INT4
+    packed = packed_dim(kv.dtype, D)
+    assert kv.dim() == 5 and kv.shape[0] == 2 and tuple(kv.shape[1:]) == (L, P, H, packed), "store layout"
     assert values.shape == keys.shape and keys.stride(-1) == 1 and values.stride(-1) == 1
-    assert kv.stride(-1) == 1 and kv.stride(-2) == D, "rows of the store are contiguous"
+    assert kv.stride(-1) == 1 and kv.stride(-2) == packed, "rows of the store are contiguous"
     quantized = kv_scale is not None
     scale = kv_scale if quantized else kv  # placeholder, never read
     n_rows = L * T * H
@@ -185,13 +247,15 @@ def _launch(kv, kv_scale, keys, values, pos_arg, sink_positions, warmup=False) -
         values.stride(0), values.stride(1), values.stride(2),
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         scale.stride(0) if quantized else 0, scale.stride(1) if quantized else 0,
-        scale.stride(2) if quantized else 0,
+        scale.stride(2) if quantized else 0, scale.stride(3) if int4 else 1,
     )
+    half_pad = max(16, _next_pow2(packed))
     constexprs = dict(
         HKV=H, HEAD_DIM=D, D_PAD=_next_pow2(D), BLOCK_R=_BLOCK_ROWS,
         QUANTIZED=quantized, IS_INT8=kv.dtype == torch.int8,
         QMAX=QMAX.get(kv.dtype, 1.0), FLOOR=SCALE_FLOOR,
         POS_ON_DEVICE=isinstance(pos_arg, torch.Tensor), ROUND_MAGIC=_ROUND_MAGIC,
+        IS_INT4=int4, HALF_PAD=half_pad, GROUPS=math.ceil(D / INT4_GROUP), GROUPS_PAD=half_pad // 16,
         num_warps=4,
     )
     if warmup:
@@ -203,9 +267,9 @@ def _launch(kv, kv_scale, keys, values, pos_arg, sink_positions, warmup=False) -
 
 
 def load_dequantized(
-    k_layer: torch.Tensor,  # [P, Hkv, D] int8 / float8_e4m3fn, contiguous (k_store[layer])
+    k_layer: torch.Tensor,  # [P, Hkv, D] int8 / float8_e4m3fn, or int4 [P, Hkv, ceil(D / 2)] uint8
     v_layer: torch.Tensor,
-    k_scale: torch.Tensor,  # [P, Hkv] float32
+    k_scale: torch.Tensor,  # [P, Hkv] float32 (int4: [P, Hkv, ceil(D / 32)])
     v_scale: torch.Tensor,
     out_k: torch.Tensor,  # [b - a, Hkv, D] floating, contiguous
     out_v: torch.Tensor,
@@ -215,7 +279,9 @@ def load_dequantized(
     """Dequantize slots [a, b) of one layer's K and V into out_k / out_v, in one launch:
     one read of the 8-bit rows and their scales, one write of the output (the torch path,
     kvcore.storage.dequantize, makes three passes through float32 temporaries)."""
-    P, H, D = k_layer.shape
+    P, H, packed = k_layer.shape
+    D = out_k.shape[-1]
+    assert packed == packed_dim(k_layer.dtype, D), "int4 stores ceil(head_dim / 2) bytes per row"
     assert k_layer.is_contiguous() and v_layer.is_contiguous() and out_k.is_contiguous() \
         and out_v.is_contiguous() and k_scale.is_contiguous() and v_scale.is_contiguous()
     assert 0 <= a <= b <= P and tuple(out_k.shape) == (b - a, H, D) == tuple(out_v.shape)
@@ -225,5 +291,7 @@ def load_dequantized(
     kernel = _kernels()[1]
     kernel[(math.ceil(n_rows / _BLOCK_ROWS), 2)](
         k_layer, v_layer, k_scale, v_scale, out_k, out_v, a * H, n_rows,
-        HEAD_DIM=D, D_PAD=_next_pow2(D), BLOCK_R=_BLOCK_ROWS, num_warps=4,
+        HEAD_DIM=D, D_PAD=_next_pow2(D), BLOCK_R=_BLOCK_ROWS, IS_INT4=k_layer.dtype == INT4,
+        PACKED=packed, HALF_PAD=max(16, _next_pow2(packed)), GROUPS=math.ceil(D / INT4_GROUP),
+        IS_FP8=k_layer.dtype == torch.float8_e4m3fn, num_warps=4,
     )

@@ -7,18 +7,21 @@ the devices, this module decides, before anything is submitted, which trials fit
     fits = fitting_devices(need, devices)       # [] -> the trial is SKIPPED with skip_reason
 
 Byte arithmetic (GB are 10^9 bytes, as the milestone table counts them):
-- cache = 2 (K and V) x layers x positions x KV heads x head_dim x bytes per element;
-  int8 / float8 storage adds one float32 scale per (K/V, layer, position, KV head).
-  This is exactly what `kvcore.StreamingKVCache.memory_bytes()` allocates (a test checks).
+- cache = 2 (K and V) x layers x positions x KV heads x bytes per (position, KV head) row,
+  `kvcore.storage.row_bytes` (head_dim elements; int8 / float8 add one float32 scale, int4
+  stores ceil(head_dim / 2) bytes and a float32 scale per 32 values). This is exactly what
+  `kvcore.StreamingKVCache.memory_bytes()` allocates (a test checks).
 - weights = model.weights_gb (the benchmark allocates and streams them).
-- margin = 0.5 GB + 10 % of the cache: CUDA context or interpreter and torch, one layer's
-  dequantized or gathered copy during reads and decode, the small input pools.
+- margin = 0.5 GB (CUDA context or interpreter and torch) + the benchmark's own overhead,
+  `kvcore.bench.overhead_bytes` (one layer read back, the bounded float64 checks, the input
+  pools): what the trial holds beyond cache and weights, so a trial that cannot fit is
+  SKIPPED with its need and the device's capacity before it allocates anything.
 - bench.decode=model: the real model's cache (prompt + the longest run after it) and weights
   (`kvcore.model_bench`'s arithmetic, from the model config's shape or the checkpoint's
-  config.json), margin + 1.5 GB of activations (a prefill chunk's MLP, the teacher-forcing
-  pass, logits); the proxy benchmark runs first and frees its memory, so the larger of the
-  two is the need. transformers' own copy (its static cache) is not counted: the trial runs
-  the peer only where it still fits, and says so where it does not.
+  config.json), 0.5 GB + 10 % of its cache + 1.5 GB of activations (a prefill chunk's MLP, the
+  teacher-forcing pass, logits); the proxy benchmark runs first and frees its memory, so the
+  larger of the two is the need. transformers' own copy (its static cache) is not counted: the
+  trial runs the peer only where it still fits, and says so where it does not.
 
 Key decisions:
 - What a device offers: a GPU's total memory x `gpu_memory_fraction` (it runs one trial at a
@@ -38,13 +41,13 @@ from typing import Any
 import json
 from pathlib import Path
 
+from kvcore.bench import overhead_bytes
 from kvcore.model_bench import SHAPE_KEYS, SHAPES, cache_bytes as model_cache_bytes, weight_bytes
-from kvcore.storage import QUANTIZED_DTYPES, STORAGE_DTYPES
+from kvcore.storage import STORAGE_DTYPES, row_bytes
 
 GB = 1e9
-MARGIN_BYTES = 0.5 * GB  # fixed part of the margin
-MARGIN_CACHE_FRACTION = 0.10  # part of the margin that grows with the cache
-SCALE_BYTES = 4  # float32 scale per quantized row
+MARGIN_BYTES = 0.5 * GB  # fixed part of the margin: CUDA context, torch
+MARGIN_CACHE_FRACTION = 0.10  # bench.decode=model: part of the margin that grows with the cache
 MODEL_ACTIVATION_BYTES = 1.5 * GB  # bench.decode=model: activations, logits, the teacher-forcing pass
 MODEL_CHECK_TOKENS = 32  # tokens kvcore.model_bench feeds after the prompt to compare logits
 DECODE_MODES = ("proxy", "model")  # bench.decode: the cache and a weights blob, or also the real model
@@ -78,10 +81,7 @@ def cache_bytes(params: Mapping[str, Any]) -> int:
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"cache.dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     rows = 2 * params["model.num_layers"] * params["milestone.context_length"] * params["model.num_kv_heads"]
-    total = rows * params["model.head_dim"] * STORAGE_DTYPES[dtype].itemsize
-    if dtype in QUANTIZED_DTYPES:
-        total += rows * SCALE_BYTES
-    return total
+    return rows * row_bytes(dtype, params["model.head_dim"])
 
 
 def model_mode(params: Mapping[str, Any]) -> bool:
@@ -125,7 +125,10 @@ def trial_need_parts(params: Mapping[str, Any]) -> tuple[int, int, int]:
     """(cache, weights, margin) bytes of a trial (the real model's where larger)."""
     cache = cache_bytes(params)
     weights = int(params["model.weights_gb"] * GB)
-    margin = int(MARGIN_BYTES + MARGIN_CACHE_FRACTION * cache)
+    overhead = overhead_bytes(params["model.num_layers"], params["milestone.context_length"],
+                              params["model.num_heads"], params["model.num_kv_heads"],
+                              params["model.head_dim"], params["cache.dtype"])
+    margin = int(MARGIN_BYTES) + overhead
     if model_mode(params):
         model = _model_need_parts(params)
         if sum(model) > cache + weights + margin:

@@ -12,9 +12,16 @@ import torch
 
 from kvcore import StreamingKVCache
 
-DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]
+DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]
 # Tiny odd shapes that catch transposed dimensions.
 SHAPE = dict(num_layers=3, max_positions=7, num_heads=6, head_dim=5, num_kv_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _no_autotuning(monkeypatch):
+    """The decode autotuner times every candidate on a key's first call: tests of kvcore run
+    the default configs (fast, deterministic); the tuner's own tests turn it back on."""
+    monkeypatch.setenv("KVCORE_AUTOTUNE", "0")
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -88,6 +95,16 @@ def element_bound(x: torch.Tensor, storage: str, out_dtype: torch.dtype) -> torc
     out_floor = torch.finfo(out_dtype).smallest_normal * torch.finfo(out_dtype).eps / 2
     if storage in ("float32", "float16", "bfloat16"):
         return torch.zeros_like(x)  # stored as given, read back exactly
+    if storage == "int4":  # a scale per group of 32 along head_dim, amax / 7
+        D = x.shape[-1]
+        groups = -(-D // 32)
+        padded = torch.zeros((*x.shape[:-1], groups * 32), dtype=torch.float64)
+        padded[..., :D] = x.abs()
+        amax = padded.view(*x.shape[:-1], groups, 32).amax(dim=-1)
+        scale = (amax / 7.0).clamp_min(SCALE_FLOOR).repeat_interleave(32, dim=-1)[..., :D]
+        quant = scale / 2
+        slack = 2.0**-20 * (scale + x.abs())
+        return quant + slack + UNIT_ROUNDOFF[out_dtype] * (x.abs() + quant + slack) + out_floor
     qmax = 127.0 if storage == "int8" else 448.0
     scale = (x.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(SCALE_FLOOR)
     if storage == "int8":

@@ -20,6 +20,7 @@ import torch
 import kvcore.attention
 import kvcore.bench as bench
 import kvcore.cache
+import kvcore.peers
 from kvcore.bench import (
     BenchConfig,
     BenchResult,
@@ -210,33 +211,58 @@ def test_benchmark_checks_its_decode_against_float64(tiny_result, monkeypatch):
     assert "decode: output off float64 reference" in r.invalid_reason
 
 
-def test_baseline_runs_the_torch_sdpa_path(monkeypatch):
-    real = kvcore.attention.decode_attention
-    calls = []
+def test_baseline_is_sdpa_on_a_head_major_copy_and_is_checked(monkeypatch):
+    real = kvcore.peers.F.scaled_dot_product_attention
+    seen = []
 
-    def wrong_sdpa(*args):
-        calls.append(args[5])  # n_valid: the whole ring
-        return real(*args) * 1.01
+    def wrong_sdpa(q, k, v, **kwargs):
+        if k.dim() == 3:  # kvcore's own torch path ([Hkv, n, D]): left alone
+            return real(q, k, v, **kwargs)
+        seen.append((tuple(k.shape), k.is_contiguous(), kwargs.get("enable_gqa")))
+        return real(q, k, v, **kwargs) * 1.01
 
-    def kernel(*args, **kwargs):  # stands in for the Triton kernel of attention="auto"
-        return real(*args)
-
-    # attention="torch" (the baseline, through the public switch) gets the wrong SDPA path
-    monkeypatch.setattr(kvcore.attention, "decode_attention", wrong_sdpa)
-    monkeypatch.setattr(kvcore.cache, "select_decode_attention",
-                        lambda device, mode="auto": wrong_sdpa if mode == "torch" else kernel)
+    monkeypatch.setattr(kvcore.peers.F, "scaled_dot_product_attention", wrong_sdpa)
     r = run_benchmark(tiny_config(repetitions=1))
-    assert r.attention_backend == "triton" and r.baseline_method == "eager_per_layer"
-    assert r.decode_check_ok and not r.baseline_check_ok  # only the baseline went through it
+    assert r.baseline_kind == "sdpa_head_major_eager" and r.baseline_method == "eager"
+    assert r.baseline_dtype == "float32" and not r.baseline_skipped_reason
+    # head-major [1, Hkv, S, D], contiguous, GQA by enable_gqa (no repeated K/V)
+    assert set(seen) == {((1, 2, 37, 5), True, True)}
+    assert r.decode_check_ok and not r.baseline_check_ok  # only the peer went through it
     assert "baseline_decode: output off float64 reference" in r.invalid_reason
-    assert calls and set(calls) == {37}
 
 
-def test_baseline_is_the_same_measurement_when_attend_runs_the_torch_path(tiny_result):
-    r = tiny_result  # CPU: attend dispatches to kvcore.attention.decode_attention itself
-    assert r.attention_backend == "torch" and r.decode_speedup == 1.0
-    assert r.baseline_decode_tok_s == r.decode_cache_tok_s
-    assert r.baseline_check_err == r.decode_check_err
+def test_baseline_of_a_trial_matches_float64_and_speedup_is_against_it(tiny_result):
+    r = tiny_result
+    assert r.baseline_check_ok and r.baseline_check_err < 1e-5
+    assert r.decode_speedup == pytest.approx(r.decode_cache_tok_s / r.baseline_decode_tok_s)
+    assert r.flash_attn_decode_tok_s != r.flash_attn_decode_tok_s  # NaN: no CUDA here
+    assert "flash_attn: needs CUDA" in r.optional_peers_reason
+    assert r.to_dict()["flash_attn_decode_tok_s"] is None
+
+
+def test_quantized_storage_is_compared_with_the_16_bit_peer():
+    r = run_benchmark(tiny_config(dtype="int8", repetitions=1))
+    assert r.baseline_dtype == "float16" and r.baseline_check_ok, r.invalid_reason
+
+
+def test_a_peer_that_does_not_fit_is_skipped_with_its_need_not_the_trial(monkeypatch):
+    monkeypatch.setattr(kvcore.peers, "free_bytes", lambda device: 10**6)
+    r = run_benchmark(tiny_config(repetitions=1))
+    assert r.baseline_method == "skipped" and "GB free next to the cache" in r.baseline_skipped_reason
+    assert r.decode_check_ok and r.decode_cache_tok_s > 0
+    d = r.to_dict()
+    assert d["baseline_decode_tok_s"] is None and d["decode_speedup"] is None
+    json.dumps(d, allow_nan=False)
+
+
+def test_checks_read_bounded_chunks(monkeypatch):
+    monkeypatch.setattr(bench, "_CHECK_CHUNK_BYTES", 8 * 2 * 5 * 3)  # 3 slots per chunk
+    calls = []
+    real = bench._layer_values
+    monkeypatch.setattr(bench, "_layer_values", lambda *a, **k: calls.append(a[4:]) or real(*a, **k))
+    r = run_benchmark(tiny_config(repetitions=1))
+    assert r.decode_check_ok and r.retrieve_check_ok, r.invalid_reason
+    assert calls and all(b - a <= 3 for a, b in calls)
 
 
 # ---------------------------------------------------------------------- validity and timing
@@ -283,7 +309,7 @@ def test_slow_regions_are_time_boxed_and_say_how_much_was_timed():
 @pytest.mark.parametrize("overrides,message", [
     (dict(num_layers=0), "num_layers must be a positive int, got 0"),
     (dict(num_kv_heads=4), "num_heads must be a multiple of num_kv_heads"),
-    (dict(dtype="int4"), "dtype must be one of"),
+    (dict(dtype="int2"), "dtype must be one of"),
     (dict(sink_positions=37), "sink_positions must be an int in [0, context_length=37)"),
     (dict(weights_gb=-1.0), "weights_gb must be a finite number >= 0.0, got -1.0"),
     (dict(repetitions=0), "repetitions must be a positive int"),
@@ -325,7 +351,7 @@ def test_cli_bad_flag_exits_2_with_one_clear_line():
 
 @pytest.mark.parametrize("args,needle", [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["--dtype", "int4"], "dtype must be one of"),
+    (["--dtype", "int2"], "dtype must be one of"),
     (["--context-length", "4", "--sink-positions", "4"], "sink_positions must be an int in"),
     (["--device", "tpu"], "device must be 'cpu' or 'cuda[:N]', got 'tpu'"),
 ])
@@ -465,3 +491,31 @@ def test_host_memory_figures_do_not_depend_on_what_ran_before_in_the_process():
         assert r.total_vram_gb == r.peak_mem_gb
     # the same trial twice: the same order of magnitude, not 0 the second time
     assert 0.25 <= second.peak_mem_gb / first.peak_mem_gb <= 4
+
+
+def test_decode_only_regions_skip_fill_and_retrieve_and_stay_valid():
+    r = run_benchmark(tiny_config(regions="decode", repetitions=1))
+    d = r.to_dict()
+    assert d["fill_rate_pos_s"] is None and d["retrieve_rate_ops_s"] is None and d["prefill_gbps"] is None
+    assert r.fill_positions_timed == 0 and r.retrieve_layers_timed == 0
+    assert r.decode_cache_tok_s > 0 and r.baseline_decode_tok_s > 0 and r.decode_check_ok
+    assert r.valid, r.invalid_reason
+    json.dumps(d, allow_nan=False)
+    with pytest.raises(ValueError, match="regions must be 'all' or 'decode', got 'fill'"):
+        tiny_config(regions="fill").validate()
+
+
+def test_int4_trial_with_an_odd_head_dim_checks_every_path():
+    r = run_benchmark(tiny_config(dtype="int4", repetitions=1))  # head dim 5: 3 bytes per row
+    assert r.kv_cache_ok and r.retrieve_check_ok and r.decode_check_ok and r.baseline_check_ok, r.invalid_reason
+    assert r.baseline_dtype == "float16" and r.kv_cache_gb == 2 * 3 * 37 * 2 * (3 + 4) / 1e9
+
+
+def test_cli_prints_figures_that_were_not_measured_as_dashes(monkeypatch, capsys):
+    monkeypatch.setattr(kvcore.peers, "free_bytes", lambda device: 10**6)  # the peer is skipped
+    assert bench.main(TINY_FLAGS + ["--regions", "decode", "--repetitions", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    fill = next(line for line in out if line.startswith("fill (append) "))
+    assert fill.split()[-4:] == ["-", "-", "-", "-"]
+    assert "(skipped, the peer's head-major torch.float32 copy needs" in out[1]
+    assert json.loads(out[-1])["baseline_decode_tok_s"] is None

@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from kvcore import StreamingKVCache, attention
 from kvcore.attention import reference_attention
 from kvcore.cache import select_decode_attention
+from kvcore.storage import storage_name
 
-DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]
+DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]
 FLOAT = {"float32", "float16", "bfloat16"}
 # Relative L2 error of attend vs float64 attention on the values given to the cache, random
 # normal inputs, over a batch of outputs (documented in StreamingKVCache.attend).
-ATTEND_BOUND = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3, "int8": 2e-2, "float8_e4m3fn": 8e-2}
+ATTEND_BOUND = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3, "int8": 2e-2, "float8_e4m3fn": 8e-2, "int4": 0.3}
 
 
 def randn(cache: StreamingKVCache, *shape: int, gen: torch.Generator) -> torch.Tensor:
@@ -46,7 +47,7 @@ class Checker:
         rk, rv = ref.valid(layer)
         assert k.dtype == cache.out_dtype and k.device == cache.device
         assert k.shape == rk.shape and v.shape == rv.shape
-        storage = str(cache.dtype).removeprefix("torch.")
+        storage = storage_name(cache.dtype)
         for got, want in ((k, rk), (v, rv)):
             err = (got.cpu().double() - want).abs()
             assert (err <= self.bound(want, storage, cache.out_dtype)).all(), storage
@@ -174,7 +175,7 @@ def test_reads_are_views_while_contiguous_and_copies_after_a_wrap(make_cache):
     assert torch.equal(k, cache.k_store[1])
 
 
-@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn", "int4"])
 def test_quantized_reads_are_dequantized_copies(make_cache, dtype):
     cache = make_cache(dtype=dtype, out_dtype="bfloat16")
     L, H, D = cache.num_layers, cache.num_kv_heads, cache.head_dim
@@ -183,7 +184,8 @@ def test_quantized_reads_are_dequantized_copies(make_cache, dtype):
     k, v = cache.get_range(0, 0, 2)
     assert cache.out_dtype == torch.bfloat16 and k.dtype == torch.bfloat16
     assert not shares_storage(k, cache) and k.shape == (2, H, D)
-    assert cache.k_scale.shape == (L, cache.max_positions, H) and cache.k_scale.dtype == torch.float32
+    groups = (1,) if dtype == "int4" else ()  # int4: one scale per 32 values (head dim 5: one group)
+    assert cache.k_scale.shape == (L, cache.max_positions, H, *groups) and cache.k_scale.dtype == torch.float32
 
 
 def test_attend_at_model_head_dim(device, rel_l2):
@@ -265,8 +267,9 @@ def test_memory_bytes_sums_tensor_storage(dtype):
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
     assert cache.memory_bytes() == sum(storages.values())
     element = 4 if dtype == "float32" else 2 if dtype in ("float16", "bfloat16") else 1
+    row = 3 if dtype == "int4" else 5  # int4: 5 values in 3 bytes
     scales = 0 if dtype in FLOAT else 2 * 3 * 7 * 2 * 4
-    assert cache.memory_bytes() == 2 * 3 * 7 * 2 * 5 * element + scales
+    assert cache.memory_bytes() == 2 * 3 * 7 * 2 * row * element + scales
 
 
 @pytest.mark.gpu
@@ -426,7 +429,7 @@ def test_attend_on_an_empty_layer_raises(make_cache):
         (dict(num_kv_heads=4), r"num_heads must be a multiple of num_kv_heads, got num_heads=6 and num_kv_heads=4"),
         (dict(sink_positions=7), r"sink_positions must be in \[0, max_positions=7\), got 7"),
         (dict(sink_positions=-1), r"sink_positions must be in \[0, max_positions=7\), got -1"),
-        (dict(dtype="int4"), r"dtype must be one of \[.*\], got 'int4'"),
+        (dict(dtype="int2"), r"dtype must be one of \[.*\], got 'int2'"),
         (dict(dtype=torch.float16), r"dtype must be one of .*got torch.float16"),
         (dict(out_dtype="int8"), r"out_dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'int8'"),
         (dict(device="gpu0"), r"device must be a torch device string .* got 'gpu0'"),
@@ -499,6 +502,7 @@ def test_defaults_and_out_dtype():
     assert cache.out_dtype == torch.float32 and cache.k_scale is None  # float storage ignores out_dtype
     assert StreamingKVCache(2, 4, 6, 5, dtype="int8").out_dtype == torch.float16
     assert "dtype='int8'" in repr(StreamingKVCache(2, 4, 6, 5, dtype="int8"))
+    assert "dtype='int4'" in repr(StreamingKVCache(2, 4, 6, 5, dtype="int4"))
 
 
 # ---------------------------------------------------------------------- property test
@@ -533,3 +537,25 @@ def test_any_write_sequence_matches_reference(reference_cache, max_positions, da
             rk, rv = ref.valid(layer)
             assert torch.equal(k.double(), rk.reshape(k.shape)) and torch.equal(v.double(), rv.reshape(v.shape))
             assert cache.positions(layer).tolist() == ref.positions(layer)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn", "int4", "float16"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_input_keeps_the_finite_values_of_its_row(make_cache, dtype, bad):
+    # kvcore/storage.py's rule: scale from the finite values, +-inf saturate, NaN kept (float8)
+    # or 0 (int8, int4); float storage stores what it is given
+    cache = make_cache(dtype=dtype, num_layers=1)
+    row = torch.tensor([1.0, 2.0, 3.0, bad, -0.5])
+    keys = torch.stack([row, -row]).to(cache.out_dtype).to(cache.device)  # [Hkv=2, D=5]
+    cache.append(0, keys, keys)
+    k, _ = cache.get_valid(0)
+    got = k[0].cpu().double()  # [Hkv, D]
+    finite = [0, 1, 2, 4]
+    want = torch.stack([row, -row]).double()
+    assert (got[:, finite] - want[:, finite]).abs().max() <= 3.0 / 14  # int4's step, the coarsest
+    if dtype == "float16" or bad != bad and dtype == "float8_e4m3fn":
+        assert torch.equal(got[:, 3].isnan(), want[:, 3].isnan()) and (got[:, 3].isinf() == want[:, 3].isinf()).all()
+    elif bad != bad:
+        assert (got[:, 3] == 0).all()
+    else:
+        assert got[:, 3].tolist() == pytest.approx([3.0, -3.0], rel=1e-2)

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.kvcore.conftest import element_bound
 from kvcore.storage import (
     FLOAT_DTYPES,
     STORAGE_DTYPES,
@@ -17,21 +18,22 @@ from kvcore.storage import (
     quantize,
 )
 
-QUANTIZED = ["int8", "float8_e4m3fn"]
+QUANTIZED = ["int8", "float8_e4m3fn", "int4"]
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def round_trip(x: torch.Tensor, storage: str, out_dtype: torch.dtype):
     q, scale = quantize(x, STORAGE_DTYPES[storage])
-    return q, scale, dequantize(q, scale, out_dtype)
+    return q, scale, dequantize(q, scale, out_dtype, head_dim=x.shape[-1])
 
 
 def test_parse_dtype_names():
     assert parse_dtype("bfloat16", STORAGE_DTYPES, "dtype") is torch.bfloat16
     assert parse_dtype("float8_e4m3fn", STORAGE_DTYPES, "dtype") is torch.float8_e4m3fn
     assert is_quantized(torch.int8) and not is_quantized(torch.float16)
-    with pytest.raises(ValueError, match=r"dtype must be one of \[.*'int8'.*\], got 'int4'"):
-        parse_dtype("int4", STORAGE_DTYPES, "dtype")
+    assert parse_dtype("int4", STORAGE_DTYPES, "dtype") is torch.uint8 and is_quantized(torch.uint8)
+    with pytest.raises(ValueError, match=r"dtype must be one of \[.*'int8'.*\], got 'int2'"):
+        parse_dtype("int2", STORAGE_DTYPES, "dtype")
     with pytest.raises(ValueError, match=r"out_dtype must be one of .*got 'int8'"):
         parse_dtype("int8", FLOAT_DTYPES, "out_dtype")
     with pytest.raises(ValueError, match="got torch.float16"):
@@ -46,8 +48,12 @@ def test_round_trip_within_documented_bound(device, storage, out_dtype, storage_
     x[5, 1, 2] = 300.0  # an outlier only coarsens its own row
     x = x.to(out_dtype).to(device)
     q, scale, x_hat = round_trip(x, storage, out_dtype)
-    assert q.dtype == STORAGE_DTYPES[storage] and q.shape == x.shape
-    assert scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
+    assert q.dtype == STORAGE_DTYPES[storage]
+    if storage == "int4":  # 5 values: 3 bytes, one group
+        assert q.shape == (*x.shape[:-1], 3) and scale.shape == (*x.shape[:-1], 1)
+    else:
+        assert q.shape == x.shape and scale.shape == x.shape[:-1]
+    assert scale.dtype == torch.float32
     assert x_hat.dtype == out_dtype
     err = (x.double() - x_hat.double()).abs().cpu()
     bound = storage_bound(x.cpu(), storage, out_dtype)
@@ -55,10 +61,10 @@ def test_round_trip_within_documented_bound(device, storage, out_dtype, storage_
     # The bound is tight enough to mean something: errors reach a good part of it.
     assert (err / bound).max() > 0.3
     # Rows without the outlier keep their fine resolution.
-    assert scale[5, 0] < scale[5, 1] / 10
+    assert (scale[5, 0] < scale[5, 1] / 10).all()
 
 
-@pytest.mark.parametrize("storage", QUANTIZED)
+@pytest.mark.parametrize("storage", ["int8", "float8_e4m3fn"])
 def test_int8_step_is_amax_over_254(device, storage):
     x = torch.tensor([[1.0, -0.5, 0.25, 0.0, -1.0]], device=device)
     q, scale, x_hat = round_trip(x, storage, torch.float32)
@@ -79,7 +85,8 @@ def test_zero_rows_and_tiny_rows_give_no_nan(device, storage):
     assert torch.isfinite(scale).all() and (scale > 0).all()
     assert torch.isfinite(x_hat).all()
     assert (x_hat[0] == 0).all()
-    assert (x - x_hat).abs().max().item() <= 1e-30 / 16 + 2.0**-127
+    step = 1e-30 / 14 * (1 + 1e-6) if storage == "int4" else 1e-30 / 16  # int4: half of amax / 7
+    assert (x - x_hat).abs().max().item() <= step + 2.0**-127
 
 
 @pytest.mark.parametrize("storage", QUANTIZED)
@@ -98,6 +105,10 @@ def test_row_amax_maps_exactly_onto_qmax_without_overflow(device, storage):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4096, 7, generator=gen) * 10.0 ** (torch.rand(4096, 1, generator=gen) * 60 - 30)
     q, _ = quantize(x.to(device), STORAGE_DTYPES[storage])
+    if storage == "int4":  # 7 values: one group, nibbles q + 8
+        top = (dequantize(q, torch.ones(q.shape[:-1] + (1,)), torch.float32, 7)).abs().amax(dim=-1)
+        assert (top == 7.0).all()
+        return
     top = q.to(torch.float32).abs().amax(dim=-1)
     assert torch.isfinite(q.to(torch.float32)).all()
     assert (top == (127.0 if storage == "int8" else 448.0)).all()
@@ -119,3 +130,55 @@ def test_bound_holds_for_arbitrary_rows(rows, storage, out_dtype, storage_bound)
     _, _, x_hat = round_trip(x, storage, out_dtype)
     err = (x.double() - x_hat.double()).abs()
     assert (err <= storage_bound(x, storage, out_dtype)).all()
+
+
+# ---------------------------------------------------------------------- int4
+
+
+def test_int4_packs_two_values_per_byte_in_order(device):
+    x = torch.tensor([[7.0, -7.0, 1.0, 0.0, -3.0]], device=device)  # amax 7: scale 1
+    q, scale = quantize(x, STORAGE_DTYPES["int4"])
+    assert scale.tolist() == [[1.0]]
+    # element 2j in the low nibble, 2j + 1 in the high one, each as q + 8
+    assert q.tolist() == [[15 | (1 << 4), 9 | (8 << 4), 5 | (8 << 4)]]
+    assert dequantize(q, scale, torch.float32, 5).tolist() == x.tolist()
+
+
+def test_int4_groups_of_32_keep_an_outlier_to_its_group(device):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 70, generator=gen)  # 3 groups, the last one partial (6 values)
+    x[:, 40] = 1000.0
+    q, scale = quantize(x.to(device), STORAGE_DTYPES["int4"])
+    assert q.shape == (3, 35) and scale.shape == (3, 3)
+    assert (scale[:, 1] > 100).all() and (scale[:, 0] < 1).all() and (scale[:, 2] < 1).all()
+    x_hat = dequantize(q, scale, torch.float32, 70).cpu()
+    err = (x_hat - x).abs()
+    assert (err[:, :32] <= x[:, :32].abs().amax(dim=1, keepdim=True) / 14 * (1 + 1e-6)).all()
+
+
+# ---------------------------------------------------------------------- non-finite input
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_values_never_lose_the_finite_ones(device, storage, bad):
+    x = torch.tensor([[1.0, 2.0, 3.0, bad, -0.5]], device=device)
+    q, scale, x_hat = round_trip(x, storage, torch.float32)
+    x_hat = x_hat.cpu()
+    finite = [0, 1, 2, 4]
+    assert torch.isfinite(scale).all()
+    assert scale.flatten()[0].item() == pytest.approx(3.0 / {"int8": 127, "float8_e4m3fn": 448, "int4": 7}[storage])
+    bound = element_bound(x.cpu()[:, finite], storage, torch.float32)
+    assert ((x_hat[:, finite] - x.cpu()[:, finite]).abs() <= bound).all()
+    got = x_hat[0, 3].item()
+    if bad != bad:  # NaN: kept where the format has one, else 0
+        assert (got != got) if storage == "float8_e4m3fn" else got == 0.0
+    else:  # +-inf saturate to +-amax of the finite values
+        assert got == pytest.approx(3.0 if bad > 0 else -3.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_a_row_of_only_non_finite_values_stays_finite_where_it_can(device, storage):
+    x = torch.tensor([[float("inf"), float("-inf"), 0.0]], device=device)
+    q, scale, x_hat = round_trip(x, storage, torch.float32)
+    assert torch.isfinite(scale).all() and torch.isfinite(x_hat).all()

@@ -19,7 +19,7 @@ import torch
 from kvcore import triton_decode as td
 
 REPO = Path(__file__).resolve().parents[2]
-DTYPES = {str(d).removeprefix("torch."): d for d in td.STORAGE_DTYPES}
+DTYPES = {("int4" if d == td.INT4 else str(d).removeprefix("torch.")): d for d in td.STORAGE_DTYPES}
 HAS_TRITON = td._triton_importable()
 
 
@@ -28,7 +28,7 @@ def make_case(**overrides):
     case = dict(storage="float16", heads=8, kv_heads=2, head_dim=16, capacity=48, n_valid=37,
                 n_on_device=False, block_n=16, use_dot=None, num_splits=None, query="float32",
                 out_dtype="float32", seed=0, q_gain=2.0, default_config=False, fast_convert=True, prefetch=True,
-                data_gain=1.0)
+                data_gain=1.0, lazy_rescale=False)
     case.update(overrides)
     return case
 
@@ -68,7 +68,8 @@ def run_case(case, device="cpu"):
         group = case["heads"] // case["kv_heads"]
         use_dot = group > 1 if case["use_dot"] is None else case["use_dot"]
         config = td.KernelConfig(block_n=case["block_n"], num_warps=4, num_stages=2, use_dot=use_dot,
-                                 fast_convert=case["fast_convert"], prefetch=case["prefetch"])
+                                 fast_convert=case["fast_convert"], prefetch=case["prefetch"],
+                                 lazy_rescale=case["lazy_rescale"])
     result = td.decode_attention(query, k, v, ks, vs, n_arg, num_splits=case["num_splits"], config=config, out=out)
     assert result.data_ptr() == out.data_ptr()
     finite = bool(torch.isfinite(result).all())
@@ -88,6 +89,16 @@ for _name in DTYPES:
     CPU_CASES[f"{_name}-ratio4"] = make_case(storage=_name, kv_heads=2, num_splits=5)
     CPU_CASES[f"{_name}-ratio8"] = make_case(storage=_name, kv_heads=1, num_splits=3)
 CPU_CASES.update({
+    # lazy rescaling: a large query gain makes maxima grow by more than 2^8 between tiles
+    "lazy-rescale-int8": make_case(storage="int8", kv_heads=8, block_n=4, lazy_rescale=True, q_gain=30.0),
+    "lazy-rescale-float16": make_case(storage="float16", kv_heads=8, block_n=8, lazy_rescale=True, num_splits=3),
+    "lazy-rescale-n-on-device": make_case(storage="float8_e4m3fn", kv_heads=8, block_n=4, lazy_rescale=True,
+                                          n_valid=29, n_on_device=True, prefetch=False, q_gain=10.0),
+    "int4-head-dim-70-rows": make_case(storage="int4", heads=3, kv_heads=3, head_dim=70, block_n=4, num_splits=3),
+    "int4-head-dim-5-ratio3-dot": make_case(storage="int4", heads=6, kv_heads=2, head_dim=5, num_splits=2),
+    "int4-n-on-device": make_case(storage="int4", kv_heads=1, n_valid=29, n_on_device=True),
+    "ratio4-odd-heads-dim-40": make_case(storage="float8_e4m3fn", heads=12, kv_heads=3, head_dim=40, num_splits=3),
+    "ratio8-odd-dim-24-bf16": make_case(storage="bfloat16", heads=16, kv_heads=2, head_dim=24, n_valid=45),
     "head-dim-5-rows": make_case(storage="float32", heads=6, kv_heads=6, head_dim=5, block_n=4, num_splits=4),
     "head-dim-5-ratio3-dot": make_case(storage="bfloat16", heads=6, kv_heads=2, head_dim=5, num_splits=2),
     "ratio1-forced-dot": make_case(storage="int8", kv_heads=8, use_dot=True, num_splits=2),
@@ -242,6 +253,99 @@ def test_gpu_cuda_graph_reads_count_on_device(storage, kv_heads):
         torch.cuda.synchronize()
         err = td.relative_error(out, td.reference_decode(query, k, v, ks, vs, count))
         assert err <= td.TOLERANCE[DTYPES[storage]], (count, err)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("storage", ["int8", "int4", "float16"])
+def test_gpu_layer_past_2_31_elements(storage):
+    # 544,000 slots x 32 KV heads x 128: slot x stride passes 2^31 from slot 524,288 on; the
+    # query looks for the last slots, so a wrapped 32-bit offset reads the wrong rows
+    from kvcore.bench import chunked_reference
+    from kvcore.storage import dequantize
+
+    capacity, heads, D = 544_000, 32, 128
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k, v, ks, vs = td.random_layer(1, capacity, heads, D, DTYPES[storage], "cuda", gen)
+    k, v = k[0], v[0]
+    ks, vs = (None, None) if ks is None else (ks[0], vs[0])
+    query = torch.randn(heads, D, device="cuda", generator=gen, dtype=torch.float32).to(torch.float16)
+    out = td.decode_attention(query, k, v, ks, vs, capacity, out_dtype=torch.float32)
+
+    def read(a, b):
+        if ks is None:
+            return k[a:b], v[a:b]
+        return (dequantize(k[a:b], ks[a:b], torch.float64, D), dequantize(v[a:b], vs[a:b], torch.float64, D))
+
+    ref = chunked_reference(query, read, capacity, 8192, 1 / D**0.5)
+    assert td.relative_error(out, ref) <= td.TOLERANCE[DTYPES[storage]]
+
+
+@pytest.mark.parametrize("storage", list(DTYPES))
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_tuning_candidates_are_few_distinct_launchable_and_start_with_the_default(storage, group):
+    found = td.tuning_candidates(DTYPES[storage], group)
+    assert found[0] == td.default_config(DTYPES[storage], group)
+    assert 2 <= len(found) <= 5 and len(set(found)) == len(found)  # a GPU run tunes every key in seconds
+    for cfg in found:
+        assert cfg.use_dot or group == 1  # the rows loop serves one query head per KV head
+        assert not cfg.use_dot or cfg.block_n >= 16
+        assert not cfg.lazy_rescale or not cfg.use_dot
+
+
+def test_autotuner_stays_off_the_cpu_and_when_disabled(monkeypatch):
+    k = torch.zeros(48, 2, 16, dtype=torch.int8)
+    args = (torch.zeros(8, 16), k, k, torch.ones(48, 2), torch.ones(48, 2), None, None)
+    assert td._autotuned(*args) == td.default_config(torch.int8, 4) and not td._TUNED
+    monkeypatch.setenv("KVCORE_AUTOTUNE", "0")
+    assert not td.autotune_enabled()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("storage", list(DTYPES))
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_gpu_every_tuning_candidate_matches_float64(storage, kv_heads):
+    # what the autotuner may pick must be right: each candidate, compiled, against float64
+    case = make_case(storage=storage, heads=8, kv_heads=kv_heads, head_dim=128, capacity=2100, n_valid=2077)
+    query, k, v, ks, vs, n_arg, out, valid = build(case, "cuda")
+    ref = td.reference_decode(query, k, v, ks, vs, valid)
+    for cfg in td.tuning_candidates(DTYPES[storage], 8 // kv_heads):
+        result = td.decode_attention(query, k, v, ks, vs, n_arg, out_dtype=torch.float32, config=cfg)
+        assert td.relative_error(result, ref) <= td.TOLERANCE[DTYPES[storage]], cfg
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_autotuner_picks_a_candidate_outside_the_capture(monkeypatch):
+    monkeypatch.setenv("KVCORE_AUTOTUNE", "1")
+    case = make_case(storage="float8_e4m3fn", heads=32, kv_heads=8, head_dim=128, capacity=4096, n_valid=4096)
+    query, k, v, ks, vs, _, out, _ = build(case, "cuda")
+    n_dev = torch.tensor(3000, dtype=torch.int64, device="cuda")
+    td.decode_attention(query, k, v, ks, vs, n_dev, out=out)  # tunes here, outside the capture
+    picked = td.tuned_configs()
+    assert any(key.startswith("float8_e4m3fn g4 d128 hkv8") for key in picked), picked
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        td.decode_attention(query, k, v, ks, vs, n_dev, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert td.relative_error(out, td.reference_decode(query, k, v, ks, vs, 3000)) <= 2e-3
+
+
+def test_int4_layout_agrees_with_storage():
+    from kvcore import storage
+
+    assert td.INT4 == storage.INT4 and td.INT4_GROUP == storage.INT4_GROUP
+
+
+def test_int4_rows_of_the_wrong_width_raise_value_error():
+    k = torch.zeros(48, 2, 8, dtype=torch.uint8)  # 16 values per row
+    scale = torch.ones(48, 2, 1)
+    with pytest.raises(ValueError, match="ceil\\(head_dim / 2\\) = 6 bytes for int4\\), got head_dim 12 and rows of 8"):
+        td.decode_attention(torch.zeros(8, 12), k, k, scale, scale, 3)
+    with pytest.raises(ValueError, match="k_scale must be float32 \\[48, 2, 1\\]"):
+        td.decode_attention(torch.zeros(8, 16), k, k, torch.ones(48, 2), scale, 3)
 
 
 def _main():

@@ -21,14 +21,18 @@ import torch
 from kvcore import triton_decode
 
 REPO = Path(__file__).resolve().parents[2]
-DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]
+DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]
+QUANTIZED = ("int8", "float8_e4m3fn", "int4")
+CACHE_DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]  # the step body's cache
 SENTINEL = 3.0  # what untouched slots hold
 
 
 def _stores(dtype: str, gen: torch.Generator, L=3, P=7, H=2, D=5):
-    storage = getattr(torch, dtype)
-    kv = torch.full((2, L, P, H, D), SENTINEL).to(storage)
-    scale = torch.full((2, L, P, H), SENTINEL) if dtype in ("int8", "float8_e4m3fn") else None
+    from kvcore.storage import STORAGE_DTYPES, packed_dim, scale_shape
+
+    storage = STORAGE_DTYPES[dtype]
+    kv = torch.full((2, L, P, H, packed_dim(storage, D)), SENTINEL).to(storage)
+    scale = torch.full((2, L, P, H, *scale_shape(storage, D)), SENTINEL) if dtype in QUANTIZED else None
     src_dtype = torch.float16 if scale is not None else storage
     return kv, scale, src_dtype
 
@@ -47,9 +51,17 @@ def _inputs(L, T, H, D, src_dtype, gen):
 def _expected(x, storage):
     from kvcore.storage import quantize
 
-    if storage in (torch.int8, torch.float8_e4m3fn):
+    if storage in (torch.int8, torch.float8_e4m3fn, torch.uint8):
         return quantize(x, storage)
     return x, None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, except that any NaN equals any NaN (its sign and payload may differ)."""
+    a_nan, b_nan = a.float().isnan(), b.float().isnan()
+    bits = a.view(torch.uint8) == b.view(torch.uint8)
+    bits = bits.view(*a.shape, -1).all(-1) if a.element_size() > 1 else bits
+    return torch.equal(a_nan, b_nan) and bool((bits | a_nan).all())
 
 
 def run_checks() -> dict:
@@ -57,13 +69,34 @@ def run_checks() -> dict:
     from kvcore import StreamingKVCache
     from kvcore.graphs import DecodeStep
     from kvcore.slots import slot_of
+    from kvcore.storage import dequantize, quantize
     from kvcore.triton_store import store_at_count, store_slots
 
     results = {}
     gen = torch.Generator().manual_seed(0)
     L, P, H, D, S = 3, 7, 2, 5, 2
+    from kvcore.storage import STORAGE_DTYPES
+    from kvcore.triton_store import load_dequantized
+
     for dtype in DTYPES:
-        storage = getattr(torch, dtype)
+        storage = STORAGE_DTYPES[dtype]
+        if dtype in QUANTIZED:  # non-finite input: the fused write stores what quantize stores
+            kv, scale, src_dtype = _stores(dtype, gen)
+            x = torch.randn(1, 4, H, D, generator=gen).to(src_dtype)
+            x[0, 0, 0, 1], x[0, 1, 0, 2], x[0, 2, 1, 0] = float("inf"), float("-inf"), float("nan")
+            x[0, 3, 0] = float("inf")  # a row with no finite value
+            store_slots(kv[:, :1], scale[:, :1], x, x, 1)
+            q, sc = quantize(x, storage)
+            same = _same(kv[0, :1, 1:5], q) and torch.equal(scale[0, :1, 1:5], sc)
+            results[f"non-finite-{dtype}"] = "" if same else "fused write differs from quantize"
+            # the fused dequantizing read of those rows equals the torch path bit for bit
+            out_k = torch.empty(4, H, D, dtype=src_dtype)
+            out_v = torch.empty_like(out_k)
+            load_dequantized(kv[0, 0].contiguous(), kv[1, 0].contiguous(), scale[0, 0].contiguous(),
+                             scale[1, 0].contiguous(), out_k, out_v, 1, 5)
+            want = dequantize(q[0], sc[0], src_dtype, D)
+            if not _same(out_k, want):
+                results[f"non-finite-{dtype}"] += " load_dequantized differs from dequantize"
         # a run of 3 slots in layers 1..2 only (a layer slice of the store)
         kv, scale, src_dtype = _stores(dtype, gen)
         keys, values = _inputs(2, 3, H, D, src_dtype, gen)
@@ -105,6 +138,8 @@ def run_checks() -> dict:
             problems.append("a scale outside positions 5..8 was written")
         results[f"store_at_count-{dtype}"] = "; ".join(problems)
 
+        if dtype not in CACHE_DTYPES:
+            continue
         # the body of a captured decode step, run eagerly, against append + attend per layer
         made = dict(num_layers=L, max_positions=P, num_heads=6, head_dim=D, num_kv_heads=H,
                     dtype=dtype, sink_positions=S)
@@ -152,8 +187,8 @@ def interpreter_results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-CHECKS = [f"{kind}-{dtype}" for kind in ("store_slots", "store_at_count", "step-body")
-          for dtype in DTYPES]
+CHECKS = [f"{kind}-{dtype}" for kind in ("store_slots", "store_at_count") for dtype in DTYPES]
+CHECKS += [f"step-body-{dtype}" for dtype in CACHE_DTYPES] + [f"non-finite-{d}" for d in QUANTIZED]
 
 
 @pytest.mark.skipif(not triton_decode._triton_importable(), reason="triton is not importable")

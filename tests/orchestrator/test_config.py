@@ -51,8 +51,51 @@ def sweep_of(*overrides: str, cwd="/tmp") -> Sweep:
     return load_sweep(composed(*overrides), cwd=cwd, overrides=overrides)
 
 
+# m13: Llama-3-8B's shape at 1,048,576 positions, criteria from the table's arithmetic (halving
+# per doubling from m10; KV budget = the float8 cache 70.87 GB rounded up; VRAM = 4/3 of it)
+M13 = (1_048_576, "float8_e4m3fn", 1.9, 19, 75, 0.3, 100)
+
+
 def test_every_milestone_file_is_listed():
-    assert set(available_milestones()) == {*TABLE, "smoke", "m10-model"}
+    assert set(available_milestones()) == {*TABLE, "m13", "smoke", "m10-model"}
+
+
+def test_m13_composes_one_million_positions_of_llama3_8b_in_8_and_4_bit():
+    context, dtype, fill, retrieve, kv, tok, vram = M13
+    sweep = sweep_of("+milestone=m13")
+    expected = dict(zip(COLUMNS, (fill, retrieve, kv, tok, vram)))
+    assert {c.name: (c.metric, c.op, c.threshold) for c in sweep.criteria} == {
+        n: (*COLUMNS[n], float(expected[n])) for n in COLUMNS}
+    assert [t.params["cache.dtype"] for t in sweep.trials] == ["float8_e4m3fn", "int8", "int4"]
+    for trial in sweep.trials:
+        p = trial.params
+        assert p["milestone.context_length"] == context
+        assert (p["model.num_layers"], p["model.num_heads"], p["model.num_kv_heads"], p["model.head_dim"]) == (
+            32, 32, 8, 128)
+    # 125 x 16384 / 1048576 = 1.95 and 20 x 16384 / 1048576 = 0.31, rounded down
+    assert fill <= 125 * 16384 / context and tok <= 20 * 16384 / context and vram == round(kv * 4 / 3)
+
+
+def test_m13_in_float16_is_skipped_with_need_and_capacity_before_anything_is_allocated(monkeypatch):
+    import torch
+
+    from orchestrator.capacity import devices_from_probe
+    from orchestrator.sweep import split_by_capacity
+
+    allocated = []
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a))
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: allocated.append(a))
+    h200 = {"node_id": "h200", "host": "h200", "cpus": 16, "host_available_bytes": 10**11, "cpu_name": "EPYC",
+            "gpus": [{"name": "NVIDIA H200", "uuid": "GPU-1", "total_bytes": 150_000_000_000}]}
+    devices = devices_from_probe([h200], 0.95, 0.8)
+    runnable, skipped = split_by_capacity(sweep_of("+milestone=m13", "grid.cache.dtype=[float16,int4]").trials,
+                                          devices)
+    assert [t.params["cache.dtype"] for t in runnable] == ["int4"]
+    (spec, reason), = skipped
+    assert spec.params["cache.dtype"] == "float16"
+    assert reason.startswith("needs 148.09 GB (cache 137.44 + weights 4.90 + margin 5.75)")
+    assert "NVIDIA H200 (gpu) on h200, offers 142.50 GB" in reason
+    assert allocated == []
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))
@@ -181,7 +224,7 @@ def test_no_milestone_lists_the_available_ones():
         ("model.head_dim=-1", r"model\.head_dim"),
         ("model.num_kv_heads=4", r"num_heads must be a multiple of num_kv_heads.*6.*4"),
         ("cache.dtype=float64", r"cache\.dtype: dtype must be one of .*'float64'"),
-        ("grid.cache.dtype=[float16,int4]", r"grid\.cache\.dtype \(grid point 1: cache\.dtype='int4'\)"),
+        ("grid.cache.dtype=[float16,int2]", r"grid\.cache\.dtype \(grid point 1: cache\.dtype='int2'\)"),
         ("cache.sink_positions=256", r"cache\.sink_positions: .*\[0, context_length=256\)"),
         ("model.weights_gb=-1", r"weights_gb"),
         ("bench.repetitions=0", r"bench\.repetitions"),

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from kvcore import triton_gemv
 from kvcore.bench import (WEIGHT_DTYPES, _environment, _HostPeak, _memory_seen, _release,
                           measure_copy_gbps, resolve_device)
-from kvcore.storage import STORAGE_DTYPES
+from kvcore.storage import STORAGE_DTYPES, row_bytes
 
 _ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -206,14 +206,11 @@ def weight_bytes(shape: Mapping[str, Any], dtype: str) -> int:
 
 
 def cache_bytes(shape: Mapping[str, Any], positions: int, cache_dtype: str) -> int:
-    """Bytes of kvcore's cache for this shape (K and V, plus a float32 scale per row when
-    quantized), as orchestrator.capacity counts them."""
+    """Bytes of kvcore's cache for this shape (K and V rows, scales included, as
+    `kvcore.storage.row_bytes` counts them and orchestrator.capacity too)."""
     d = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
     rows = 2 * shape["num_hidden_layers"] * positions * shape["num_key_value_heads"]
-    total = rows * d * STORAGE_DTYPES[cache_dtype].itemsize
-    if cache_dtype in ("int8", "float8_e4m3fn"):
-        total += rows * 4
-    return total
+    return rows * row_bytes(cache_dtype, d)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -102,6 +102,7 @@ def make_record(spec: TrialSpec, result: dict[str, Any], criteria: Sequence[Crit
         attempts=int(result.get("attempt", 1)) if attempts is None else attempts,
         started_at=result.get("started_at", 0.0),
         finished_at=result.get("finished_at", 0.0),
+        system_metrics={k: [list(p) for p in v] for k, v in result.get("system_metrics", {}).items()},
     )
 
 

@@ -68,6 +68,29 @@ Key decisions:
   `trial_key`, `keyboard`. Passwords in URIs (`scheme://user:pass@host` -> `user:***@host`) and
   the values of secret-named environment variables are masked. The config artifact gets the
   same treatment. Nothing is read from the environment to log.
+- Where people look (MLflow 3's UI): the experiment carries the tag
+  `mlflow.experimentKind=custom_model_development`, which makes the UI open it on its runs
+  (without it MLflow 3.17 opens an empty GenAI traces page). Run names carry the verdict: the
+  parent is renamed at the end to "<verdict> <passed>/<trials> <milestone>-<key>", a child is
+  "<index> <verdict>[ noisy] <dtype ctx layers heads>". Each run's description (the
+  `mlflow.note.content` tag, the run page's Description) holds its summary: the parent's the
+  sweep's verdict line, where it ran, the worst margin per criterion and the whole table
+  (report.format_sweep_note); a child's its criteria with value, threshold and margin
+  (report.format_trial_note). A child's criterion figures are also logged as
+  `criteria/<criterion>` (the figure) and `criteria/<criterion>.margin_pct`, a section of
+  their own in the run's charts; the parent logs `worst_margin_pct/<criterion>`.
+- Run status against verdict: MLflow shows a run's status as a green check (FINISHED) or a
+  red cross (FAILED); a green check on a failed sweep misleads. So a run's status follows its
+  verdict: a trial that PASSed is FINISHED, one that FAILed or ERRORed is FAILED, a SKIPPED one
+  KILLED; a sweep that ran every trial is FINISHED when its verdict is PASS and FAILED when it
+  is FAIL (tag `complete=true` in both cases); a sweep stopped early keeps the status it was
+  given (KILLED, FAILED) without `complete`. Resume reopens only a parent that is neither
+  FINISHED nor `complete`. The `verdict` tag stays the one source of truth for scripts.
+- System metrics: a trial samples CPU, host memory and (through NVML) its GPU's utilisation,
+  memory and power every second in its worker (orchestrator/sampler.py) and returns the series
+  in its record; the child run logs them as MLflow's own `system/...` metrics
+  (`system/cpu_utilization_percentage`, `system/gpu_0_power_usage_watts`, ...) with each
+  sample's timestamp and step, so the run's "System metrics" tab shows them.
 - A SQLite store keeps its artifacts next to the database (`<db dir>/mlartifacts/`), not in
   whatever directory the process runs from; `mlflow ui --backend-store-uri <uri>` serves both.
 """
@@ -112,6 +135,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.validation import (  # noqa: E402
+    MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
@@ -125,7 +149,12 @@ _log = logging.getLogger(__name__)
 ALLOWED_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks")
 SWEEP_STATUSES = ("FINISHED", "KILLED", "FAILED")
 # Parent-only tags: everything else on the parent is a sweep tag that children repeat.
-_PARENT_ONLY_TAGS = {"run_type", "verdict", "resumes", "git_commit", "git_dirty"}
+_PARENT_ONLY_TAGS = {"run_type", "verdict", "resumes", "git_commit", "git_dirty", "complete"}
+# The experiment tag MLflow 3's UI reads to choose the experiment's default view; this value
+# opens the runs table ("Model training"), not the GenAI traces page.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (markdown)
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.:-]+")
 # A key names a secret when one of its words is one of these, anywhere in the key ...
 _SECRET_WORDS = {
@@ -343,9 +372,12 @@ class Tracker:
             if found.lifecycle_stage == "deleted":
                 _log.warning("restoring the deleted MLflow experiment %r", self.experiment)
                 self.client.restore_experiment(found.experiment_id)
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before the tag existed, or elsewhere
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=artifact_location)
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as error:  # created meanwhile by another process
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -412,7 +444,7 @@ class Tracker:
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
-        if runs and runs[0].info.status != "FINISHED":
+        if runs and runs[0].info.status != "FINISHED" and runs[0].data.tags.get("complete") != "true":
             return runs[0]
         return None
 
@@ -450,12 +482,21 @@ class Tracker:
             self.client.log_artifacts(parent_id, tmp)
         now = int(time.time() * 1000)
         figures = {**(metrics or {}), "n_trials": len(everything), **counts}
+        figures.update({f"worst_margin_pct/{name}": pct
+                        for name, (pct, _) in report.worst_margins(everything).items()})
+        sweep_key = self._parent_sweep_tags(parent_id).get("sweep_key", "")
+        note = report.format_sweep_note(everything, verdict, milestone=milestone, status=status)
+        tags = [RunTag("verdict", verdict), RunTag(NOTE_TAG, _clip(note, MAX_TAG_VAL_LENGTH))]
+        if complete:
+            tags.append(RunTag("complete", "true"))
         self.client.log_batch(
             parent_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in figures.items() if math.isfinite(float(v))],
-            tags=[RunTag("verdict", verdict)],
+            tags=tags,
         )
-        self.client.set_terminated(parent_id, status)
+        self.client.update_run(parent_id, name=sweep_run_name(verdict, counts["n_pass"], len(everything),
+                                                              milestone, sweep_key))
+        self.client.set_terminated(parent_id, sweep_run_status(verdict, status))
         return verdict
 
     # -- trials ----------------------------------------------------------------------------
@@ -496,7 +537,7 @@ class Tracker:
         }
         run = self.client.create_run(
             self.experiment_id, start_time=start_ms, tags=identity,
-            run_name=f"{record.index:03d} {report.describe(record)}",
+            run_name=trial_run_name(record),
         )
         child_id = run.info.run_id
         tags = {k: _tag_value(v) for k, v in redact(record.info).items()}
@@ -505,6 +546,7 @@ class Tracker:
             status=record.status, reason=_tag_value(record.reason), attempts=str(record.attempts),
             trial_index=str(record.index), record_digest=digest,
         )
+        tags[NOTE_TAG] = report.format_trial_note(record)
         metrics = {k: float(v) for k, v in record.metrics.items()}
         metrics["attempts"] = float(record.attempts)
         for c in record.criteria:
@@ -512,14 +554,28 @@ class Tracker:
             metrics[f"criterion.{c.name}.threshold"] = float(c.threshold)
             if c.margin is not None:
                 metrics[f"criterion.{c.name}.margin"] = float(c.margin)
+            if c.value is not None:
+                metrics[f"criteria/{c.name}"] = float(c.value)
+            pct = report.margin_pct(c)
+            if pct is not None:
+                metrics[f"criteria/{c.name}.margin_pct"] = pct
         self._log_batch(child_id, params=redact(record.params), tags=tags, metrics=metrics,
                         timestamp_ms=end_ms)
+        self._log_system_metrics(child_id, record.system_metrics)
         self.client.log_text(child_id, record.to_json(), "result.json")
         # The verdict comes last: its presence marks the child complete.
         self.client.set_tag(child_id, "verdict", record.verdict)
-        run_status = "FAILED" if record.status == "ERROR" else "FINISHED"
-        self.client.set_terminated(child_id, run_status, end_time=end_ms)
+        self.client.set_terminated(child_id, trial_run_status(record.verdict), end_time=end_ms)
         return child_id
+
+    def _log_system_metrics(self, run_id: str, series: Mapping[str, Sequence[Sequence[float]]]) -> None:
+        """The trial's sampled series as MLflow system metrics: `system/<name>`, one point per
+        sample at its own time (unix s -> ms), steps 0, 1, ..."""
+        points = [Metric(f"system/{name}", float(value), int(float(t) * 1000), step)
+                  for name, samples in sorted(series.items())
+                  for step, (t, value) in enumerate(samples) if math.isfinite(float(value))]
+        for start in range(0, len(points), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=points[start : start + MAX_METRICS_PER_BATCH])
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -659,6 +715,33 @@ def _find_sweep_run(client: MlflowClient, ref: str, experiment: str | None) -> A
         raise ValueError(f"expected one sweep for {ref!r}, received {len(keys)} sweep keys starting with it "
                          f"({', '.join(sorted(k[:12] for k in keys))}...): give more digits")
     return runs[0]
+
+
+# ---- names and statuses people read -------------------------------------------------------
+
+
+def sweep_run_name(verdict: str, passed: int, total: int, milestone: str, sweep_key: str) -> str:
+    """The parent run's name once judged, e.g. 'FAIL 3/4 m10-3f2a9c1e'."""
+    return f"{verdict} {passed}/{total} {milestone}-{sweep_key[:8]}"
+
+
+def trial_run_name(record: TrialRecord) -> str:
+    """A child run's name, e.g. '001 PASS float16 ctx=256 L2 H4/2' or '002 PASS noisy ...'."""
+    flag = " noisy" if report.noisy_reason(record) is not None else ""
+    return f"{record.index:03d} {record.verdict}{flag} {report.describe(record)}"
+
+
+def sweep_run_status(verdict: str, status: str) -> str:
+    """The parent's MLflow status: a complete sweep is FINISHED when it passed, FAILED when
+    not; a sweep stopped early (KILLED, FAILED) keeps that status (module doc)."""
+    if status != "FINISHED":
+        return status
+    return "FINISHED" if verdict == "PASS" else "FAILED"
+
+
+def trial_run_status(verdict: str) -> str:
+    """A child's MLflow status: PASS -> FINISHED, FAIL and ERROR -> FAILED, SKIPPED -> KILLED."""
+    return {"PASS": "FINISHED", "SKIPPED": "KILLED"}.get(verdict, "FAILED")
 
 
 def _check_identifier(what: str, value: str) -> None:

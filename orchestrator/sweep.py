@@ -307,6 +307,32 @@ def _describe_devices(devices: Sequence[Device]) -> str:
     return "; ".join(f"{n} x {text}" for text, n in counts.items()) or "no devices"
 
 
+def format_ending(sweep: Sweep, records: Sequence[TrialRecord], status: str, uri: str,
+                  parent_id: str | None, spool_path: Any = None) -> str:
+    """What the driver prints at the end: the table, the sweep's verdict line, the worst margin
+    per criterion, and where to look (the parent run id, the UI command, or the spool)."""
+    complete = status == "FINISHED"
+    verdict = "PASS" if complete and records and all(r.verdict == "PASS" for r in records) else "FAIL"
+    n = len(records)
+    lines = [f"\n{sweep.milestone} {sweep.title}: {n} trial{'s' * (n != 1)}",
+             report.format_table(records), ""]
+    lines.append(f"verdict {report.sweep_verdict_line(records, verdict)}"
+                 + ("" if complete else f" (sweep {status}: not every trial ran)"))
+    worst = report.format_worst_margins(records)
+    if worst:
+        lines.append(worst)
+    if parent_id:
+        lines.append(f"MLflow: experiment {sweep.experiment!r}, parent run {parent_id} "
+                     f"(its description holds this table; per-trial runs under it)")
+    elif spool_path is not None:
+        lines.append(f"MLflow was unreachable: the sweep is in the spool {spool_path}; "
+                     f"upload it with `python -m orchestrator.sync`")
+    lines.append(f"open: mlflow ui --backend-store-uri {uri}   "
+                 f"(compare with an earlier sweep: python -m orchestrator.compare --last 2 "
+                 f"--milestone {sweep.milestone})")
+    return "\n".join(lines) + "\n"
+
+
 def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run the whole sweep (see the module docstring); returns the exit status: 0 every trial
     passed, 1 not, 130 interrupted (Ctrl-C).
@@ -362,8 +388,8 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
     finally:
         recorder.close()
         cluster.close()
-    out.write(f"\n{sweep.milestone} {sweep.title}: {len(everything)} trials\n")
-    out.write(report.format_table(everything) + "\n\n")
-    out.write(f"mlflow ui --backend-store-uri {uri}\n")
+    spooled = recorder.spool_path.exists()  # left there only while MLflow is away
+    out.write(format_ending(sweep, everything, status, uri, None if spooled else recorder.parent_id,
+                            recorder.spool_path))
     out.flush()
     return INTERRUPTED_STATUS if status == "KILLED" else exit_status(everything)

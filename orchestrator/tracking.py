@@ -784,7 +784,7 @@ def _record_from_run(run: Any, parent_tags: Mapping[str, str]) -> TrialRecord:
             if not k.startswith(("mlflow.", "criterion.")) and k not in _CHILD_OWN_TAGS
             and k not in parent_tags}
     metrics = {k: v for k, v in run.data.metrics.items()
-               if k != "attempts" and not k.startswith("criterion.")}
+               if k != "attempts" and not k.startswith(("criterion.", "criteria/", "system/"))}
     return TrialRecord(
         trial_key=tags["trial_key"],
         index=int(tags.get("trial_index", "0")),

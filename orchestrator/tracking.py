@@ -687,6 +687,52 @@ def read_sweep(uri: str, ref: str, experiment: str | None = None) -> StoredSweep
                        records)
 
 
+def last_sweeps(uri: str, milestone: str, n: int, experiment: str | None = None) -> list[str]:
+    """Parent run ids of the `n` newest complete sweeps (FINISHED or FAILED, tag complete) of
+    `milestone`, newest first; ValueError when there are fewer; TrackingUnavailable when the
+    store cannot be reached."""
+    _check_identifier("milestone", milestone)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        experiment_ids = _experiment_ids(client, experiment)
+        runs = client.search_runs(
+            experiment_ids, order_by=["attributes.start_time DESC"], max_results=1000,
+            filter_string=f"tags.run_type = 'sweep' and tags.milestone = '{milestone}'")
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise TrackingUnavailable(uri, "last_sweeps", error) from error
+        raise
+    done = [r.info.run_id for r in runs
+            if r.info.status == "FINISHED" or r.data.tags.get("complete") == "true"]
+    if len(done) < n:
+        raise ValueError(f"expected {n} complete sweeps of milestone {milestone!r} in the store at "
+                         f"{redact_text(uri)}, received {len(done)}; run the milestone again or name the "
+                         f"parent runs")
+    return done[:n]
+
+
+def log_comparison(uri: str, run_id: str, files: Mapping[str, str]) -> None:
+    """Attach a comparison's files ({artifact path: text}) to the parent run `run_id`."""
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        for path, text in files.items():
+            client.log_text(run_id, text, path)
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise TrackingUnavailable(uri, "log_comparison", error) from error
+        raise
+
+
+def _experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ValueError(f"expected an existing MLflow experiment, received --experiment {experiment!r}; "
+                             f"leave it out to search every experiment")
+        return [found.experiment_id]
+    return [e.experiment_id for e in client.search_experiments()]
+
+
 def _find_sweep_run(client: MlflowClient, ref: str, experiment: str | None) -> Any:
     if experiment:
         found = client.get_experiment_by_name(experiment)

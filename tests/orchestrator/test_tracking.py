@@ -344,3 +344,29 @@ def test_nothing_listening_raises_tracking_unavailable_within_seconds():
     with pytest.raises(TrackingUnavailable, match=f"MLflow tracking at {uri} is unavailable"):
         Tracker(uri, experiment="kvbench-smoke")
     assert time.monotonic() - start < 10
+
+
+def test_system_metrics_land_as_mlflow_system_series_with_their_own_times(tracker, store):
+    client = MlflowClient(store)
+    t0 = 1_700_000_000.0
+    series = {"cpu_utilization_percentage": [[t0 + i, 10.0 * i] for i in range(5)],
+              "gpu_0_power_usage_watts": [[t0, 300.0], [t0 + 1, float("nan")], [t0 + 2, 650.0]]}
+    record = make_record(0, passing(), system_metrics=series)
+    parent_id = tracker.start_sweep(milestone="smoke", sweep_key="sweep0009")
+    child = tracker.log_trial(parent_id, record)
+    cpu = client.get_metric_history(child, "system/cpu_utilization_percentage")
+    assert [(m.step, m.value, m.timestamp) for m in sorted(cpu, key=lambda m: m.step)] == [
+        (i, 10.0 * i, int((t0 + i) * 1000)) for i in range(5)]
+    power = client.get_metric_history(child, "system/gpu_0_power_usage_watts")
+    assert sorted((m.step, m.value) for m in power) == [(0, 300.0), (2, 650.0)]  # NaN left out
+    assert "system/cpu_utilization_percentage" not in client.get_run(parent_id).data.metrics
+    [stored] = tracker.trial_records(parent_id)
+    assert stored.system_metrics["cpu_utilization_percentage"][4] == [t0 + 4, 40.0]
+
+
+def test_an_existing_experiment_without_a_kind_gets_the_runs_view(store):
+    client = MlflowClient(store)
+    experiment_id = client.create_experiment("made-elsewhere")
+    assert "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags
+    Tracker(store, experiment="made-elsewhere")
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -149,11 +149,11 @@ def format_sweep_note(records: Sequence[TrialRecord], verdict: str, milestone: s
     if worst:
         lines += ["", "| criterion | worst margin (% of threshold) | trial |", "|---|---|---|"]
         lines += [f"| {name} | {pct:+.1f}% | #{r.index} {describe(r)} |" for name, (pct, r) in worst.items()]
-    lines += ["", format_markdown(records).rstrip("\n"), "",
+    lines += ["", format_markdown(records, reason_width=48).rstrip("\n"), "",
               "Cells: figure, ok/FAIL, margin as % of the threshold (positive passes). "
               "\"noisy\": the benchmark found the repetitions too spread or too short; "
-              "the verdict stands but the figure should be measured again. "
-              "Full precision: summary.csv; plots: plots/."]
+              "the verdict stands but the figure should be measured again (each trial's description "
+              "says why). Full precision: summary.csv; plots: plots/."]
     return "\n".join(lines) + "\n"
 
 
@@ -201,9 +201,10 @@ def format_table(records: Sequence[TrialRecord]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def format_markdown(records: Sequence[TrialRecord]) -> str:
-    """The same table as `format_table`, as a GitHub-flavoured markdown table."""
-    header, rows = _cells(records, reason_width=200)
+def format_markdown(records: Sequence[TrialRecord], reason_width: int = 200) -> str:
+    """The same table as `format_table`, as a GitHub-flavoured markdown table (verdicts and
+    reasons clipped to `reason_width` characters)."""
+    header, rows = _cells(records, reason_width=reason_width)
     if not rows:
         return "(no trials)\n"
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731

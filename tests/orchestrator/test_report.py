@@ -201,7 +201,7 @@ def test_worst_margin_per_criterion_and_the_notes():
     note = format_sweep_note(records, "FAIL", milestone="m10", title="Milestone 10", status="KILLED")
     assert note.startswith("**FAIL: 1 of 4 trials passed (1 FAIL, 1 ERROR, 1 SKIPPED)** (m10 Milestone 10)")
     assert "The sweep was KILLED" in note and "| fill_rate | -21.6% | #1 float16 ctx=17 L3 H6/2 |" in note
-    assert format_markdown(records).strip() in note
+    assert format_markdown(records, reason_width=48).strip() in note
     trial = format_trial_note(records[1])
     assert trial.startswith("**FAIL**  float16 ctx=17 L3 H6/2")
     assert "| fill_rate | fill_rate_pos_s | 98.06 | > 125 | -26.94 | -21.6% | FAIL |" in trial

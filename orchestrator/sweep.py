@@ -308,7 +308,7 @@ def _describe_devices(devices: Sequence[Device]) -> str:
 
 
 def format_ending(sweep: Sweep, records: Sequence[TrialRecord], status: str, uri: str,
-                  parent_id: str | None, spool_path: Any = None) -> str:
+                  parent_id: str | None, spool_path: Any = None, experiment_id: str | None = None) -> str:
     """What the driver prints at the end: the table, the sweep's verdict line, the worst margin
     per criterion, and where to look (the parent run id, the UI command, or the spool)."""
     complete = status == "FINISHED"
@@ -327,9 +327,12 @@ def format_ending(sweep: Sweep, records: Sequence[TrialRecord], status: str, uri
     elif spool_path is not None:
         lines.append(f"MLflow was unreachable: the sweep is in the spool {spool_path}; "
                      f"upload it with `python -m orchestrator.sync`")
-    lines.append(f"open: mlflow ui --backend-store-uri {uri}   "
-                 f"(compare with an earlier sweep: python -m orchestrator.compare --last 2 "
-                 f"--milestone {sweep.milestone})")
+    lines.append(f"open: mlflow ui --backend-store-uri {uri}")
+    if parent_id and experiment_id:
+        # MLflow 3.17's UI opens in its GenAI mode unless the address asks for model training
+        lines.append(f"then: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{parent_id}"
+                     f"?workflowType=machine_learning")
+    lines.append(f"compare with the sweep before: python -m orchestrator.compare --last 2 --milestone {sweep.milestone}")
     return "\n".join(lines) + "\n"
 
 
@@ -389,7 +392,8 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
         recorder.close()
         cluster.close()
     spooled = recorder.spool_path.exists()  # left there only while MLflow is away
+    experiment_id = getattr(recorder.tracker, "experiment_id", None)
     out.write(format_ending(sweep, everything, status, uri, None if spooled else recorder.parent_id,
-                            recorder.spool_path))
+                            recorder.spool_path, experiment_id))
     out.flush()
     return INTERRUPTED_STATUS if status == "KILLED" else exit_status(everything)

@@ -99,7 +99,8 @@ def main() -> int:
                     close.first.click()
                     time.sleep(1)
                 if name == "experiment.png":  # show the newest sweep's trials under it
-                    toggles = page.locator('[aria-label*="xpand"], [title*="xpand"], .ag-group-contracted')
+                    toggles = page.locator('[aria-label*="xpand"], [title*="xpand"], .ag-group-contracted, '
+                                           '.ag-row button, [role="row"] [role="gridcell"] button')
                     if toggles.count():
                         toggles.first.click()
                         time.sleep(3)

@@ -299,7 +299,8 @@ def test_the_command_interrupted_with_ctrl_c_then_resumed_runs_smoke_end_to_end(
 
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.rstrip().endswith(f"mlflow ui --backend-store-uri {uri}")
+    assert f"\nopen: mlflow ui --backend-store-uri {uri}\n" in done.stdout
+    assert "\nverdict PASS: 2 of 2 trials passed" in done.stdout and "\nworst margin per criterion" in done.stdout
     assert "[smoke] resuming: 1 trials already recorded" in done.stderr
     assert "[smoke] 1/1 done" in done.stderr
 

@@ -75,7 +75,7 @@ def run(cfg: DictConfig, cwd: str) -> int:
         print("\ninterrupted; run the same command again to go on from what was recorded", file=sys.stderr)
         return INTERRUPTED_STATUS
     except MilestoneMissing as error:
-        print(usage(), file=sys.stderr)
+        print(usage())  # the how-to on stdout; the one error line on stderr
         print(f"error: {error}", file=sys.stderr)
     except ValueError as error:  # configuration mistakes only: trials never raise
         print(f"error: bad configuration: {error}", file=sys.stderr)

@@ -153,3 +153,29 @@ def test_sampler_reads_the_gpu_through_nvml_with_mlflows_names():
     assert series["gpu_0_power_usage_percentage"][0][1] == 50.0
     with pytest.raises(ValueError, match="interval_s must be > 0"):
         SystemSampler(interval_s=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_real_gpu_the_state_and_the_samples_come_from_nvml():
+    import torch
+
+    from orchestrator.trial import trial_gpu_uuid
+
+    uuid = trial_gpu_uuid("cuda:0")
+    assert uuid.startswith("GPU-")
+    state = read_device_state(uuid, settle_s=0.0)
+    assert state["gpu_state"] == "read"
+    for key in ("gpu_sm_clock_mhz", "gpu_mem_clock_mhz", "gpu_power_limit_w"):
+        assert float(state[key]) > 0, (key, state[key])
+    assert state["gpu_persistence_mode"] in ("on", "off") and state["gpu_ecc"] in ("on", "off")
+    with SystemSampler(gpu_uuid=uuid, interval_s=0.2) as sampler:
+        x = torch.randn(4096, 4096, device="cuda:0")
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            x = x @ x
+            x /= x.norm()
+        torch.cuda.synchronize()
+    series = sampler.series()
+    assert max(v for _, v in series["gpu_0_memory_usage_megabytes"]) > 60  # our 64 MB matrix at least
+    assert max(v for _, v in series["gpu_0_power_usage_watts"]) > 0

@@ -69,8 +69,12 @@ Key decisions:
   the values of secret-named environment variables are masked. The config artifact gets the
   same treatment. Nothing is read from the environment to log.
 - Where people look (MLflow 3's UI): the experiment carries the tag
-  `mlflow.experimentKind=custom_model_development`, which makes the UI open it on its runs
-  (without it MLflow 3.17 opens an empty GenAI traces page). Run names carry the verdict: the
+  `mlflow.experimentKind=custom_model_development`, the experiment type MLflow 3's UI reads
+  (and writes when a user picks one) to show an experiment as model training, its runs, rather
+  than as a GenAI app (traces). MLflow 3.17's UI with its sidebar switch takes the mode from
+  the address instead (`?workflowType=machine_learning`, else the browser's last choice,
+  GenAI at first): the driver prints the parent run's address with that parameter (sweep.py).
+  Run names carry the verdict: the
   parent is renamed at the end to "<verdict> <passed>/<trials> <milestone>-<key>", a child is
   "<index> <verdict>[ noisy] <dtype ctx layers heads>". Each run's description (the
   `mlflow.note.content` tag, the run page's Description) holds its summary: the parent's the
@@ -150,8 +154,8 @@ ALLOWED_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "da
 SWEEP_STATUSES = ("FINISHED", "KILLED", "FAILED")
 # Parent-only tags: everything else on the parent is a sweep tag that children repeat.
 _PARENT_ONLY_TAGS = {"run_type", "verdict", "resumes", "git_commit", "git_dirty", "complete"}
-# The experiment tag MLflow 3's UI reads to choose the experiment's default view; this value
-# opens the runs table ("Model training"), not the GenAI traces page.
+# The experiment tag MLflow 3's UI reads as the experiment's type; this value is "model
+# training" (runs), not a GenAI app (traces). See the module doc for 3.17's address parameter.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (markdown)

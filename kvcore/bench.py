@@ -1180,6 +1180,45 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+# --help text of every BenchConfig field: meaning, unit, valid values. Where the default
+# differs from what the orchestrator runs (conf/config.yaml, conf/model/llama7b.yaml), the
+# text says so and why.
+_HELP: dict[str, str] = {
+    "num_layers": "transformer layers, each with its own K and V buffers (positive int)",
+    "num_heads": "query heads per layer (positive int, a multiple of --num-kv-heads)",
+    "num_kv_heads": "K/V heads per layer (positive int dividing --num-heads; fewer than --num-heads "
+                    "is grouped-query attention); unset: equal to --num-heads, as the orchestrator's "
+                    "llama7b (32)",
+    "head_dim": "elements per head (positive int)",
+    "context_length": "positions the cache holds, its capacity and the target context (positive int); "
+                      "the orchestrator takes it from the milestone (m10: 16384, smoke: 256)",
+    "dtype": "cache storage dtype: float32, float16, bfloat16, int8 or float8_e4m3fn (8-bit caches "
+             "store per-position scales and take float16 inputs)",
+    "sink_positions": "first positions kept forever, never overwritten by the ring (StreamingLLM "
+                      "attention sinks); int in [0, context length). The orchestrator runs 4 "
+                      "(cache.sink_positions); 0 here keeps a plain ring, the seed's cache: pass "
+                      "--sink-positions 4 to measure what a sweep measures",
+    "weights_gb": "GB (10^9 bytes) of random weights streamed by every decode step, standing in for "
+                  "the model (7B in Q4_K: 4.0); 0 streams none; float >= 0",
+    "repetitions": "timed repetitions of each region; the median is reported with min and max "
+                   "(positive int)",
+    "device": "where to run: cpu, cuda or cuda:N",
+    "decode_steps": "decode steps per timed repetition, fewer when one step outlasts --rep-budget-s "
+                    "(positive int)",
+    "prefill_chunk": "positions per extend() call in the prefill region (positive int); the "
+                     "orchestrator uses this default",
+    "seed": "seed of the random inputs (int)",
+    "weights_dtype": "dtype of the streamed weights: float16 or bfloat16",
+    "rep_budget_s": "time box of one repetition of one region, seconds (float > 0); smoke uses 0.2",
+    "min_region_s": "a repetition shorter than this many seconds makes the trial invalid (too short "
+                    "to time); float > 0",
+    "max_spread": "max/min rate across repetitions above this ratio makes the trial invalid "
+                  "(noisy); float >= 1",
+    "copy_gb": "GB of the device-to-device copy that measures the bandwidth roofline (float > 0); "
+               "unset: 1.0 on CUDA, 0.25 on CPU",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit status 2
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -1187,14 +1226,18 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m kvcore.bench",
-                     description="One benchmark trial of the streaming KV cache.")
+                     description="One benchmark trial of the streaming KV cache: fill, retrieve and "
+                                 "decode rates with their bandwidth, memory figures and checks. "
+                                 "Defaults are the seed's 7B shape (Llama-2-7B) at 16384 positions.",
+                     epilog="Prints a table and one JSON line of every figure. Rates are per second "
+                            "(median of the repetitions); GB are 10^9 bytes.")
     defaults = BenchConfig()
     types = {"num_kv_heads": int, "copy_gb": float}
     for f in fields(BenchConfig):
         kind = types.get(f.name, type(getattr(defaults, f.name)))
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
                             default=getattr(defaults, f.name),
-                            help=f"default: {getattr(defaults, f.name)}")
+                            help=f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {getattr(defaults, f.name)})")
     return parser
 
 

@@ -319,6 +319,12 @@ def _plain(container: Mapping[str, Any]) -> dict[str, str]:
             for path, value in flatten(container).items()}
 
 
+def swept_params(params: Mapping[str, str], axes: Sequence[Axis]) -> dict[str, str]:
+    """The sweep's params with each grid axis's values in place of the base value the grid
+    replaces (`cache.dtype` = '["float16"]', not the unused default 'float32')."""
+    return {**params, **{path: json.dumps(list(values)) for path, values in axes}}
+
+
 def load_sweep(cfg: DictConfig, cwd: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Sweep:
     """Check a composed config and expand its grid; ValueError for any configuration mistake."""
     if OmegaConf.is_missing(cfg.milestone, "name"):
@@ -382,7 +388,7 @@ def load_sweep(cfg: DictConfig, cwd: str | os.PathLike[str], overrides: Sequence
         experiment=container["tracking"]["experiment"],
         resume=container["resume"],
         spool_dir=str(spool_dir),
-        params=_plain(container),
+        params=swept_params(_plain(container), axes),
         config_yaml=OmegaConf.to_yaml(container),
         overrides=tuple(overrides),
     )

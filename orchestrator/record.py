@@ -50,6 +50,9 @@ class TrialRecord:
     attempts: int = 1
     started_at: float = 0.0  # unix seconds
     finished_at: float = 0.0  # unix seconds
+    # sampled while the trial ran (orchestrator/sampler.py): name -> [[unix s, value], ...],
+    # e.g. "cpu_utilization_percentage", "gpu_0_power_usage_watts"
+    system_metrics: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert self.status in STATUSES, f"unknown status {self.status!r}"

@@ -5,9 +5,18 @@ end of a sweep; the tracking module attaches `format_markdown`, `format_csv` and
 the sweep's parent run (`summary.md`, `summary.csv`, `plots/<criterion>.png`).
 
 Key decisions:
-- One row per trial. A criterion's column shows the figure it judged and whether it passed
-  ("1,234 ok" / "98.10 FAIL"; "-" when the trial produced no figure), so the threshold sits in
-  the header and each cell reads on its own. ERROR and SKIPPED trials show their reason.
+- One row per trial. A criterion's column shows the figure it judged, whether it passed and
+  its margin as a percentage of the threshold ("1,234 ok +23.4%" / "98.10 FAIL -21.5%"; "-"
+  when the trial produced no figure), so the threshold sits in the header and each cell reads
+  on its own. ERROR and SKIPPED trials show their reason.
+- Every row names where it ran: the device (`device_name`), the host and the GPU's UUID (the
+  terminal shows its first 8 hex digits, the markdown and CSV the whole UUID).
+- A trial whose figures the benchmark itself found untrustworthy (`valid` = 0: repetitions
+  spread too far, a region too short, a shared GPU) keeps its verdict, flagged: "PASS, noisy:
+  <why>". The criteria judged the median; a noisy median can pass by luck, so read it again.
+- `margin_pct` = margin / |threshold| x 100: how far past the threshold a figure is, in the
+  same sense for ">" and "<" criteria (positive passes). `worst_margins` gives the smallest
+  per criterion over a sweep: the trial closest to failing.
 - The main parameters are looked up by their config paths (`cache.dtype`,
   `milestone.context_length`, `model.num_layers`, ...), falling back to any flattened key with
   the same last component, so a renamed prefix does not blank the table.
@@ -61,12 +70,124 @@ def describe(record: TrialRecord) -> str:
     return " ".join(parts) or record.trial_key[:12]
 
 
+def margin_pct(outcome: CriterionOutcome) -> float | None:
+    """The outcome's margin as a percentage of its threshold (None without a figure, or for a
+    threshold of 0, where a percentage means nothing)."""
+    if outcome.margin is None or not _finite(outcome.margin) or outcome.threshold == 0:
+        return None
+    return 100.0 * outcome.margin / abs(outcome.threshold)
+
+
+def noisy_reason(record: TrialRecord) -> str | None:
+    """Why the benchmark found the trial's figures untrustworthy (metric `valid` = 0), else None."""
+    if record.status != "OK" or record.metrics.get("valid", 1.0) != 0.0:
+        return None
+    return " ".join(record.info.get("invalid_reason", "").split()) or "the benchmark marked it invalid"
+
+
+def verdict_label(record: TrialRecord) -> str:
+    """The verdict as people should read it: 'PASS', or 'PASS, noisy: <why>' for an invalid trial."""
+    why = noisy_reason(record)
+    return record.verdict if why is None else f"{record.verdict}, noisy: {why}"
+
+
+def where(record: TrialRecord) -> dict[str, str]:
+    """Where the trial ran: {'device', 'host', 'gpu_uuid'} ('' where unknown)."""
+    info = record.info
+    return {
+        "device": info.get("device_name") or info.get("trial_device", ""),
+        "host": info.get("hostname", ""),
+        "gpu_uuid": info.get("gpu_uuid", ""),
+    }
+
+
+def worst_margins(records: Sequence[TrialRecord]) -> dict[str, tuple[float, TrialRecord]]:
+    """Per criterion, the smallest margin in % of the threshold over the judged trials and the
+    trial it belongs to (criteria no trial produced a figure for are left out)."""
+    worst: dict[str, tuple[float, TrialRecord]] = {}
+    for r in _ordered(records):
+        for c in r.criteria:
+            pct = margin_pct(c)
+            if pct is not None and (c.name not in worst or pct < worst[c.name][0]):
+                worst[c.name] = (pct, r)
+    return worst
+
+
+def sweep_verdict_line(records: Sequence[TrialRecord], verdict: str) -> str:
+    """One line for the whole sweep, e.g. 'FAIL: 3 of 4 trials passed (1 FAIL), 2 noisy'."""
+    counts = {v: sum(r.verdict == v for r in records) for v in ("PASS", "FAIL", "ERROR", "SKIPPED")}
+    others = ", ".join(f"{n} {v}" for v, n in counts.items() if v != "PASS" and n)
+    noisy = sum(noisy_reason(r) is not None for r in records)
+    text = f"{verdict}: {counts['PASS']} of {_trials(len(records))} passed"
+    text += f" ({others})" if others else ""
+    return text + (f", {noisy} noisy (figures to read again, see the verdict column)" if noisy else "")
+
+
+def format_worst_margins(records: Sequence[TrialRecord]) -> str:
+    """'worst margin: fill_rate +1.5% (#0), ...' in the criteria's order ('' without figures)."""
+    worst = worst_margins(records)
+    if not worst:
+        return ""
+    return "worst margin per criterion (% of threshold): " + ", ".join(
+        f"{name} {pct:+.1f}% (#{r.index})" for name, (pct, r) in worst.items())
+
+
+def format_sweep_note(records: Sequence[TrialRecord], verdict: str, milestone: str = "", title: str = "",
+                      status: str = "FINISHED") -> str:
+    """The parent run's description (markdown): the verdict, where the trials ran, the worst
+    margins and the whole table, so the MLflow run page answers "did it pass, on what, by how
+    much" without opening an artifact."""
+    head = " ".join(x for x in (milestone, title) if x)
+    lines = [f"**{sweep_verdict_line(records, verdict)}**" + (f" ({head})" if head else "")]
+    if status != "FINISHED":
+        lines.append(f"The sweep was {status}: trials it did not run count as not passed.")
+    places = sorted({" / ".join(x for x in (w["device"], w["host"], w["gpu_uuid"]) if x)
+                     for w in map(where, records)} - {""})
+    if places:
+        lines.append("Ran on: " + "; ".join(places))
+    worst = worst_margins(records)
+    if worst:
+        lines += ["", "| criterion | worst margin (% of threshold) | trial |", "|---|---|---|"]
+        lines += [f"| {name} | {pct:+.1f}% | #{r.index} {describe(r)} |" for name, (pct, r) in worst.items()]
+    lines += ["", format_markdown(records, reason_width=48).rstrip("\n"), "",
+              "Cells: figure, ok/FAIL, margin as % of the threshold (positive passes). "
+              "\"noisy\": the benchmark found the repetitions too spread or too short; "
+              "the verdict stands but the figure should be measured again (each trial's description "
+              "says why). Full precision: summary.csv; plots: plots/."]
+    return "\n".join(lines) + "\n"
+
+
+def format_trial_note(record: TrialRecord) -> str:
+    """A child run's description (markdown): verdict, where it ran and its criteria as a table."""
+    lines = [f"**{verdict_label(record)}**  {describe(record)}"]
+    if record.reason:
+        lines.append(f"Reason: {record.reason}")
+    w = where(record)
+    place = ", ".join(f"{k} {v}" for k, v in w.items() if v)
+    if place:
+        lines.append(f"Ran on: {place}")
+    if record.criteria:
+        lines += ["", "| criterion | figure | value | threshold | margin | margin % | result |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in record.criteria:
+            pct = margin_pct(c)
+            lines.append(
+                f"| {c.name} | {c.metric} | {'-' if c.value is None else _fmt(c.value)} | "
+                f"{c.op} {_fmt_threshold(c.threshold)} | {'-' if c.margin is None else _fmt(c.margin)} | "
+                f"{'-' if pct is None else f'{pct:+.1f}%'} | {'ok' if c.passed else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _trials(n: int) -> str:
+    return f"{n} trial" + ("" if n == 1 else "s")
+
+
 def format_table(records: Sequence[TrialRecord]) -> str:
     """One row per trial: main params, each criterion's figure and pass/fail, the verdict.
 
     Plain text with aligned columns (numbers right-aligned), for a terminal.
     """
-    header, rows = _cells(records)
+    header, rows = _cells(records, full_uuid=False)
     if not rows:
         return "(no trials)"
     numeric = [all(_is_numeric_cell(r[i]) for r in rows) for i in range(len(header))]
@@ -80,9 +201,10 @@ def format_table(records: Sequence[TrialRecord]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def format_markdown(records: Sequence[TrialRecord]) -> str:
-    """The same table as `format_table`, as a GitHub-flavoured markdown table."""
-    header, rows = _cells(records)
+def format_markdown(records: Sequence[TrialRecord], reason_width: int = 200) -> str:
+    """The same table as `format_table`, as a GitHub-flavoured markdown table (verdicts and
+    reasons clipped to `reason_width` characters)."""
+    header, rows = _cells(records, reason_width=reason_width)
     if not rows:
         return "(no trials)\n"
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
@@ -94,8 +216,10 @@ def format_markdown(records: Sequence[TrialRecord]) -> str:
 def format_csv(records: Sequence[TrialRecord]) -> str:
     """Machine-readable summary: one row per trial with full-precision figures.
 
-    Columns: index, trial_key, the main params, verdict, status, reason, attempts, every metric
-    any trial reported (sorted), then `criterion.<name>` (pass/fail, empty when not judged).
+    Columns: index, trial_key, the main params, verdict, status, reason, attempts, device, host,
+    gpu_uuid, noisy (why the figures are untrustworthy, empty when they are not), every metric
+    any trial reported (sorted), then per criterion `criterion.<name>` (pass/fail, empty when
+    not judged), `criterion.<name>.margin` and `criterion.<name>.margin_pct` (% of threshold).
     """
     records = _ordered(records)
     metric_names = sorted({m for r in records for m in r.metrics})
@@ -104,17 +228,26 @@ def format_csv(records: Sequence[TrialRecord]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
         ["index", "trial_key", *(t for t, _ in MAIN_PARAMS), "verdict", "status", "reason",
-         "attempts", *metric_names, *(f"criterion.{c}" for c in crit_names)]
+         "attempts", "device", "host", "gpu_uuid", "noisy", *metric_names,
+         *(f"criterion.{c}{part}" for c in crit_names for part in ("", ".margin", ".margin_pct"))]
     )
     for r in records:
         crits = {c.name: c for c in r.criteria}
         writer.writerow(
             [r.index, r.trial_key, *("" if v is None else v for v in main_params(r).values()),
-             r.verdict, r.status, r.reason, r.attempts,
+             r.verdict, r.status, r.reason, r.attempts, *where(r).values(), noisy_reason(r) or "",
              *(repr(float(r.metrics[m])) if m in r.metrics else "" for m in metric_names),
-             *(("pass" if crits[c].passed else "fail") if c in crits else "" for c in crit_names)]
+             *(cell for c in crit_names for cell in _csv_criterion(crits.get(c)))]
         )
     return out.getvalue()
+
+
+def _csv_criterion(outcome: CriterionOutcome | None) -> tuple[str, str, str]:
+    if outcome is None:
+        return "", "", ""
+    pct = margin_pct(outcome)
+    return ("pass" if outcome.passed else "fail", "" if outcome.margin is None else repr(float(outcome.margin)),
+            "" if pct is None else repr(pct))
 
 
 def write_plots(records: Sequence[TrialRecord], out_dir: str | Path, title: str = "") -> list[Path]:
@@ -170,10 +303,13 @@ def write_plots(records: Sequence[TrialRecord], out_dir: str | Path, title: str 
 # ---- table cells -------------------------------------------------------------------------
 
 
-def _cells(records: Sequence[TrialRecord]) -> tuple[list[str], list[list[str]]]:
+def _cells(records: Sequence[TrialRecord], full_uuid: bool = True,
+           reason_width: int | None = _REASON_WIDTH) -> tuple[list[str], list[list[str]]]:
     records = _ordered(records)
     crit_names = _criterion_names(records)
     shown = [t for t, _ in MAIN_PARAMS if any(main_params(r)[t] is not None for r in records)]
+    places = [where(r) for r in records]
+    place_cols = [k for k in ("device", "host", "gpu_uuid") if any(p[k] for p in places)]
     header = ["#", *shown]
     for name in crit_names:
         outcomes = [c for r in records for c in r.criteria if c.name == name]
@@ -181,19 +317,31 @@ def _cells(records: Sequence[TrialRecord]) -> tuple[list[str], list[list[str]]]:
         rule = f" {outcomes[0].op}{_fmt_threshold(outcomes[0].threshold)}" if len(thresholds) == 1 else ""
         header.append(f"{name}{rule}")
     header.append("verdict")
+    header += ["gpu" if k == "gpu_uuid" and not full_uuid else k for k in place_cols]
     with_reason = any(r.reason for r in records)
     if with_reason:
         header.append("reason")
+
+    def clip(text: str) -> str:
+        text = " ".join(text.split())
+        if reason_width is None or len(text) <= reason_width:
+            return text
+        return text[: reason_width - 3] + "..."
+
     rows = []
-    for r in records:
+    for r, place in zip(records, places):
         p = main_params(r)
         crits = {c.name: c for c in r.criteria}
         row = [str(r.index), *("-" if p[t] is None else str(p[t]) for t in shown)]
         row += [_criterion_cell(crits.get(name)) for name in crit_names]
-        row.append(r.verdict)
+        row.append(clip(verdict_label(r)))
+        for k in place_cols:
+            value = place[k] or "-"
+            if k == "gpu_uuid" and not full_uuid and value != "-":
+                value = value[:12]  # "GPU-" and 8 hex digits tell the cards of a host apart
+            row.append(value)
         if with_reason:
-            reason = " ".join(r.reason.split())
-            row.append(reason if len(reason) <= _REASON_WIDTH else reason[: _REASON_WIDTH - 3] + "...")
+            row.append(clip(r.reason))
         rows.append(row)
     return header, rows
 
@@ -201,7 +349,9 @@ def _cells(records: Sequence[TrialRecord]) -> tuple[list[str], list[list[str]]]:
 def _criterion_cell(outcome: CriterionOutcome | None) -> str:
     if outcome is None or not _finite(outcome.value):
         return "-"
-    return f"{_fmt(outcome.value)} {'ok' if outcome.passed else 'FAIL'}"
+    pct = margin_pct(outcome)
+    tail = "" if pct is None else f" {pct:+.1f}%"
+    return f"{_fmt(outcome.value)} {'ok' if outcome.passed else 'FAIL'}{tail}"
 
 
 def _fmt_threshold(value: float) -> str:
@@ -209,7 +359,8 @@ def _fmt_threshold(value: float) -> str:
 
 
 def _is_numeric_cell(cell: str) -> bool:
-    return cell == "-" or bool(re.fullmatch(r"-?[\d,]+(\.\d+)?(e[+-]?\d+)?( ok| FAIL)?", cell))
+    return cell == "-" or bool(
+        re.fullmatch(r"-?[\d,]+(\.\d+)?(e[+-]?\d+)?( ok| FAIL)?( [+-][\d.]+%)?", cell))
 
 
 def _fmt(value: float) -> str:

@@ -55,6 +55,25 @@ CONNECT_TIMEOUT_S = 5.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+class _TokenAuthNotice(logging.Filter):
+    """Ray 2.60 logs, whenever it starts a local cluster with token authentication on by
+    default, "Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out",
+    which reads as advice to turn security off. Token authentication stays on; the line is
+    rephrased to say so (and where the token lives), without the advice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "to opt out" in str(record.msg) and "Token authentication is enabled" in str(record.msg):
+            record.msg = ("Ray: token authentication is on for this local cluster (token in "
+                          "~/.ray/auth_token); workers that join need the same token")
+            record.args = ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
+logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
+
+
 class ClusterUnreachable(ValueError):
     """cluster.address (or RAY_ADDRESS) names no reachable Ray cluster."""
 

@@ -102,6 +102,7 @@ def make_record(spec: TrialSpec, result: dict[str, Any], criteria: Sequence[Crit
         attempts=int(result.get("attempt", 1)) if attempts is None else attempts,
         started_at=result.get("started_at", 0.0),
         finished_at=result.get("finished_at", 0.0),
+        system_metrics={k: [list(p) for p in v] for k, v in result.get("system_metrics", {}).items()},
     )
 
 
@@ -306,6 +307,39 @@ def _describe_devices(devices: Sequence[Device]) -> str:
     return "; ".join(f"{n} x {text}" for text, n in counts.items()) or "no devices"
 
 
+def format_ending(sweep: Sweep, records: Sequence[TrialRecord], status: str, uri: str,
+                  parent_id: str | None, spool_path: Any = None, experiment_id: str | None = None) -> str:
+    """What the driver prints at the end: the table, the sweep's verdict line, the worst margin
+    per criterion, and where to look (the parent run id, the UI command, or the spool)."""
+    complete = status == "FINISHED"
+    verdict = "PASS" if complete and records and all(r.verdict == "PASS" for r in records) else "FAIL"
+    n = len(records)
+    lines = [f"\n{sweep.milestone} {sweep.title}: {n} trial{'s' * (n != 1)}",
+             report.format_table(records), ""]
+    lines.append(f"verdict {report.sweep_verdict_line(records, verdict)}"
+                 + ("" if complete else f" (sweep {status}: not every trial ran)"))
+    worst = report.format_worst_margins(records)
+    if worst:
+        lines.append(worst)
+    if parent_id:
+        lines.append(f"MLflow: experiment {sweep.experiment!r}, parent run {parent_id} "
+                     f"(its description holds this table; per-trial runs under it)")
+    elif spool_path is not None:
+        lines.append(f"MLflow was unreachable: the sweep is in the spool {spool_path}; "
+                     f"upload it with `python -m orchestrator.sync`")
+    lines.append(f"compare with the sweep before: python -m orchestrator.compare --last 2 --milestone {sweep.milestone}")
+    hint = open_hint(uri, experiment_id, parent_id)
+    if hint.startswith("mlflow ui "):
+        lines.append(f"open: {hint}")
+        if parent_id and experiment_id:
+            # MLflow 3.17's UI opens in its GenAI mode unless the address asks for model training
+            lines.append(f"then: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{parent_id}"
+                         f"?{MODEL_TRAINING_VIEW}")
+    else:  # a server: its own page of the parent run, last, so scripts can take the last line
+        lines.append(hint)
+    return "\n".join(lines) + "\n"
+
+
 def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run the whole sweep (see the module docstring); returns the exit status: 0 every trial
     passed, 1 not, 130 interrupted (Ctrl-C).
@@ -361,9 +395,9 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
     finally:
         recorder.close()
         cluster.close()
-    out.write(f"\n{sweep.milestone} {sweep.title}: {len(everything)} trials\n")
-    out.write(report.format_table(everything) + "\n\n")
-    experiment_id = recorder.tracker.experiment_id if recorder.tracker is not None else None
-    out.write(open_hint(uri, experiment_id, recorder.parent_id) + "\n")
+    spooled = recorder.spool_path.exists()  # left there only while MLflow is away
+    experiment_id = getattr(recorder.tracker, "experiment_id", None)
+    out.write(format_ending(sweep, everything, status, uri, None if spooled else recorder.parent_id,
+                            recorder.spool_path, experiment_id))
     out.flush()
     return INTERRUPTED_STATUS if status == "KILLED" else exit_status(everything)

@@ -75,6 +75,33 @@ Key decisions:
   so such a refusal is never spooled. Credentials stay in MLFLOW_TRACKING_USERNAME / _PASSWORD,
   read by MLflow at each request (a sync uses the ones set when it runs). `open_hint` names what
   to open at the end: the server's page of the parent run, or `mlflow ui` for a local store.
+- Where people look (MLflow 3's UI): the experiment carries the tag
+  `mlflow.experimentKind=custom_model_development`, the experiment type MLflow 3's UI reads
+  (and writes when a user picks one) to show an experiment as model training, its runs, rather
+  than as a GenAI app (traces). MLflow 3.17's UI with its sidebar switch takes the mode from
+  the address instead (`?workflowType=machine_learning`, else the browser's last choice,
+  GenAI at first): the driver prints the parent run's address with that parameter (sweep.py).
+  Run names carry the verdict: the
+  parent is renamed at the end to "<verdict> <passed>/<trials> <milestone>-<key>", a child is
+  "<index> <verdict>[ noisy] <dtype ctx layers heads>". Each run's description (the
+  `mlflow.note.content` tag, the run page's Description) holds its summary: the parent's the
+  sweep's verdict line, where it ran, the worst margin per criterion and the whole table
+  (report.format_sweep_note); a child's its criteria with value, threshold and margin
+  (report.format_trial_note). A child's criterion figures are also logged as
+  `criteria/<criterion>` (the figure) and `criteria/<criterion>.margin_pct`, a section of
+  their own in the run's charts; the parent logs `worst_margin_pct/<criterion>`.
+- Run status against verdict: MLflow shows a run's status as a green check (FINISHED) or a
+  red cross (FAILED); a green check on a failed sweep misleads. So a run's status follows its
+  verdict: a trial that PASSed is FINISHED, one that FAILed or ERRORed is FAILED, a SKIPPED one
+  KILLED; a sweep that ran every trial is FINISHED when its verdict is PASS and FAILED when it
+  is FAIL (tag `complete=true` in both cases); a sweep stopped early keeps the status it was
+  given (KILLED, FAILED) without `complete`. Resume reopens only a parent that is neither
+  FINISHED nor `complete`. The `verdict` tag stays the one source of truth for scripts.
+- System metrics: a trial samples CPU, host memory and (through NVML) its GPU's utilisation,
+  memory and power every second in its worker (orchestrator/sampler.py) and returns the series
+  in its record; the child run logs them as MLflow's own `system/...` metrics
+  (`system/cpu_utilization_percentage`, `system/gpu_0_power_usage_watts`, ...) with each
+  sample's timestamp and step, so the run's "System metrics" tab shows them.
 - A SQLite store keeps its artifacts next to the database (`<db dir>/mlartifacts/`), not in
   whatever directory the process runs from; `mlflow ui --backend-store-uri <uri>` serves both.
 """
@@ -119,6 +146,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.validation import (  # noqa: E402
+    MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
@@ -132,7 +160,12 @@ _log = logging.getLogger(__name__)
 ALLOWED_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks")
 SWEEP_STATUSES = ("FINISHED", "KILLED", "FAILED")
 # Parent-only tags: everything else on the parent is a sweep tag that children repeat.
-_PARENT_ONLY_TAGS = {"run_type", "verdict", "resumes", "git_commit", "git_dirty"}
+_PARENT_ONLY_TAGS = {"run_type", "verdict", "resumes", "git_commit", "git_dirty", "complete"}
+# The experiment tag MLflow 3's UI reads as the experiment's type; this value is "model
+# training" (runs), not a GenAI app (traces). See the module doc for 3.17's address parameter.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (markdown)
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.:-]+")
 # A key names a secret when one of its words is one of these, anywhere in the key ...
 _SECRET_WORDS = {
@@ -353,9 +386,12 @@ class Tracker:
             if found.lifecycle_stage == "deleted":
                 _log.warning("restoring the deleted MLflow experiment %r", self.experiment)
                 self.client.restore_experiment(found.experiment_id)
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before the tag existed, or elsewhere
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=artifact_location)
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as error:  # created meanwhile by another process
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -422,7 +458,7 @@ class Tracker:
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
-        if runs and runs[0].info.status != "FINISHED":
+        if runs and runs[0].info.status != "FINISHED" and runs[0].data.tags.get("complete") != "true":
             return runs[0]
         return None
 
@@ -460,12 +496,21 @@ class Tracker:
             self.client.log_artifacts(parent_id, tmp)
         now = int(time.time() * 1000)
         figures = {**(metrics or {}), "n_trials": len(everything), **counts}
+        figures.update({f"worst_margin_pct/{name}": pct
+                        for name, (pct, _) in report.worst_margins(everything).items()})
+        sweep_key = self._parent_sweep_tags(parent_id).get("sweep_key", "")
+        note = report.format_sweep_note(everything, verdict, milestone=milestone, status=status)
+        tags = [RunTag("verdict", verdict), RunTag(NOTE_TAG, _clip(note, MAX_TAG_VAL_LENGTH))]
+        if complete:
+            tags.append(RunTag("complete", "true"))
         self.client.log_batch(
             parent_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in figures.items() if math.isfinite(float(v))],
-            tags=[RunTag("verdict", verdict)],
+            tags=tags,
         )
-        self.client.set_terminated(parent_id, status)
+        self.client.update_run(parent_id, name=sweep_run_name(verdict, counts["n_pass"], len(everything),
+                                                              milestone, sweep_key))
+        self.client.set_terminated(parent_id, sweep_run_status(verdict, status))
         return verdict
 
     # -- trials ----------------------------------------------------------------------------
@@ -506,7 +551,7 @@ class Tracker:
         }
         run = self.client.create_run(
             self.experiment_id, start_time=start_ms, tags=identity,
-            run_name=f"{record.index:03d} {report.describe(record)}",
+            run_name=trial_run_name(record),
         )
         child_id = run.info.run_id
         tags = {k: _tag_value(v) for k, v in redact(record.info).items()}
@@ -515,6 +560,7 @@ class Tracker:
             status=record.status, reason=_tag_value(record.reason), attempts=str(record.attempts),
             trial_index=str(record.index), record_digest=digest,
         )
+        tags[NOTE_TAG] = report.format_trial_note(record)
         metrics = {k: float(v) for k, v in record.metrics.items()}
         metrics["attempts"] = float(record.attempts)
         for c in record.criteria:
@@ -522,14 +568,28 @@ class Tracker:
             metrics[f"criterion.{c.name}.threshold"] = float(c.threshold)
             if c.margin is not None:
                 metrics[f"criterion.{c.name}.margin"] = float(c.margin)
+            if c.value is not None:
+                metrics[f"criteria/{c.name}"] = float(c.value)
+            pct = report.margin_pct(c)
+            if pct is not None:
+                metrics[f"criteria/{c.name}.margin_pct"] = pct
         self._log_batch(child_id, params=redact(record.params), tags=tags, metrics=metrics,
                         timestamp_ms=end_ms)
+        self._log_system_metrics(child_id, record.system_metrics)
         self.client.log_text(child_id, record.to_json(), "result.json")
         # The verdict comes last: its presence marks the child complete.
         self.client.set_tag(child_id, "verdict", record.verdict)
-        run_status = "FAILED" if record.status == "ERROR" else "FINISHED"
-        self.client.set_terminated(child_id, run_status, end_time=end_ms)
+        self.client.set_terminated(child_id, trial_run_status(record.verdict), end_time=end_ms)
         return child_id
+
+    def _log_system_metrics(self, run_id: str, series: Mapping[str, Sequence[Sequence[float]]]) -> None:
+        """The trial's sampled series as MLflow system metrics: `system/<name>`, one point per
+        sample at its own time (unix s -> ms), steps 0, 1, ..."""
+        points = [Metric(f"system/{name}", float(value), int(float(t) * 1000), step)
+                  for name, samples in sorted(series.items())
+                  for step, (t, value) in enumerate(samples) if math.isfinite(float(value))]
+        for start in range(0, len(points), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=points[start : start + MAX_METRICS_PER_BATCH])
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -649,6 +709,52 @@ def read_sweep(uri: str, ref: str, experiment: str | None = None) -> StoredSweep
                        records)
 
 
+def last_sweeps(uri: str, milestone: str, n: int, experiment: str | None = None) -> list[str]:
+    """Parent run ids of the `n` newest complete sweeps (FINISHED or FAILED, tag complete) of
+    `milestone`, newest first; ValueError when there are fewer; TrackingUnavailable when the
+    store cannot be reached."""
+    _check_identifier("milestone", milestone)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        experiment_ids = _experiment_ids(client, experiment)
+        runs = client.search_runs(
+            experiment_ids, order_by=["attributes.start_time DESC"], max_results=1000,
+            filter_string=f"tags.run_type = 'sweep' and tags.milestone = '{milestone}'")
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise TrackingUnavailable(uri, "last_sweeps", error) from error
+        raise
+    done = [r.info.run_id for r in runs
+            if r.info.status == "FINISHED" or r.data.tags.get("complete") == "true"]
+    if len(done) < n:
+        raise ValueError(f"expected {n} complete sweeps of milestone {milestone!r} in the store at "
+                         f"{redact_text(uri)}, received {len(done)}; run the milestone again or name the "
+                         f"parent runs")
+    return done[:n]
+
+
+def log_comparison(uri: str, run_id: str, files: Mapping[str, str]) -> None:
+    """Attach a comparison's files ({artifact path: text}) to the parent run `run_id`."""
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        for path, text in files.items():
+            client.log_text(run_id, text, path)
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise TrackingUnavailable(uri, "log_comparison", error) from error
+        raise
+
+
+def _experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ValueError(f"expected an existing MLflow experiment, received --experiment {experiment!r}; "
+                             f"leave it out to search every experiment")
+        return [found.experiment_id]
+    return [e.experiment_id for e in client.search_experiments()]
+
+
 def _find_sweep_run(client: MlflowClient, ref: str, experiment: str | None) -> Any:
     if experiment:
         found = client.get_experiment_by_name(experiment)
@@ -677,6 +783,33 @@ def _find_sweep_run(client: MlflowClient, ref: str, experiment: str | None) -> A
         raise ValueError(f"expected one sweep for {ref!r}, received {len(keys)} sweep keys starting with it "
                          f"({', '.join(sorted(k[:12] for k in keys))}...): give more digits")
     return runs[0]
+
+
+# ---- names and statuses people read -------------------------------------------------------
+
+
+def sweep_run_name(verdict: str, passed: int, total: int, milestone: str, sweep_key: str) -> str:
+    """The parent run's name once judged, e.g. 'FAIL 3/4 m10-3f2a9c1e'."""
+    return f"{verdict} {passed}/{total} {milestone}-{sweep_key[:8]}"
+
+
+def trial_run_name(record: TrialRecord) -> str:
+    """A child run's name, e.g. '001 PASS float16 ctx=256 L2 H4/2' or '002 PASS noisy ...'."""
+    flag = " noisy" if report.noisy_reason(record) is not None else ""
+    return f"{record.index:03d} {record.verdict}{flag} {report.describe(record)}"
+
+
+def sweep_run_status(verdict: str, status: str) -> str:
+    """The parent's MLflow status: a complete sweep is FINISHED when it passed, FAILED when
+    not; a sweep stopped early (KILLED, FAILED) keeps that status (module doc)."""
+    if status != "FINISHED":
+        return status
+    return "FINISHED" if verdict == "PASS" else "FAILED"
+
+
+def trial_run_status(verdict: str) -> str:
+    """A child's MLflow status: PASS -> FINISHED, FAIL and ERROR -> FAILED, SKIPPED -> KILLED."""
+    return {"PASS": "FINISHED", "SKIPPED": "KILLED"}.get(verdict, "FAILED")
 
 
 def _check_identifier(what: str, value: str) -> None:
@@ -719,7 +852,7 @@ def _record_from_run(run: Any, parent_tags: Mapping[str, str]) -> TrialRecord:
             if not k.startswith(("mlflow.", "criterion.")) and k not in _CHILD_OWN_TAGS
             and k not in parent_tags}
     metrics = {k: v for k, v in run.data.metrics.items()
-               if k != "attempts" and not k.startswith("criterion.")}
+               if k != "attempts" and not k.startswith(("criterion.", "criteria/", "system/"))}
     return TrialRecord(
         trial_key=tags["trial_key"],
         index=int(tags.get("trial_index", "0")),
@@ -860,6 +993,11 @@ def _server_url(uri: str) -> str:
     return parsed._replace(netloc=netloc).geturl().rstrip("/")
 
 
+# MLflow 3.17's UI picks its GenAI or model-training view from the address, not from the
+# experiment's tags: an address with this query opens on the runs table.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def open_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
     """What to open to see a sweep: a server's page of its parent run
     (`http://host:port/#/experiments/<id>/runs/<run_id>`, no credentials), else the command
@@ -867,8 +1005,8 @@ def open_hint(uri: str, experiment_id: str | None = None, run_id: str | None = N
     if urlparse(uri).scheme.lower() in ("http", "https"):
         url = _server_url(uri)
         if experiment_id and run_id:
-            return f"{url}/#/experiments/{experiment_id}/runs/{run_id}"
+            return f"{url}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
         if experiment_id:
-            return f"{url}/#/experiments/{experiment_id}"
+            return f"{url}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
         return url
     return f"mlflow ui --backend-store-uri {uri}"

@@ -26,6 +26,14 @@ Key decisions:
   `model.checkpoint`), after the proxy benchmark has freed its memory; its figures join the
   result. Only then are `MODEL_FIELDS` trial parameters, so proxy trials keep their keys.
 
+Device state and system metrics (README "Reproducible figures"): at start the trial records
+its device's state in `info` (orchestrator/devicestate.py: GPU clocks, power limit,
+persistence, ECC, other processes on the GPU; on a CPU its frequency, governor and load) and
+its host name; a trial that found another process on its GPU is marked invalid (`valid` = 0,
+`invalid_reason` "shared GPU: ..."), whatever its figures. While it runs, a sampler thread
+(orchestrator/sampler.py) records CPU, host memory and GPU utilisation, memory and power every
+second; the series come back as `system_metrics` and the driver logs them to MLflow.
+
 Fault injection, so tests inject each fault for real through this same code path: the driver
 reads $KVBENCH_INJECT_FAULT (e.g. "kill:0,hang:2,oom:1": fault kind and grid index) and hands
 the trial its fault, which `run_trial` then commits:
@@ -40,6 +48,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import time
 import traceback
 from collections.abc import Mapping
@@ -52,7 +61,9 @@ from kvcore.bench import BenchConfig, run_benchmark
 from kvcore.model_bench import SHAPE_KEYS, ModelBenchConfig, run_model_bench
 from kvcore.model_bench import release as release_model_bench
 from orchestrator.capacity import DECODE_MODES, model_mode, model_shape, trial_need_bytes
+from orchestrator.devicestate import read_device_state, shared_reason
 from orchestrator.grid import TrialSpec
+from orchestrator.sampler import SystemSampler
 
 # config path of a trial parameter -> the BenchConfig field it sets
 TRIAL_FIELDS: dict[str, str] = {
@@ -189,12 +200,47 @@ def _oom_reason(spec: TrialSpec, device: str, error: BaseException) -> str:
     )
 
 
-def run_trial(spec: TrialSpec, attempt: int = 1, fault: str | None = None) -> dict[str, Any]:
+def trial_gpu_uuid(device: str) -> str:
+    """The UUID ("GPU-...") of the trial's CUDA device; "" on the CPU or when it cannot be read."""
+    if not device.startswith("cuda"):
+        return ""
+    uuid = str(getattr(torch.cuda.get_device_properties(torch.device(device)), "uuid", "") or "")
+    return uuid if not uuid or uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+def mark_shared(metrics: dict[str, float], info: dict[str, str], state: Mapping[str, str]) -> None:
+    """A trial that shared its GPU with another process is invalid: `valid` = 0, and why."""
+    why = shared_reason(dict(state))
+    if why:
+        metrics["valid"] = 0.0
+        info["invalid_reason"] = "; ".join(x for x in (info.get("invalid_reason", ""), why) if x)
+
+
+def run_trial(spec: TrialSpec, attempt: int = 1, fault: str | None = None,
+              sample_interval_s: float | None = None) -> dict[str, Any]:
     """Run one trial's benchmark here; never raises for a failing trial (see module doc).
-    `attempt`: 1 for the first run, 2 for Ray's first retry, ...; `fault`: see module doc."""
+    `attempt`: 1 for the first run, 2 for Ray's first retry, ...; `fault`: see module doc;
+    `sample_interval_s`: the system sampler's interval (default orchestrator.sampler's)."""
     started = time.time()
     device = trial_device()
-    info = {"trial_device": device}
+    info = {"trial_device": device, "hostname": socket.gethostname()}
+    try:
+        gpu_uuid = trial_gpu_uuid(device)
+        state = read_device_state(gpu_uuid)
+    except Exception as error:  # the state is context for the figures, never a reason to fail
+        gpu_uuid, state = "", {"device_state": f"unreadable: {type(error).__name__}: {error}"[:300]}
+    info.update(state)
+    interval = {} if sample_interval_s is None else {"interval_s": sample_interval_s}
+    with SystemSampler(gpu_uuid, **interval) as sampler:
+        result = _run_body(spec, attempt, fault, device, info)
+    result["system_metrics"] = sampler.series()
+    result["started_at"] = started
+    if result["status"] == "OK":
+        mark_shared(result["metrics"], result["info"], state)
+    return result
+
+
+def _run_body(spec: TrialSpec, attempt: int, fault: str | None, device: str, info: dict[str, str]) -> dict[str, Any]:
     try:
         _commit_fault(fault, attempt, device)
         result = run_benchmark(bench_config(spec.params, device)).to_dict()
@@ -214,7 +260,6 @@ def run_trial(spec: TrialSpec, attempt: int = 1, fault: str | None = None) -> di
             "reason": reason,
             "metrics": {},
             "info": info,
-            "started_at": started,
             "finished_at": time.time(),
         }
     metrics, figures_info = split_figures(result)
@@ -223,6 +268,5 @@ def run_trial(spec: TrialSpec, attempt: int = 1, fault: str | None = None) -> di
         "reason": "",
         "metrics": metrics,
         "info": {**figures_info, **info},
-        "started_at": started,
         "finished_at": time.time(),
     }

@@ -12,6 +12,8 @@ import csv
 import io
 from typing import Any
 
+import pytest
+
 from orchestrator.record import CriterionOutcome, TrialRecord
 from orchestrator.report import format_csv, format_markdown, format_table, write_plots
 
@@ -139,3 +141,68 @@ def test_write_plots_tolerates_trials_without_figures(tmp_path):
     skipped = [make_record(0, None, status="SKIPPED", reason="fits nowhere")]
     assert write_plots(skipped, tmp_path / "s") == []
     assert "SKIPPED" in format_table(skipped)
+
+
+# ---- margins, places, noisy trials, the sweep's line and notes ----------------------------
+
+
+def noisy(index: int = 0, why: str = "decode: repetitions spread 14.05x (max/min rate), above 2.00x") -> TrialRecord:
+    record = make_record(index, {**passing(), "valid": 0.0})
+    return TrialRecord(**{**record.__dict__, "info": {**record.info, "invalid_reason": why,
+                                                     "device_name": "NVIDIA H200",
+                                                     "gpu_uuid": "GPU-3f2a9c1e-0000-1111-2222-333344445555"}})
+
+
+def test_margins_are_a_percentage_of_the_threshold_in_the_passing_sense():
+    from orchestrator.report import margin_pct
+
+    [fill, kv, _] = make_record(0, {**passing(), "fill_rate_pos_s": 126.875}).criteria
+    assert margin_pct(fill) == pytest.approx(1.5)  # 1.875 pos/s above 125
+    assert margin_pct(kv) == pytest.approx(100 * 8.5 / 18)  # below a "<" threshold: positive
+    [fill, *_] = make_record(1, {**passing(), "fill_rate_pos_s": 100.0}).criteria
+    assert margin_pct(fill) == pytest.approx(-20.0)
+    zero = CriterionOutcome("x", "x", ">", 0.0, 1.0, True, 1.0)
+    missing = CriterionOutcome("x", "x", ">", 5.0, None, False, None)
+    assert margin_pct(zero) is None and margin_pct(missing) is None
+    table = format_table([make_record(0, {**passing(), "fill_rate_pos_s": 126.875})])
+    assert "126.9 ok +1.5%" in table and "9.500 ok +47.2%" in table
+
+
+def test_noisy_trials_are_flagged_and_every_row_says_where_it_ran():
+    from orchestrator.report import sweep_verdict_line, verdict_label
+
+    records = [noisy(0), make_record(1, passing())]
+    assert verdict_label(records[0]) == "PASS, noisy: decode: repetitions spread 14.05x (max/min rate), above 2.00x"
+    assert verdict_label(records[1]) == "PASS"
+    lines = format_table(records).splitlines()
+    header = lines[0].split()
+    assert {"device", "host", "gpu"} <= set(header)
+    assert "PASS, noisy: decode: repetitions spread 14.05x" in lines[2] and "GPU-3f2a9c1e" in lines[2]
+    assert "GPU-3f2a9c1e-0000" not in lines[2]  # the terminal shortens the UUID ...
+    md = format_markdown(records)
+    assert "GPU-3f2a9c1e-0000-1111-2222-333344445555" in md and "NVIDIA H200" in md  # ... the others do not
+    rows = list(csv.DictReader(io.StringIO(format_csv(records))))
+    assert rows[0]["gpu_uuid"] == "GPU-3f2a9c1e-0000-1111-2222-333344445555" and rows[1]["host"] == "testhost"
+    assert rows[0]["noisy"].startswith("decode: repetitions") and rows[1]["noisy"] == ""
+    assert float(rows[0]["criterion.fill_rate.margin_pct"]) == pytest.approx(100.0)
+    assert float(rows[0]["criterion.fill_rate.margin"]) == 125.0
+    assert sweep_verdict_line(records, "PASS") == (
+        "PASS: 2 of 2 trials passed, 1 noisy (figures to read again, see the verdict column)")
+    assert sweep_verdict_line([records[1]], "PASS") == "PASS: 1 of 1 trial passed"
+
+
+def test_worst_margin_per_criterion_and_the_notes():
+    from orchestrator.report import format_sweep_note, format_trial_note, worst_margins
+
+    records = sample_sweep()
+    worst = worst_margins(records)
+    assert list(worst) == ["fill_rate", "kv_cache", "token_gen"]
+    assert worst["fill_rate"][0] == pytest.approx(-21.55) and worst["fill_rate"][1].index == 1
+    note = format_sweep_note(records, "FAIL", milestone="m10", title="Milestone 10", status="KILLED")
+    assert note.startswith("**FAIL: 1 of 4 trials passed (1 FAIL, 1 ERROR, 1 SKIPPED)** (m10 Milestone 10)")
+    assert "The sweep was KILLED" in note and "| fill_rate | -21.6% | #1 float16 ctx=17 L3 H6/2 |" in note
+    assert format_markdown(records, reason_width=48).strip() in note
+    trial = format_trial_note(records[1])
+    assert trial.startswith("**FAIL**  float16 ctx=17 L3 H6/2")
+    assert "| fill_rate | fill_rate_pos_s | 98.06 | > 125 | -26.94 | -21.6% | FAIL |" in trial
+    assert "Reason: oom" in format_trial_note(records[2])

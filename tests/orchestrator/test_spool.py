@@ -86,7 +86,7 @@ def test_sync_uploads_a_spooled_sweep_exactly_once(tmp_path, store):
     client = MlflowClient(store)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     [parent] = parents(client, experiment_id)
-    assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
+    assert parent.info.run_id == parent_id and parent.info.status == "FAILED"  # complete, not passed
     assert parent.data.tags["verdict"] == "FAIL" and parent.data.metrics["n_trials"] == 4
     assert parent.data.params == {"bench.repetitions": "3"} and parent.data.tags["overrides"] == "x=1"
     runs = children(client, parent_id)

@@ -253,7 +253,11 @@ def test_smoke_sweep_in_process_skips_what_fits_nowhere(ray_session, tmp_path):
     assert "(cpu) on " in skipped["reason"] and "GB available host memory" in skipped["reason"]
     text = out.getvalue()
     assert "SKIPPED" in text and "PASS" in text
-    assert text.rstrip().endswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/store.db")
+    assert f"\nopen: mlflow ui --backend-store-uri sqlite:///{tmp_path}/store.db\n" in text
+    parent_id = parents[0].info.run_id
+    assert "\nverdict FAIL: 1 of 2 trials passed (1 SKIPPED)" in text
+    assert f"parent run {parent_id} (its description holds this table" in text
+    assert f"/runs/{parent_id}?workflowType=machine_learning" in text
     assert "[smoke] 1/1 done, 0 running, 0 pending" in err.getvalue()
     assert ray_session.is_initialized(), "the session's Ray is reused, not stopped"
 
@@ -299,7 +303,8 @@ def test_the_command_interrupted_with_ctrl_c_then_resumed_runs_smoke_end_to_end(
 
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.rstrip().endswith(f"mlflow ui --backend-store-uri {uri}")
+    assert f"\nopen: mlflow ui --backend-store-uri {uri}\n" in done.stdout
+    assert "\nverdict PASS: 2 of 2 trials passed" in done.stdout and "\nworst margin per criterion" in done.stdout
     assert "[smoke] resuming: 1 trials already recorded" in done.stderr
     assert "[smoke] 1/1 done" in done.stderr
 

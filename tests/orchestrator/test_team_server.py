@@ -233,7 +233,7 @@ def test_the_readme_recipe_runs_a_sweep_as_a_new_user(team, tmp_path):
         runs = children(client, parent.info.run_id)
     # The final line names the server's page of the parent run, without credentials.
     assert sweep.stdout.rstrip().splitlines()[-1] == (
-        f"{team.uri}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}")
+        f"{team.uri}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning")
     assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == "PASS"
     assert sorted(r.data.params["cache.dtype"] for r in runs) == ["float16", "float32"]
     assert all(r.data.tags["verdict"] == "PASS" for r in runs)
@@ -284,7 +284,7 @@ def test_access_passes_for_local_stores_and_for_a_server_that_is_away(tmp_path):
     check_server_access(f"sqlite:///{tmp_path}/mlflow.db", "kvbench-smoke")  # nothing to check
     check_server_access(f"http://127.0.0.1:{free_port()}", "kvbench-smoke")  # away: the sweep spools
     assert open_hint(f"sqlite:///{tmp_path}/mlflow.db", "1", "ab12") == f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db"
-    assert open_hint("https://alice:pw@mlflow.example.org/", "7", "ab12") == "https://mlflow.example.org/#/experiments/7/runs/ab12"
+    assert open_hint("https://alice:pw@mlflow.example.org/", "7", "ab12") == "https://mlflow.example.org/#/experiments/7/runs/ab12?workflowType=machine_learning"
     assert open_hint("http://127.0.0.1:5000", None, None) == "http://127.0.0.1:5000"
 
 
@@ -321,7 +321,7 @@ def test_server_killed_mid_sweep_spools_then_sync_logs_in_from_the_environment(t
     spooled = read_spool(spool_file)
     assert spooled.finish == "FINISHED" and 1 <= len(spooled.records) <= 3
     parent_id = spooled.header["parent_id"]
-    assert out.getvalue().rstrip().splitlines()[-1] == f"{team.uri}/#/experiments/{experiment_id}/runs/{parent_id}"
+    assert out.getvalue().rstrip().splitlines()[-1] == f"{team.uri}/#/experiments/{experiment_id}/runs/{parent_id}?workflowType=machine_learning"
     text = spool_file.read_text()
     assert password not in text and "erin" not in text, "the spool holds no credentials"
 

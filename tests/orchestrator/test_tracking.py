@@ -160,11 +160,21 @@ def test_sweep_is_one_parent_with_one_nested_child_per_trial(tracker, store, mon
     client = MlflowClient(store)
     parent = client.get_run(parent_id)
     [only_parent] = parents(client, tracker.experiment_id)
-    assert only_parent.info.run_id == parent_id and parent.info.status == "FINISHED"
+    # a complete sweep that FAILed ends FAILED (a red cross in the UI), named by its verdict
+    assert only_parent.info.run_id == parent_id and parent.info.status == "FAILED"
+    assert parent.info.run_name == "FAIL 1/4 smoke-sweep000" and parent.data.tags["complete"] == "true"
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**FAIL: 1 of 4 trials passed (1 FAIL, 1 ERROR, 1 SKIPPED)**")
+    assert "| fill_rate | -21.6% | #1 float16" in note and "testhost" in note
+    assert "98.06 FAIL -21.6%" in note and "oom: needed 45.1 GB" in note
+    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.tags["milestone"] == "smoke" and parent.data.tags["sweep_key"] == "sweep0001"
     assert parent.data.tags["verdict"] == "FAIL" and parent.data.tags["run_type"] == "sweep"
     assert parent.data.metrics == {"n_trials": 4, "n_pass": 1, "n_fail": 1, "n_error": 1, "n_skipped": 1,
-                                   "sweep_wall_s": 12.5, "num_devices": 2}
+                                   "sweep_wall_s": 12.5, "num_devices": 2,
+                                   "worst_margin_pct/fill_rate": pytest.approx(-21.55),
+                                   "worst_margin_pct/kv_cache": pytest.approx(100 * 8.5 / 18),
+                                   "worst_margin_pct/token_gen": pytest.approx(56.25)}
     assert parent.data.params == {"milestone.name": "smoke", "bench.repetitions": "3",
                                   "tracking.uri": "postgresql://bench:***@db/mlflow",
                                   "milestone.criteria.token_gen.threshold": "20.0"}
@@ -200,11 +210,18 @@ def test_sweep_is_one_parent_with_one_nested_child_per_trial(tracker, store, mon
             assert tags[f"criterion.{c.name}"] == ("pass" if c.passed else "fail")
             assert metrics[f"criterion.{c.name}.threshold"] == c.threshold
             assert metrics.get(f"criterion.{c.name}.margin") == c.margin
+            if c.value is not None:
+                assert metrics[f"criteria/{c.name}"] == c.value
+                assert metrics[f"criteria/{c.name}.margin_pct"] == pytest.approx(100 * c.margin / c.threshold)
         assert metrics["attempts"] == record.attempts
-        assert {k: v for k, v in metrics.items() if not k.startswith("criterion.") and k != "attempts"} == record.metrics
+        assert {k: v for k, v in metrics.items()
+                if not k.startswith(("criterion.", "criteria/")) and k != "attempts"} == record.metrics
         assert run.info.start_time == int(record.started_at * 1000)
         assert run.info.end_time == int(record.finished_at * 1000)
-        assert run.info.status == ("FAILED" if record.status == "ERROR" else "FINISHED")
+        assert run.info.status == {"PASS": "FINISHED", "FAIL": "FAILED", "ERROR": "FAILED",
+                                   "SKIPPED": "KILLED"}[record.verdict]
+        assert run.info.run_name.startswith(f"{record.index:03d} {record.verdict} ")
+        assert tags["mlflow.note.content"].startswith(f"**{record.verdict}**")
         stored = Path(client.download_artifacts(run.info.run_id, "result.json")).read_text()
         assert TrialRecord.from_json(stored) == record
     assert runs[records[1].trial_key].data.tags["criterion.fill_rate"] == "fail"
@@ -267,14 +284,16 @@ def test_resume_reopens_the_unfinished_parent_and_judges_the_whole_sweep(tracker
     # Only the new record is passed in; the two logged before still count.
     assert again.finish_sweep(parent_id, [failing], status="FINISHED") == "FAIL"
     parent = client.get_run(parent_id)
-    assert parent.info.status == "FINISHED" and parent.data.tags["resumes"] == "1"
+    assert parent.info.status == "FAILED" and parent.data.tags["resumes"] == "1"
+    assert parent.data.tags["complete"] == "true"
     assert parent.data.metrics["n_trials"] == 3 and parent.data.metrics["n_fail"] == 1
     assert parent.data.params == {"a": "1", "b": "2"}
     assert [r.trial_key for r in again.trial_records(parent_id)] == [r.trial_key for r in records]
     # Children logged by the resuming Tracker repeat the sweep tags it read from the parent.
     assert all(r.data.tags["sweep_key"] == "sweep0003" for r in children(client, parent_id))
 
-    # A finished sweep is not reopened; resume=False never reopens.
+    # A complete sweep is not reopened, though FAILED (it failed its criteria, it did not
+    # stop early); resume=False never reopens.
     fresh = again.start_sweep(milestone="smoke", sweep_key="sweep0003")
     assert fresh != parent_id
     assert again.start_sweep(milestone="smoke", sweep_key="sweep0003", resume=False) not in (parent_id, fresh)
@@ -325,3 +344,29 @@ def test_nothing_listening_raises_tracking_unavailable_within_seconds():
     with pytest.raises(TrackingUnavailable, match=f"MLflow tracking at {uri} is unavailable"):
         Tracker(uri, experiment="kvbench-smoke")
     assert time.monotonic() - start < 10
+
+
+def test_system_metrics_land_as_mlflow_system_series_with_their_own_times(tracker, store):
+    client = MlflowClient(store)
+    t0 = 1_700_000_000.0
+    series = {"cpu_utilization_percentage": [[t0 + i, 10.0 * i] for i in range(5)],
+              "gpu_0_power_usage_watts": [[t0, 300.0], [t0 + 1, float("nan")], [t0 + 2, 650.0]]}
+    record = make_record(0, passing(), system_metrics=series)
+    parent_id = tracker.start_sweep(milestone="smoke", sweep_key="sweep0009")
+    child = tracker.log_trial(parent_id, record)
+    cpu = client.get_metric_history(child, "system/cpu_utilization_percentage")
+    assert [(m.step, m.value, m.timestamp) for m in sorted(cpu, key=lambda m: m.step)] == [
+        (i, 10.0 * i, int((t0 + i) * 1000)) for i in range(5)]
+    power = client.get_metric_history(child, "system/gpu_0_power_usage_watts")
+    assert sorted((m.step, m.value) for m in power) == [(0, 300.0), (2, 650.0)]  # NaN left out
+    assert "system/cpu_utilization_percentage" not in client.get_run(parent_id).data.metrics
+    [stored] = tracker.trial_records(parent_id)
+    assert stored.system_metrics["cpu_utilization_percentage"][4] == [t0 + 4, 40.0]
+
+
+def test_an_existing_experiment_without_a_kind_gets_the_runs_view(store):
+    client = MlflowClient(store)
+    experiment_id = client.create_experiment("made-elsewhere")
+    assert "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags
+    Tracker(store, experiment="made-elsewhere")
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

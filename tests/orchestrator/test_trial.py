@@ -52,6 +52,17 @@ def test_run_trial_measures_every_figure_on_the_cpu():
     assert info["trial_device"] == "cpu" and info["device"] == "cpu"
     assert set(metrics) | set(info) >= {f for f in BenchResult.__dataclass_fields__}
     assert 0 < result["started_at"] <= result["finished_at"]
+    # where it ran, the CPU's state at start, and the system series sampled while it ran
+    assert info["hostname"] and info["cpu_count"] and "cpu_load_avg_1m" in info
+    series = result["system_metrics"]["cpu_utilization_percentage"]
+    assert len(series) >= 2 and result["started_at"] <= series[0][0] <= series[-1][0]
+
+
+def test_a_short_sampling_interval_gives_a_point_per_interval():
+    result = run_trial(spec(), sample_interval_s=0.05)
+    series = result["system_metrics"]["system_memory_usage_megabytes"]
+    wall = result["finished_at"] - result["started_at"]
+    assert len(series) >= min(3, wall / 0.05)
 
 
 def test_out_of_memory_is_an_error_result_naming_need_and_capacity():

@@ -29,6 +29,9 @@ Key decisions:
 - Prefill runs in chunks (`chunk_size`): each chunk goes through every layer, attending to
   the layer's window in the cache (`get_valid`) plus the chunk's own keys (causal, within the
   window rule); its keys/values of all layers then go into the cache with one `extend`.
+  On CUDA, while nothing is evicted, the mask is SDPA's lower-right causal bias (its fused
+  kernels run it); elsewhere, or for a chunk that crosses the window's edge, an explicit
+  window mask (the same keys).
   Within a chunk the chunk's keys are used before the cache's rounding (quantized caches:
   later tokens see them dequantized).
 - Decode: one position through every layer. "cuda_graph" (default on CUDA with Triton): the
@@ -43,8 +46,9 @@ Key decisions:
   settable; False gives the torch ops): a 7B layer is then about 16 launches instead of 45.
 - Weights are plain tensors with transformers' names (`state_dict()`), never copied when
   given on the right device and dtype, so a transformers model can share them (the peer
-  measurement). `lm.linear` (default torch.nn.functional.linear) computes every projection
-  and the lm_head: a faster GEMV can be plugged in.
+  measurement). `lm.fuse_projections()` (opt-in, a copy) concatenates q/k/v and gate/up:
+  4 projections per layer instead of 7. `lm.linear` (default torch.nn.functional.linear)
+  computes every projection and the lm_head: a faster GEMV can be plugged in.
 - Caller mistakes (bad folders, unsupported architectures, bad shapes or tensors) raise a
   ValueError that says what and why.
 
@@ -290,6 +294,8 @@ class LayerWeights:
     w_gate: torch.Tensor
     w_up: torch.Tensor
     w_down: torch.Tensor
+    wqkv: torch.Tensor | None = None  # [wq; wk; wv] after fuse_projections (wq.. are views of it)
+    w_gate_up: torch.Tensor | None = None  # [w_gate; w_up] likewise
 
 
 _LAYER_NAMES = {
@@ -441,6 +447,24 @@ class CausalLM:
         self.norm = params["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else params["lm_head.weight"]
 
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate each layer's q/k/v weights into one [(H + 2 Hkv) D, hidden] matrix and
+        gate/up into one [2 I, hidden]: 4 projections per layer instead of 7 (fewer, larger
+        GEMVs per token). The separate weights become views of the fused ones (state_dict
+        still gives them under transformers' names). A copy, made one layer at a time: the
+        given tensors are no longer shared (their memory is freed unless the caller holds
+        them). Idempotent; captured graphs are dropped."""
+        for layer in self.layers:
+            if layer.wqkv is None:
+                sizes = [layer.wq.shape[0], layer.wk.shape[0], layer.wv.shape[0]]
+                layer.wqkv = torch.cat([layer.wq, layer.wk, layer.wv])
+                layer.wq, layer.wk, layer.wv = layer.wqkv.split(sizes)
+            if layer.w_gate_up is None:
+                layer.w_gate_up = torch.cat([layer.w_gate, layer.w_up])
+                layer.w_gate, layer.w_up = layer.w_gate_up.split(layer.w_gate.shape[0])
+        self._graphs.clear()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under transformers' names (the tensors themselves, no copy)."""
         out = {"model.embed_tokens.weight": self.embed}
@@ -545,8 +569,16 @@ class CausalLM:
         positions = torch.arange(first, first + T, device=self.device)
         past_pos = cache.positions().to(self.device)  # [n_past], oldest first (get_valid's order)
         key_pos = torch.cat([past_pos, positions])
-        mask = window_mask(positions, key_pos, cache.max_positions, cache.sink_positions)
-        causal_only = past_pos.numel() == 0 and first + T <= cache.max_positions
+        if first + T <= cache.max_positions and past_pos.numel() == 0:
+            mask = None  # causal
+        elif first + T <= cache.max_positions and self.device.type == "cuda":
+            # nothing evicted: causal aligned at the end, which SDPA's fused kernels run
+            # (imported here: torch.nn.attention.bias loads triton)
+            from torch.nn.attention.bias import causal_lower_right
+
+            mask = causal_lower_right(T, key_pos.numel())
+        else:
+            mask = window_mask(positions, key_pos, cache.max_positions, cache.sink_positions)
         keys = torch.empty((cfg.num_layers, T, Hkv, D), dtype=kv_dtype, device=self.device)
         values = torch.empty_like(keys)
 
@@ -557,15 +589,17 @@ class CausalLM:
                 k, v = torch.cat([past_k, keys[i]]), torch.cat([past_v, values[i]])
             else:
                 k, v = keys[i], values[i]
-            return self._prefill_attention(q.to(kv_dtype), k, v, None if causal_only else mask)
+            return self._prefill_attention(q.to(kv_dtype), k, v, mask)
 
         x = self._layers(F.embedding(ids, self.embed), positions, attend)
         cache.extend(keys, values)
         return x
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           mask: torch.Tensor | None) -> torch.Tensor:
-        """q [T, H, D] over k/v [n, Hkv, D] (mask [T, n] bool, or None: causal) -> [T, H, D]."""
+                           mask: object) -> torch.Tensor:
+        """q [T, H, D] over k/v [n, Hkv, D] -> [T, H, D]. mask: None (causal, n == T), a
+        lower-right causal bias (the chunk after n - T past positions: SDPA's fused kernels
+        take it), or a [T, n] bool window mask (positions evicted within the chunk)."""
         group = q.shape[1] // k.shape[1]
         if group > 1:  # expanded, so every SDPA backend (masked ones included) takes it
             k = k.repeat_interleave(group, dim=1)
@@ -635,14 +669,22 @@ class CausalLM:
         T, H, Hkv, D = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         rotate = self._rotation(positions)
         y = None  # the MLP output not yet added to h
+        I = cfg.intermediate_size
         for i, layer in enumerate(self.layers):
             h, x = self._add_norm(h, y, layer.input_norm)
-            q = rotate(linear(x, layer.wq).view(T, H, D))
-            k = rotate(linear(x, layer.wk).view(T, Hkv, D))
-            v = linear(x, layer.wv).view(T, Hkv, D)
-            attn = attend(i, q, k, v).to(self.dtype)
+            if layer.wqkv is None:
+                q, k, v = linear(x, layer.wq), linear(x, layer.wk), linear(x, layer.wv)
+            else:  # one projection, then views: q [T, H*D], k and v [T, Hkv*D]
+                q, k, v = linear(x, layer.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = rotate(q.view(T, H, D))
+            k = rotate(k.view(T, Hkv, D))
+            attn = attend(i, q, k, v.view(T, Hkv, D)).to(self.dtype)
             h, x = self._add_norm(h, linear(attn.reshape(T, H * D), layer.wo), layer.post_norm)
-            y = linear(self._act(linear(x, layer.w_gate), linear(x, layer.w_up)), layer.w_down)
+            if layer.w_gate_up is None:
+                gate, up = linear(x, layer.w_gate), linear(x, layer.w_up)
+            else:
+                gate, up = linear(x, layer.w_gate_up).split([I, I], dim=-1)
+            y = linear(self._act(gate, up), layer.w_down)
         return self._add_norm(h, y, self.norm)[1]
 
     def _add_norm(self, h: torch.Tensor, y: torch.Tensor | None,
@@ -659,11 +701,11 @@ class CausalLM:
 
     def _rotation(self, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The rotary embedding at positions [T], for q or k [T, heads, D]."""
+        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)  # once for every layer
         if self.fused_ops:
             from kvcore.triton_model import rotary_
 
-            return lambda x: rotary_(x, positions, self._inv_freq)
-        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)
+            return lambda x: rotary_(x, cos, sin)
         return lambda x: apply_rotary(x, cos, sin)
 
     def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,9 @@ gap. Also: the captured decode against kvcore's eager decode (append + attend pe
 the same weights, kvcore's own greedy tokens, and timings after a random `--context`-token
 prompt (default 16,384): prefill tok/s (chunks of 2,048), decode tok/s per token (median,
 min, max; a device synchronize after each token) of the captured and the eager decode, and
-the bytes read per token (weights + the cache's valid K/V) over the median time.
+the bytes read per token (weights + the cache's valid K/V) over the median time; the same
+for a third model whose projections are fused (`fuse_projections`, a copy of the weights),
+with its largest logit difference from the unfused one.
 
 Tolerances (float16 weights and cache, logits of std ~1.3 at this shape):
 - every step: max |delta| <= ATOL (5e-2) and relative L2 <= RTOL_L2 (1e-2);
@@ -21,7 +23,8 @@ Tolerances (float16 weights and cache, logits of std ~1.3 at this shape):
   exceeds 2 x ATOL (random weights make near-ties; below that either token is right);
 - graph vs eager decode: max |delta| <= ATOL (different split counts of the attention kernel).
 `passed` is all three. Expected run time on one H200: about 1-2 minutes (weights made on
-the GPU, Triton compiles, two 16K prefills, 2 x 64 timed tokens).
+the GPU, Triton compiles, three 16K prefills, 3 x 64 timed tokens); memory about 60 GB
+(the weights twice, three caches of 8.7 GB at 16K).
 """
 
 from __future__ import annotations
@@ -114,10 +117,14 @@ def check(layers: int = 32, prompt: int = 16, new_tokens: int = 32, timed_tokens
 
     timing = {}
     if timed_tokens:
+        fused = CausalLM.from_state_dict(hf.config, hf.state_dict(), **made,
+                                         decode_method=decode_method)
+        fused.fuse_projections()  # a copy of the projections: q/k/v and gate/up concatenated
+        timing["fused_vs_unfused_max_abs"] = (teacher_forced(fused) - ours).abs().max().item()
         long_ids = ids if context <= 0 else torch.randint(
             0, shape["vocab_size"], (1, context), generator=gen).to(device)
         timing["timed_context"] = long_ids.shape[1]
-        for name, model in (("graph", lm), ("eager", eager)):
+        for name, model in (("graph", lm), ("graph_fused", fused), ("eager", eager)):
             model.reset()
             model.prefill(long_ids[:, :64])  # warm-up of the prefill path
             model.reset()
@@ -212,9 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                                        "graph_vs_eager_max_abs", "decisive_steps", "seconds")}
     summary["max_abs"] = max(record["max_abs_per_step"])
     summary["max_rel_l2"] = max(record["rel_l2_per_step"])
-    for key in ("decode_tok_s_graph", "decode_tok_s_eager", "prefill_tok_s_graph", "decode_gb_s_graph"):
+    for key in ("decode_tok_s_graph", "decode_tok_s_graph_fused", "decode_tok_s_eager",
+                "prefill_tok_s_graph", "decode_gb_s_graph", "decode_gb_s_graph_fused",
+                "fused_vs_unfused_max_abs"):
         if key in record:
-            summary[key] = round(record[key], 1)
+            summary[key] = round(record[key], 1 if "_s_" in key else 6)
     print(json.dumps(summary))
     return 0 if record["passed"] else 1
 

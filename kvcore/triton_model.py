@@ -2,7 +2,7 @@
 torch ops of transformers' Llama take several.
 
     add_rms_norm(h, y, weight, eps)     # h += y (if y given), then RMSNorm(h) -> x   (1 launch, 8 in torch)
-    rotary_(x, positions, inv_freq)     # x [T, heads, D] rotated in place            (1 launch, 6 in torch)
+    rotary_(x, cos, sin)                # x [T, heads, D] rotated in place            (1 launch, 5 in torch)
     silu_mul(gate, up)                  # silu(gate) * up                             (1 launch, 2 in torch)
 
 Why: a decode step at the 7B shape is about 45 small launches per layer in plain torch,
@@ -12,12 +12,11 @@ the cache write, 2 attention launches, 2 rotary, 2 norms, 1 activation).
 
 Numerics follow transformers' Llama op by op, with float32 arithmetic rounded to the
 tensor dtype where torch rounds: RMSNorm in float32, cast, times the weight in the dtype;
-rotary with cos/sin computed in float32 and cast to the dtype, then q*cos and
-rotate_half(q)*sin each rounded, then their sum; silu rounded, then the product. The
-transcendental functions (rsqrt, cos, sin, exp) may differ from torch's by an ulp.
-
-The position of a rotary row comes from a device tensor (`positions` [T] int64), so the
-decode step reads it from the cache's position counter inside a CUDA graph.
+rotary with q*cos and rotate_half(q)*sin each rounded, then their sum; silu rounded, then
+the product. rsqrt and exp may differ from torch's by an ulp. cos/sin are not computed in
+the kernel: torch computes them once per step in float32 (precise range reduction: at
+position 16K the angle is ~1.6e4 radians, where a fast GPU cosine loses digits) from the
+positions on the device (the decode step reads its position from the cache's counter).
 Triton is imported lazily; with TRITON_INTERPRET=1 the kernels run on CPU tensors (tests in
 tests/kvcore/test_triton_model.py).
 """
@@ -56,7 +55,7 @@ def _kernels():
         tl.store(out_ptr + row * n_cols + cols, (normed * w).to(h.dtype), mask=mask)
 
     @triton.jit
-    def rotary_kernel(x_ptr, pos_ptr, inv_freq_ptr, heads, stride_t, stride_h,
+    def rotary_kernel(x_ptr, cos_ptr, sin_ptr, heads, stride_t, stride_h, stride_c,
                       HALF: tl.constexpr, HALF_PAD: tl.constexpr):
         row = tl.program_id(0)  # one (position, head) row
         t = row // heads
@@ -64,13 +63,11 @@ def _kernels():
         base = x_ptr + t.to(tl.int64) * stride_t + head.to(tl.int64) * stride_h
         j = tl.arange(0, HALF_PAD)
         mask = j < HALF
-        pos = tl.load(pos_ptr + t).to(tl.float32)
-        angle = pos * tl.load(inv_freq_ptr + j, mask=mask, other=0.0)
         x1 = tl.load(base + j, mask=mask, other=0.0)
         x2 = tl.load(base + HALF + j, mask=mask, other=0.0)
         dt = x1.dtype
-        cos = tl.cos(angle).to(dt).to(tl.float32)
-        sin = tl.sin(angle).to(dt).to(tl.float32)
+        cos = tl.load(cos_ptr + t * stride_c + j, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + t * stride_c + j, mask=mask, other=0.0).to(tl.float32)
         a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
         # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), each product rounded
         o1 = ((a1 * cos).to(dt).to(tl.float32) - (a2 * sin).to(dt).to(tl.float32)).to(dt)
@@ -104,12 +101,14 @@ def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
     return out
 
 
-def rotary_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] (last axis contiguous) in place at positions [T] int64 (a device
-    tensor), inv_freq [D / 2] float32. Returns x."""
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, D] (last axis contiguous) in place by cos, sin [T, D] of x's dtype
+    (kvcore.model.rotary_cos_sin: both halves equal, as transformers makes them; computed
+    once per step for every layer). Returns x."""
     T, heads, D = x.shape
-    assert x.stride(-1) == 1 and positions.shape == (T,) and inv_freq.shape == (D // 2,)
-    _kernels()[1][(T * heads,)](x, positions, inv_freq, heads, x.stride(0), x.stride(1),
+    assert x.stride(-1) == 1 and cos.shape == sin.shape == (T, D) and cos.is_contiguous() \
+        and sin.is_contiguous() and cos.dtype == sin.dtype == x.dtype
+    _kernels()[1][(T * heads,)](x, cos, sin, heads, x.stride(0), x.stride(1), D,
                                 HALF=D // 2, HALF_PAD=_next_pow2(D // 2), num_warps=1)
     return x
 

@@ -468,6 +468,7 @@ def test_model_check_runs_at_a_tiny_shape_on_cpu():
     assert len(record["max_abs_per_step"]) == 6 and max(record["max_abs_per_step"]) < 1e-5
     assert record["own_greedy_equal"] and record["decode_tok_s_graph"] > 0
     assert record["timed_context"] == 20 and record["prefill_tok_s_graph"] > 0
+    assert record["fused_vs_unfused_max_abs"] < 1e-5 and record["decode_tok_s_graph_fused"] > 0
     json.dumps(record)  # plain values
 
 
@@ -481,6 +482,7 @@ for cache_dtype in ("float16", "int8"):
     made = dict(dtype="float16", cache_dtype=cache_dtype, max_positions=7, sink_positions=1)
     ref = CausalLM.from_config(cfg, **made, seed=1, decode_method="eager")
     ours = CausalLM.from_state_dict(cfg, ref.state_dict(), **made, decode_method="counter")
+    ours.fuse_projections()  # strided q/k/v views through the kernels
     ref.cache.attention, ours.cache.attention = "torch", "triton"
     ref.fused_ops = False  # torch norms, rotary and activation: the reference
     assert ours.cache.fused_writes and ours.cache.attention_backend == "triton"
@@ -507,3 +509,49 @@ def test_graph_body_with_the_triton_kernels_in_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     worst = json.loads(proc.stdout.strip().splitlines()[-1])
     assert worst["float16"] <= 2e-3 and worst["int8"] <= 2e-3, worst
+
+
+def test_model_check_cli_refuses_a_missing_device(monkeypatch, capsys, tmp_path):
+    from kvcore import model_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "check.json"
+    assert model_check.main(["--check-gpu", "--out", str(out)]) == 2
+    assert "--device cuda:0 needs CUDA" in capsys.readouterr().err and not out.exists()
+    assert model_check.main(["--check-gpu", "--out", str(out), "--device", "cpu", "--layers", "0"]) == 2
+
+
+@pytest.mark.parametrize("method", ["eager", "counter"])
+def test_fused_projections_give_the_same_logits(method):
+    model = hf_model(seed=15, rope_parameters=LLAMA3_ROPE)
+    plain = CausalLM.from_state_dict(model.config, model.state_dict(), max_positions=12,
+                                     sink_positions=1, decode_method=method)
+    fused = CausalLM.from_state_dict(model.config, model.state_dict(), max_positions=12,
+                                     sink_positions=1, decode_method=method)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    fused.fuse_projections()
+    fused.fuse_projections()  # idempotent
+    layer = fused.layers[1]
+    assert layer.wqkv.shape == (6 * 6 + 2 * 2 * 6, 18) and layer.w_gate_up.shape == (28, 18)
+    assert layer.wk.data_ptr() == layer.wqkv[36:].data_ptr()  # views of the fused weights
+    assert all(torch.equal(fused.state_dict()[k], v) for k, v in before.items())
+    assert fused.weight_bytes() == plain.weight_bytes()
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(15))
+    torch.testing.assert_close(kvcore_logits(fused, ids, prompt=7, chunk_size=3),
+                               kvcore_logits(plain, ids, prompt=7, chunk_size=3), rtol=0, atol=1e-5)
+
+
+def test_lower_right_causal_bias_equals_the_window_mask():
+    """The CUDA prefill's mask while nothing is evicted (SDPA's lower-right causal bias) sees
+    the same keys as the window mask the CPU uses."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from kvcore.model import window_mask
+
+    lm = CausalLM.from_config(SHAPE, max_positions=32)
+    gen = torch.Generator().manual_seed(16)
+    q = torch.randn(5, 6, 6, generator=gen)  # a chunk of 5 after 9 past positions
+    k, v = torch.randn(14, 2, 6, generator=gen), torch.randn(14, 2, 6, generator=gen)
+    mask = window_mask(torch.arange(9, 14), torch.arange(14), 32, 0)
+    torch.testing.assert_close(lm._prefill_attention(q, k, v, causal_lower_right(5, 14)),
+                               lm._prefill_attention(q, k, v, mask), rtol=0, atol=1e-6)

@@ -127,6 +127,7 @@ class ModelBenchConfig:
     peer: str = "compile"  # compile (static cache, compiled and eager) | eager | none
     linear: str = "auto"  # auto (the faster on CUDA) | torch | triton
     profile: bool = False  # CUDA: where a decoded token's time goes (torch.profiler over a few steps)
+    fuse_projections: bool = False  # lm.fuse_projections(): q/k/v and gate/up as one matrix each (a copy)
     device: str = "cpu"
     seed: int = 0
 
@@ -252,6 +253,7 @@ class ModelBenchResult:
     weights_source: str  # "random (seed N)" | the checkpoint folder
     weights_shared: bool  # kvcore's model uses the very tensors transformers holds
     model_linear: str  # what lm.linear ran: "triton_gemv" | "torch"
+    model_fused_projections: bool  # q/k/v and gate/up concatenated (kvcore's weights are then a copy)
     linear_capture_fallbacks: str  # shapes the GEMV left to F.linear in a capture, or why it did not run: "" if neither
     linear_torch_gbps: float  # the model's projections in one CUDA graph, stock F.linear (0: not timed)
     linear_gemv_gbps: float  # the same with the split-K GEMV (0: not timed)
@@ -720,6 +722,8 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
     else:
         host_peak.reset()
     lm = build_kvcore(cfg, model, device)
+    if cfg.fuse_projections:  # 4 projections per layer instead of 7; the weights are then a copy
+        lm.fuse_projections()
     if linear == "triton_gemv":
         lm.linear = triton_gemv.linear
     triton_gemv.CAPTURE_FALLBACKS.clear()
@@ -729,9 +733,10 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
     weights_held = held_weight_bytes(lm)
     weights_read = lm.weight_bytes()  # per decoded token: the table only as a (tied) LM head
     shared = shared_weights(model, lm)
-    # the peer's own weights, where kvcore's model copied them, are the peer's memory
-    peer_weights = 0 if shared else sum(t.untyped_storage().nbytes()
-                                        for t in _unique_tensors(model.parameters()).values())
+    # the peer's own weights, those kvcore's model copied (or fused), are the peer's memory
+    lm_storages = {t.untyped_storage().data_ptr() for t in lm.state_dict().values()}
+    peer_weights = sum(t.untyped_storage().nbytes() for ptr, t in _unique_tensors(model.parameters()).items()
+                       if ptr not in lm_storages)
     if device.type == "cuda":
         peak = memory["peak"] - peer.resident - peer_weights
     else:  # the weights were resident before the reset; the growth is the cache and activations
@@ -782,7 +787,7 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
         new_tokens=cfg.new_tokens, model_repetitions=cfg.repetitions, sink_positions=cfg.sink_positions,
         model_prefill_chunk=cfg.prefill_chunk, device=str(device),
         weights_source=cfg.checkpoint or f"random (seed {cfg.seed})", weights_shared=shared,
-        model_linear=linear, linear_capture_fallbacks=fallbacks, linear_torch_gbps=stock_gbps, linear_gemv_gbps=gemv_gbps,
+        model_linear=linear, model_fused_projections=cfg.fuse_projections, linear_capture_fallbacks=fallbacks, linear_torch_gbps=stock_gbps, linear_gemv_gbps=gemv_gbps,
         **prefill, **decode,
         model_decode_ms_p50=_percentile(every_token, 0.5) * 1e3,
         model_decode_ms_p90=_percentile(every_token, 0.9) * 1e3,
@@ -852,7 +857,7 @@ def format_table(result: ModelBenchResult) -> str:
         f"{d['model_shape']} ({d['model_params_b']:.2f}B, {d['num_layers']} layers, {d['num_heads']} heads / "
         f"{d['num_kv_heads']} KV), weights {d['weights_dtype']} ({d['weights_source']}, shared: "
         f"{d['weights_shared']}), cache {d['cache_dtype']}, {d['context_length']} prompt tokens, "
-        f"{d['new_tokens']} new, linear: {d['model_linear']}",
+        f"{d['new_tokens']} new, linear: {d['model_linear']}, fused projections: {d['model_fused_projections']}",
         f"{'figure':<34} {'median':>10} {'min':>10} {'max':>10}",
     ]
     for label, name in (("kvcore prefill tok/s", "model_prefill_tok_s"), ("kvcore decode tok/s", "model_decode_tok_s"),
@@ -897,6 +902,9 @@ def _parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, default=None, help="local HF folder; default: random weights")
         elif f.name == "profile":
             parser.add_argument(flag, action="store_true", help="CUDA: where a decoded token's time goes")
+        elif f.name == "fuse_projections":
+            parser.add_argument(flag, action="store_true",
+                                help="concatenate q/k/v and gate/up in kvcore's model (a copy of those weights)")
         elif f.name == "logits_tolerance":
             parser.add_argument(flag, type=float, default=None, help="default: by the weights and cache dtypes")
         else:

@@ -2,7 +2,7 @@
 # The real model's figures on one GPU (issue 12): the decode GEMV against stock F.linear, then the
 # 7B shape at 16K through kvcore beside transformers' compiled generate, as JSON under $OUT.
 #
-#   OUT=/path/to/folder bash docs/results/model-gpu.sh [gemv|model ...]     (default: both)
+#   OUT=/path/to/folder bash docs/results/model-gpu.sh [gemv|model|fused ...]   (default: gemv model)
 #
 # Run from the repository root on a CUDA host where torch, triton and transformers import.
 #   gemv   python -m kvcore.triton_gemv: the 7B matrices (4096x4096, 11008x4096, 4096x11008,
@@ -14,6 +14,8 @@
 #          a torch.profiler breakdown of a decoded token (linear, attention, other, idle)
 #          (transformers' compile paid once, ~45 s) -> $OUT/model-llama7b-<cache dtype>.json and
 #          $OUT/model.jsonl (about 3 minutes on an H200)
+#   fused  the same model with q/k/v and gate/up fused in kvcore (4 projections per layer instead of
+#          7), float16 and float8_e4m3fn caches, no peer -> $OUT/fused/ (about 1.5 minutes)
 set -euo pipefail
 
 OUT=${OUT:?set OUT to a folder for the JSON}
@@ -32,6 +34,11 @@ for phase in "${phases[@]}"; do
         --cache-dtype float16,float8_e4m3fn --context-length 16384 --new-tokens 64 --repetitions 5 \
         --peer compile --profile --device cuda:0 --out-dir "$OUT" --json "$OUT/model.jsonl" \
         2>&1 | tee "$OUT/model.log" ;;
-    *) echo "unknown phase $phase (gemv | model)" >&2; exit 2 ;;
+    fused)
+      "$PYTHON" -m kvcore.model_bench --shape llama7b --weights-dtype float16 \
+        --cache-dtype float16,float8_e4m3fn --context-length 16384 --new-tokens 64 --repetitions 5 \
+        --peer none --fuse-projections --profile --device cuda:0 --out-dir "$OUT/fused" \
+        --json "$OUT/fused.jsonl" 2>&1 | tee "$OUT/fused.log" ;;
+    *) echo "unknown phase $phase (gemv | model | fused)" >&2; exit 2 ;;
   esac
 done

@@ -150,6 +150,15 @@ def test_cli_bad_input_is_one_line_and_exit_2():
     assert len(proc.stderr.strip().splitlines()) == 1 and "cache_dtype" in proc.stderr
 
 
+def test_kvcore_model_with_fused_projections():
+    """kvcore's own model, its q/k/v and gate/up fused (a copy): same tokens, weights not shared."""
+    pytest.importorskip("kvcore.model")
+    result, _ = mb.run_model_bench(make_config(fuse_projections=True, peer="none", cache_dtype="bfloat16"))
+    assert result.model_fused_projections and not result.weights_shared
+    assert result.tokens_match and result.logits_ok, result.logits_max_abs_diff
+    assert result.model_decode_tok_s > 0
+
+
 @pytest.mark.slow
 def test_tiny_model_end_to_end(tmp_path):
     """kvcore's own model, the CLI, two cache dtypes sharing one peer, JSON lines written."""

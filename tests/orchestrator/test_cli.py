@@ -29,7 +29,7 @@ def broken(milestone: str) -> list[str]:
 # name: (arguments, what stderr must say)
 CASES = {
     "no milestone": ([], r"error: no milestone given; run e.g. `python -m orchestrator +milestone=m10` "
-                         r"(available: m10, m11, m12, m8, m9, smoke)"),
+                         r"(available: m10, m10-model, m11, m12, m8, m9, smoke)"),
     "unknown milestone": (["+milestone=m99"], "Could not find 'milestone/m99'"),
     "malformed override": (["+milestone=smoke", "model.num_layers=[3"], "no viable alternative at input '[3'"),
     "wrong type": (["+milestone=smoke", "model.num_layers=three"], "model.num_layers"),

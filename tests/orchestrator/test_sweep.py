@@ -49,7 +49,7 @@ ENVIRONMENT_TAGS = {"device_name", "gpu_uuid", "driver_version", "cuda_version",
 
 def trial(index: int, gb: float) -> TrialSpec:
     """A trial whose need is about `gb` GB (weights only, a one-position cache)."""
-    params = {"milestone.context_length": 1, "model.num_layers": 1, "model.num_kv_heads": 1,
+    params = {"milestone.context_length": 1, "model.num_layers": 1, "model.num_heads": 1, "model.num_kv_heads": 1,
               "model.head_dim": 1, "model.weights_gb": gb, "cache.dtype": "float32",
               "bench.repetitions": 2, "bench.rep_budget_s": 0.5}
     return TrialSpec(index=index, key=f"key{index}", params=params)

@@ -681,7 +681,7 @@ def overhead_bytes(num_layers: int, context_length: int, num_heads: int, num_kv_
     skipped before it allocates."""
     out_bytes = 4 if dtype == "float32" else 2  # quantized storage reads back in float16
     layer_read = 2 * context_length * num_kv_heads * head_dim * out_bytes
-    check = 8 * _CHECK_CHUNK_BYTES
+    check = 8 * min(_CHECK_CHUNK_BYTES, context_length * num_kv_heads * head_dim * 8)  # float64 chunks of a layer
     pools = 2 * (_POOL_POSITIONS + prefill_chunk + 4) * num_layers * num_heads * head_dim * out_bytes
     return layer_read + check + pools + (256 << 20)
 

@@ -22,7 +22,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from orchestrator.capacity import Device
+from orchestrator.capacity import Device, trial_need_parts
 from orchestrator.config import CONF_DIR, TrialSettings, load_sweep
 from orchestrator.criteria import Criterion
 from orchestrator.grid import TrialSpec
@@ -249,7 +249,12 @@ def test_smoke_sweep_in_process_skips_what_fits_nowhere(ray_session, tmp_path):
     assert verdicts["0.001"]["verdict"] == "PASS"
     skipped = verdicts["100000.0"]
     assert skipped["verdict"] == "SKIPPED"
-    assert skipped["reason"].startswith("needs 100000.50 GB (cache 0.00 + weights 100000.00 + margin 0.50)")
+    cache, weights, margin = trial_need_parts(
+        next(t.params for t in sweep.trials if t.params["model.weights_gb"] == 100000.0))
+    assert weights == 100000 * 10**9 and 0.5e9 < margin < 1e9  # 0.5 GB + the benchmark's own buffers
+    need = (cache + weights + margin) / 1e9
+    assert skipped["reason"].startswith(
+        f"needs {need:.2f} GB (cache {cache / 1e9:.2f} + weights 100000.00 + margin {margin / 1e9:.2f})")
     assert "(cpu) on " in skipped["reason"] and "GB available host memory" in skipped["reason"]
     text = out.getvalue()
     assert "SKIPPED" in text and "PASS" in text

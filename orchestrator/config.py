@@ -341,6 +341,20 @@ def _config_paths(conf_dir: Path = CONF_DIR) -> set[str]:
     return paths
 
 
+def unknown_key_message(path: str, known: set[str] | None = None) -> str:
+    """'unknown key <path>: did you mean <nearest known key>?' (or the top-level keys)."""
+    if known is None:
+        known = _schema_paths()[0] | _config_paths()
+    near = difflib.get_close_matches(path, sorted(known), n=1, cutoff=0.6)
+    if near:
+        hint = f"did you mean {near[0]}?"
+    else:
+        sections = sorted(p for p in known if "." not in p)
+        head = path.split(".")[0]
+        hint = f"{head} is not a key; the top-level keys are {', '.join(sections)}"
+    return f"unknown key {path}: {hint} (`python -m orchestrator +milestone=m10 --cfg job` shows every key)"
+
+
 def check_known_keys(container: Mapping[str, Any]) -> None:
     """ValueError naming the first key the schema does not know, and the nearest known one
     (`+bench.repetition=1` -> bench.repetitions). Keys under grid and milestone.criteria are
@@ -356,17 +370,7 @@ def check_known_keys(container: Mapping[str, Any]) -> None:
                 while isinstance(value, Mapping) and len(value) == 1:  # +foo.bar=1: name foo.bar
                     key, value = next(iter(value.items()))
                     full = f"{full}.{key}"
-                near = difflib.get_close_matches(full, sorted(known), n=1, cutoff=0.6) or \
-                    difflib.get_close_matches(path, sorted(known), n=1, cutoff=0.6)
-                if near:
-                    hint = f"did you mean {near[0]}?"
-                else:
-                    sections = sorted(p for p in known if "." not in p)
-                    hint = f"{path} is not a key; the top-level keys are {', '.join(sections)}"
-                raise ValueError(
-                    f"unknown key {full}: {hint} (`python -m orchestrator +milestone=m10 --cfg job` "
-                    f"shows every key)"
-                )
+                raise ValueError(unknown_key_message(full, known))
             if path not in open_ and isinstance(value, Mapping):
                 walk(value, f"{path}.")
 

@@ -10,8 +10,12 @@ table and plots. An uploaded file moves to `<spool>/synced/`. Running sync twice
 interrupted sync, uploads nothing twice.
 
 One line per spool file. Exit status: 0 when everything was uploaded (or there was nothing to
-do), 1 when a file could not be uploaded now (the store is still away, or a sweep is still
-writing it: run sync again later), 2 for bad arguments.
+do, or another sync uploaded it meanwhile), 1 when a file could not be uploaded now (the store
+is still away, or a running driver still writes it: run sync again later), 2 for bad arguments.
+
+Syncs of one spool folder take turns (`spool.sync_turn`): a second sync started meanwhile
+waits, then uploads what is left, so two at once never upload a file twice nor fail on a file
+the other moved away; each upload holds the sweep's lock in MLflow (`tracking.SweepLock`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.spool import DEFAULT_SPOOL_DIR, sync_spool
-from orchestrator.tracking import TrackingUnavailable, resolve_tracking_uri
+from orchestrator.spool import DEFAULT_SPOOL_DIR, sync_spool, sync_turn
+from orchestrator.tracking import SweepBusy, TrackingUnavailable, resolve_tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"sync: {error}", file=sys.stderr)
         return 2
+    try:
+        with sync_turn(directory):
+            return _sync_all(directory, uri)
+    except OSError as error:  # the folder cannot be locked (read-only): nothing was uploaded
+        print(f"sync: {directory}: {error.strerror or error}; nothing uploaded", file=sys.stderr)
+        return 1
+
+
+def _sync_all(directory: Path, uri: str | None) -> int:
     files = sorted(directory.glob("*.jsonl"))
     if not files:
         print(f"sync: {directory} holds nothing to upload")
@@ -48,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     for path in files:
         try:
             result = sync_spool(path, uri=uri)
+        except FileNotFoundError:
+            print(f"sync: {path.name}: already uploaded (moved to synced/ meanwhile)")
+            continue
         except TrackingUnavailable as error:
             print(f"sync: {path.name}: not uploaded, {error}; run sync again later", file=sys.stderr)
+            pending += 1
+            continue
+        except SweepBusy as error:
+            print(f"sync: {path.name}: not uploaded, {error}", file=sys.stderr)
             pending += 1
             continue
         except ValueError as error:
@@ -57,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             pending += 1
             continue
         if result is None:
-            print(f"sync: {path.name}: a running sweep still writes it; run sync after it ends",
+            print(f"sync: {path.name}: a running driver still writes it; run sync after it ends",
                   file=sys.stderr)
             pending += 1
             continue

@@ -55,13 +55,14 @@ def run(cfg: DictConfig, cwd: str) -> int:
         except SpoolFull as error:  # MLflow away and the spool's disk full: nowhere to record
             print(f"error: {error}", file=sys.stderr)
             return 1
-    except KeyboardInterrupt:  # outside run_trials (execute handles Ctrl-C while trials run)
+    except KeyboardInterrupt as interrupt:  # outside run_trials (execute handles it while trials run)
         print("\ninterrupted; run the same command again to go on from what was recorded", file=sys.stderr)
-        return INTERRUPTED_STATUS
+        return getattr(interrupt, "status", INTERRUPTED_STATUS)  # 143 for SIGTERM
     except MilestoneMissing as error:
         print(f"error: {error}", file=sys.stderr)
-    except ValueError as error:  # configuration mistakes only: trials never raise
-        print(f"error: bad configuration: {error}", file=sys.stderr)
+    except ValueError as error:  # configuration mistakes (or a sweep another driver runs now)
+        kind = "" if getattr(error, "plain", False) else "bad configuration: "
+        print(f"error: {kind}{error}", file=sys.stderr)
     return 2
 
 

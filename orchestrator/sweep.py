@@ -33,6 +33,16 @@ What survives what:
   in the spool, so a driver killed at any moment loses at most the trials still running.
 - Ctrl-C (KeyboardInterrupt): running trials are cancelled, the parent is marked KILLED, the
   exit status is 130; running the same command again resumes the sweep.
+- SIGTERM (a batch scheduler, `timeout`): the same as Ctrl-C, exit status 143. Ray's driver
+  installs its own SIGTERM handler in `ray.init` (it aborts the process), so the driver
+  installs its own right after connecting, and puts the earlier one back at the end.
+- Any other error while trials run (a bug, a lost cluster): the running trials are waited for
+  (up to their deadlines) and recorded before the error goes on, so none is lost. MLflow
+  errors never get that far: the Recorder spools on any of them. A full spool disk (MLflow
+  away too) stops the driver: the running trials are cancelled (nowhere to record them) and
+  the error names the folder and the space needed.
+- A second driver of the same sweep is refused before Ray starts (the sweep's lock, see
+  orchestrator/tracking.py `SweepLock`).
 
 Each record's `info` carries where and when it ran, for orchestrator/timeline.py: `node_id`,
 `device_key` (GPU UUID, or "<node id>:cpu"), `driver_submitted_at` and `driver_received_at`
@@ -51,6 +61,7 @@ Key decisions:
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -72,7 +83,7 @@ from orchestrator.grid import TrialSpec
 from orchestrator.record import TrialRecord
 from orchestrator.scheduling import Cluster, device_key
 from orchestrator.spool import Recorder
-from orchestrator.tracking import resolve_tracking_uri
+from orchestrator.tracking import SweepBusy, redact_override, redact_text, resolve_tracking_uri
 from orchestrator.trial import injected_fault
 
 POLL_S = 1.0  # how often the progress line refreshes and deadlines are checked while trials run
@@ -81,6 +92,17 @@ TIMEOUT_S_PER_GB = 120.0  # ... plus this much per GB of cache and weights (8 MB
 CANCEL_RETRY_S = 10.0  # a cancelled trial whose task is not gone yet is cancelled again this often
 INTERRUPT_WAIT_S = 30.0  # on Ctrl-C, how long the driver waits for cancelled trials to be gone
 INTERRUPTED_STATUS = 130  # the exit status of a sweep stopped by Ctrl-C (128 + SIGINT)
+TERMINATED_STATUS = 143  # the exit status of a sweep stopped by SIGTERM (128 + SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (a KeyboardInterrupt), with its own exit status."""
+
+    status = TERMINATED_STATUS
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def make_record(spec: TrialSpec, result: dict[str, Any], criteria: Sequence[Criterion], attempts: int | None = None) -> TrialRecord:
@@ -273,10 +295,37 @@ def run_trials(
     except KeyboardInterrupt:
         _cancel_all(cluster, list(running))
         raise
+    except Exception as error:
+        if isinstance(error, OSError):  # nowhere to record (a full spool disk): don't wait
+            _cancel_all(cluster, list(running))
+        else:
+            _drain(running, cluster, criteria, on_record, settings, records)
+        raise
     finally:
         if progress is not None:
             progress.close()
     return records
+
+
+def _drain(running: dict[Any, _Running], cluster: Cluster, criteria: Sequence[Criterion],
+           on_record: Callable[[TrialRecord], None], settings: TrialSettings, records: list[TrialRecord]) -> None:
+    """After an error: wait for the running trials (up to their deadlines, then cancel) and
+    record them; stop at the first one that cannot be recorded, cancelling the rest."""
+    while running:
+        for ref in cluster.wait(list(running), timeout_s=POLL_S):
+            trial = running.pop(ref)
+            record = make_record(trial.spec, trial.result(cluster.fetch(ref), settings), criteria)
+            try:
+                on_record(record)
+            except Exception:
+                _cancel_all(cluster, list(running))
+                return
+            records.append(record)
+        now = time.monotonic()
+        for ref, trial in running.items():
+            if now - trial.started >= trial.timeout_s and (trial.cancelled is None or now - trial.cancelled >= CANCEL_RETRY_S):
+                cluster.cancel(ref)
+                trial.cancelled = now
 
 
 def _cancel_all(cluster: Cluster, refs: list[Any]) -> None:
@@ -308,23 +357,36 @@ def _describe_devices(devices: Sequence[Device]) -> str:
 
 def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run the whole sweep (see the module docstring); returns the exit status: 0 every trial
-    passed, 1 not, 130 interrupted (Ctrl-C).
+    passed, 1 not, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 
     Raises ConfigurationError (a bad tracking URI, a dead cluster.address, a malformed
-    $KVBENCH_INJECT_FAULT) before any trial starts or anything is written to MLflow."""
+    $KVBENCH_INJECT_FAULT) before any trial starts or anything is written to MLflow, SweepBusy
+    when another driver runs this sweep now (before Ray starts), SpoolFull when MLflow is away
+    and the spool's disk is full."""
     try:
         uri = resolve_tracking_uri(sweep.tracking_uri, cwd)
         injected_fault(-1)  # checks $KVBENCH_INJECT_FAULT
-        cluster = Cluster.connect(sweep.cluster)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
-    label = f"[{sweep.milestone}]"
-    status = "FINISHED"
     recorder = Recorder(
         uri, sweep.experiment, sweep.spool_dir, sweep.key, sweep.milestone,
-        tags={"title": sweep.title, "overrides": " ".join(sweep.overrides), "cluster": cluster.address},
+        tags={"title": sweep.title, "overrides": " ".join(redact_override(o) for o in sweep.overrides)},
         params=sweep.params, config_yaml=sweep.config_yaml, err=err,
     )
+    try:
+        recorder.acquire()  # SweepBusy: another driver runs this sweep
+        cluster = Cluster.connect(sweep.cluster)
+    except SweepBusy:
+        recorder.close()
+        raise
+    except ValueError as error:
+        recorder.close()
+        raise ConfigurationError(str(error)) from None
+    recorder.tags["cluster"] = cluster.address
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # after ray.init: ours wins
+    label = f"[{sweep.milestone}]"
+    status = "FINISHED"
+    terminated = False
     records: list[TrialRecord] = []
     try:
         devices = devices_from_probe(
@@ -348,9 +410,11 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
             run_trials(runnable, devices, cluster, sweep.criteria,
                        on_record=lambda record: (recorder.record(record), records.append(record)),
                        settings=sweep.trial, progress=progress)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             status = "KILLED"
-            err.write(f"\n{label} interrupted: running trials cancelled; the sweep is recorded as KILLED. "
+            terminated = isinstance(interrupt, Terminated)
+            what = "terminated (SIGTERM)" if terminated else "interrupted"
+            err.write(f"\n{label} {what}: running trials cancelled; the sweep is recorded as KILLED. "
                       f"Run the same command again to resume it.\n")
         every = {r.trial_key: r for r in earlier}
         every.update((r.trial_key, r) for r in records)
@@ -361,8 +425,12 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
     finally:
         recorder.close()
         cluster.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     out.write(f"\n{sweep.milestone} {sweep.title}: {len(everything)} trials\n")
     out.write(report.format_table(everything) + "\n\n")
-    out.write(f"mlflow ui --backend-store-uri {uri}\n")
+    out.write(f"mlflow ui --backend-store-uri {redact_text(uri)}\n")
     out.flush()
-    return INTERRUPTED_STATUS if status == "KILLED" else exit_status(everything)
+    if status == "KILLED":
+        return TERMINATED_STATUS if terminated else INTERRUPTED_STATUS
+    return exit_status(everything)

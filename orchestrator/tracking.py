@@ -362,6 +362,8 @@ def redact_override(override: str) -> str:
 def _secret_env_values() -> list[str]:
     values = []
     for name in list(os.environ):  # other threads may change the environment meanwhile
+        if name in ("PWD", "OLDPWD"):  # the working directory, not a password
+            continue
         value = os.environ.get(name)
         if value is not None and len(value) >= 6 and is_secret_name(name):
             values.append(value)

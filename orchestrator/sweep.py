@@ -41,8 +41,9 @@ What survives what:
   errors never get that far: the Recorder spools on any of them. A full spool disk (MLflow
   away too) stops the driver: the running trials are cancelled (nowhere to record them) and
   the error names the folder and the space needed.
-- A second driver of the same sweep is refused before Ray starts (the sweep's lock, see
-  orchestrator/tracking.py `SweepLock`).
+- A second driver of the same sweep is refused before any trial starts (the sweep's lock, see
+  orchestrator/tracking.py `SweepLock`), once Ray is up (so a cluster.address that does not
+  answer leaves no store behind).
 
 Each record's `info` carries where and when it ran, for orchestrator/timeline.py: `node_id`,
 `device_key` (GPU UUID, or "<node id>:cpu"), `driver_submitted_at` and `driver_received_at`
@@ -361,8 +362,8 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
 
     Raises ConfigurationError (a bad tracking URI, a dead cluster.address, a malformed
     $KVBENCH_INJECT_FAULT) before any trial starts or anything is written to MLflow, SweepBusy
-    when another driver runs this sweep now (before Ray starts), SpoolFull when MLflow is away
-    and the spool's disk is full."""
+    when another driver runs this sweep now (before any trial starts), SpoolFull when MLflow
+    is away and the spool's disk is full."""
     try:
         uri = resolve_tracking_uri(sweep.tracking_uri, cwd)
         injected_fault(-1)  # checks $KVBENCH_INJECT_FAULT
@@ -374,14 +375,15 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
         params=sweep.params, config_yaml=sweep.config_yaml, err=err,
     )
     try:
-        recorder.acquire()  # SweepBusy: another driver runs this sweep
         cluster = Cluster.connect(sweep.cluster)
-    except SweepBusy:
-        recorder.close()
-        raise
     except ValueError as error:
-        recorder.close()
         raise ConfigurationError(str(error)) from None
+    try:  # after Ray: a cluster.address that answers not must leave no store behind
+        recorder.acquire()  # SweepBusy: another driver runs this sweep
+    except BaseException:
+        recorder.close()
+        cluster.close()
+        raise
     recorder.tags["cluster"] = cluster.address
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # after ray.init: ours wins
     label = f"[{sweep.milestone}]"

@@ -327,6 +327,7 @@ class Recorder:
         self.err, self.label = err, label or f"[{milestone}]"
         self.tracker: Tracker | None = None
         self.lock: SweepLock | None = None
+        self._away: TrackingUnavailable | None = None  # why the lock could not be taken
         self.parent_id: str | None = None
         self.spool: Spool | None = None
 
@@ -342,15 +343,15 @@ class Recorder:
         try:
             self.tracker = self.tracker or Tracker(self.uri, experiment=self.experiment)
             self.lock = SweepLock(self.tracker, self.sweep_key).acquire()
-        except TrackingUnavailable:
-            pass  # open() finds MLflow away too, and spools
+        except TrackingUnavailable as error:
+            self._away = error  # open() spools
 
     def open(self, resume: bool) -> set[str]:
         """Open the sweep's parent run (reopened when resuming); the trial_keys already recorded."""
         try:
             self.acquire()
-            if self.lock is None:  # MLflow still away
-                raise TrackingUnavailable(self.uri, "lock", ConnectionError("the sweep lock could not be taken"))
+            if self.lock is None:  # MLflow away
+                raise self._away
             assert self.tracker is not None
             if self.spool_path.exists():
                 with sync_turn(self.spool_dir):

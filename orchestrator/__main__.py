@@ -57,7 +57,10 @@ def run(cfg: DictConfig, cwd: str) -> int:
             return 1
     except KeyboardInterrupt as interrupt:  # outside run_trials (execute handles it while trials run)
         print("\ninterrupted; run the same command again to go on from what was recorded", file=sys.stderr)
-        return getattr(interrupt, "status", INTERRUPTED_STATUS)  # 143 for SIGTERM
+        driver = sys.modules.get("orchestrator.sweep")
+        if getattr(interrupt, "status", None) or (driver is not None and driver.received_sigterm()):
+            return 143  # SIGTERM (128 + 15)
+        return INTERRUPTED_STATUS
     except MilestoneMissing as error:
         print(f"error: {error}", file=sys.stderr)
     except ValueError as error:  # configuration mistakes (or a sweep another driver runs now)

@@ -34,8 +34,10 @@ What survives what:
 - Ctrl-C (KeyboardInterrupt): running trials are cancelled, the parent is marked KILLED, the
   exit status is 130; running the same command again resumes the sweep.
 - SIGTERM (a batch scheduler, `timeout`): the same as Ctrl-C, exit status 143. Ray's driver
-  installs its own SIGTERM handler in `ray.init` (it aborts the process), so the driver
-  installs its own right after connecting, and puts the earlier one back at the end.
+  installs its own SIGTERM handler in `ray.init` (it exits at once, and Ray's shutdown then
+  aborts), so the driver installs its own right after connecting, and puts the earlier one
+  back at the end. It raises `Terminated`, a KeyboardInterrupt; Ray's waits turn that into a
+  plain KeyboardInterrupt, so the handler also notes that SIGTERM came.
 - Any other error while trials run (a bug, a lost cluster): the running trials are waited for
   (up to their deadlines) and recorded before the error goes on, so none is lost. MLflow
   errors never get that far: the Recorder spools on any of them. A full spool disk (MLflow
@@ -102,8 +104,17 @@ class Terminated(KeyboardInterrupt):
     status = TERMINATED_STATUS
 
 
+_sigterm = {"received": False}  # Ray's waits turn any KeyboardInterrupt into a plain one: remember
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _sigterm["received"] = True
     raise Terminated()
+
+
+def received_sigterm() -> bool:
+    """Whether the running driver got SIGTERM (its interrupt then exits 143, not 130)."""
+    return _sigterm["received"]
 
 
 def make_record(spec: TrialSpec, result: dict[str, Any], criteria: Sequence[Criterion], attempts: int | None = None) -> TrialRecord:
@@ -385,6 +396,7 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
         cluster.close()
         raise
     recorder.tags["cluster"] = cluster.address
+    _sigterm["received"] = False
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # after ray.init: ours wins
     label = f"[{sweep.milestone}]"
     status = "FINISHED"
@@ -414,7 +426,7 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
                        settings=sweep.trial, progress=progress)
         except KeyboardInterrupt as interrupt:
             status = "KILLED"
-            terminated = isinstance(interrupt, Terminated)
+            terminated = isinstance(interrupt, Terminated) or received_sigterm()
             what = "terminated (SIGTERM)" if terminated else "interrupted"
             err.write(f"\n{label} {what}: running trials cancelled; the sweep is recorded as KILLED. "
                       f"Run the same command again to resume it.\n")

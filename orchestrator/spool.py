@@ -27,7 +27,7 @@ implements for orchestrator/sweep.py:
 
 File format, `<spool dir>/<sweep_key>.jsonl`, one JSON object per line:
     {"kind": "sweep", "uri", "experiment", "milestone", "sweep_key", "tags", "params",
-     "config_yaml", "parent_id": str | null, "written_at"}
+     "config_yaml", "parent_id": str | null, "written_at", "lock_run_id": str | null}
     {"kind": "trial", "record": {TrialRecord fields}}
     {"kind": "finish", "status": "FINISHED" | "KILLED" | "FAILED", "metrics": {name: float}}
 
@@ -140,13 +140,16 @@ class Spool:
         params: Mapping[str, Any] | None = None,
         config_yaml: str = "",
         parent_id: str | None = None,
+        lock_run_id: str | None = None,
     ) -> None:
-        """Record what `Tracker.start_sweep` needs to create (or find) the parent run."""
+        """Record what `Tracker.start_sweep` needs to create (or find) the parent run, and the
+        writer's lock run (if it holds one), which the upload may take over."""
         self._append({
             "kind": "sweep", "uri": redact_text(uri), "experiment": experiment,
             "milestone": milestone, "sweep_key": self.sweep_key,
             "tags": redact(dict(tags or {})), "params": redact(dict(params or {})),
             "config_yaml": redact_yaml(config_yaml), "parent_id": parent_id, "written_at": time.time(),
+            "lock_run_id": lock_run_id,
         })
 
     def write_trial(self, record: TrialRecord) -> None:
@@ -279,7 +282,8 @@ def sync_spool(path: str | os.PathLike[str], tracker: Tracker | None = None,
             tracker = Tracker(target, experiment=spooled.header.get("experiment", ""))
         remember = lambda parent_id: _append_line(fd, {"kind": "sweep", "parent_id": parent_id})  # noqa: E731
         key = spooled.header.get("sweep_key", path.stem)
-        with SweepLock(tracker, key, what="sync") if lock else contextlib.nullcontext():
+        released = [spooled.header.get("lock_run_id", "")]  # its writer has ended: we hold its file lock
+        with SweepLock(tracker, key, what="sync", released=released) if lock else contextlib.nullcontext():
             parent_id = upload(spooled, tracker, remember_parent=remember)
         done = path.parent / SYNCED_DIR / f"{path.stem}.{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
         done.parent.mkdir(exist_ok=True)
@@ -437,6 +441,7 @@ class Recorder:
         self.spool.write_sweep(
             uri=self.uri, experiment=self.experiment, milestone=self.milestone, tags=self.tags,
             params=self.params, config_yaml=self.config_yaml, parent_id=self.parent_id,
+            lock_run_id=self.lock.run_id if self.lock is not None else None,
         )
 
     def _say(self, text: str) -> None:

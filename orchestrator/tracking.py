@@ -73,7 +73,9 @@ Key decisions:
   `sweep_key`, its owner and a `lock_heartbeat` time it refreshes every LOCK_HEARTBEAT_S), then
   lists the sweep's live lock runs; the earliest (start time, then run id) wins and the others
   delete their own and are refused (`SweepBusy`, one line, exit 2). A lock run whose heartbeat
-  is older than LOCK_STALE_S belongs to a driver that died and is deleted. On a SQLite store
+  is older than LOCK_STALE_S belongs to a driver that died and is deleted (so is one that a
+  spool names: its driver ended while the store was away, and the spool's upload takes over
+  at once). On a SQLite store
   the writer first takes an `flock` on `<db>.<sweep_key>.lock` next to the database (the kernel
   lets go when the process dies), so a second driver on that machine is refused at once, and a
   killed driver's lock run is taken over at once rather than after LOCK_STALE_S. Since only
@@ -731,9 +733,12 @@ class SweepLock:
     """The right to write one sweep (see the module docstring): `acquire()` or SweepBusy,
     then `release()` (also on a context manager's exit)."""
 
-    def __init__(self, tracker: Tracker, sweep_key: str, what: str = "driver"):
+    def __init__(self, tracker: Tracker, sweep_key: str, what: str = "driver", released: Sequence[str] = ()):
+        """`released`: lock runs known to be let go of (a spool's writer that ended while the
+        store was away, so it could not delete its lock run): taken over at once."""
         _check_identifier("sweep_key", sweep_key)
         self.tracker, self.sweep_key = tracker, sweep_key
+        self.released = {run_id for run_id in released if run_id}
         self.owner = f"{what} pid {os.getpid()} on {socket.gethostname()}"
         self.run_id: str | None = None
         self._fd: int | None = None
@@ -759,7 +764,8 @@ class SweepLock:
                 filter_string=f"tags.run_type = 'lock' and tags.sweep_key = '{self.sweep_key}'"):
             mine = other.info.run_id == self.run_id
             beat = float(other.data.tags.get("lock_heartbeat", "0") or 0)
-            if not mine and (self._fd is not None or now - beat > LOCK_STALE_S):
+            gone = self._fd is not None or now - beat > LOCK_STALE_S or other.info.run_id in self.released
+            if not mine and gone:
                 client.delete_run(other.info.run_id)  # its writer died (or let go of the file lock)
                 continue
             live.append(other)

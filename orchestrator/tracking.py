@@ -42,8 +42,8 @@ Key decisions:
 - Resume: `start_sweep(resume=True)` reopens the most recent parent run with the same
   `sweep_key` unless that run is FINISHED (a complete sweep); reopening keeps the run id, sets it
   RUNNING again and counts `resumes`. Params already on the parent are not logged again (MLflow
-  params are immutable); a resumed sweep keeps the first values. Two drivers resuming the same
-  sweep at once would share one parent: don't.
+  params are immutable); a resumed sweep keeps the first values. Two drivers of the same sweep
+  at once cannot happen: the second is refused by the sweep's lock (below).
 - `finish_sweep` judges the whole sweep: the records it is given plus the records of children
   logged earlier (read back from their `result.json`), so a resumed sweep's verdict, counts,
   table and plots cover every trial.

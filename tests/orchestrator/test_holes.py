@@ -11,7 +11,8 @@ Run: python -m pytest tests/orchestrator/test_holes.py -q
   is spooled, and a later sync uploads each once;
 - a spool on an 8 KiB tmpfs with MLflow away: no torn line, one error naming the folder;
 - a password in the tracking URI: not in the store, its artifacts, the spool, the working
-  folder or anything printed.
+  folder or anything printed;
+- an unreachable server: one TrackingUnavailable, no urllib3 retry warnings.
 (Bad configurations, stores and folders refused before Ray starts: test_cli.py.)
 """
 
@@ -340,3 +341,11 @@ def test_a_password_in_the_tracking_uri_is_nowhere(ray_session, tmp_path, monkey
     for text in (out.getvalue(), err.getvalue(), out2.getvalue(), err2.getvalue()):
         assert PASSWORD not in text
     assert _files_holding(tmp_path, PASSWORD) == [], "store, artifacts, spool and working folder"
+
+
+def test_an_unreachable_server_gives_one_line_not_urllib3_retry_warnings(caplog):
+    uri = f"http://127.0.0.1:{free_port()}"
+    with caplog.at_level("WARNING"), pytest.raises(tracking.TrackingUnavailable) as raised:
+        Tracker(uri, experiment="kvbench-away")
+    assert not [r for r in caplog.records if r.name.startswith("urllib3")], caplog.text
+    assert str(raised.value).startswith(f"MLflow tracking at {uri} is unavailable")

@@ -4,7 +4,7 @@ no Hydra outputs/; a corrupt store is left byte for byte as it was).
 
 Run: python -m pytest tests/orchestrator/test_cli.py -q
 
-The commands run as real subprocesses, all at once (each spends most of its time importing).
+The commands run as real subprocesses, a wave at a time (each spends most of its time importing).
 """
 
 from __future__ import annotations
@@ -149,12 +149,28 @@ def write_broken_milestones(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Run every case at once, each in its own empty directory: name -> (status, stderr, dir, seconds)."""
+    """Run the cases WAVE at a time, each in its own directory (empty, or as SETUP leaves it):
+    name -> (status, stderr, dir, seconds, the directory's files before)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     milestones = write_broken_milestones(tmp_path_factory.mktemp("milestones"))
+    names = list(CASES)
+    done = {}
+    for wave in range(0, len(names), WAVE):
+        done.update(_run_cases(names[wave : wave + WAVE], env, milestones, tmp_path_factory))
+    yield done
+    for name, (_, _, cwd, _, before) in done.items():
+        if name in SETUP and (cwd / "readonly").is_mount():
+            subprocess.run(["umount", str(cwd / "readonly")], check=False)
+
+
+WAVE = 8  # commands at once (each spends most of its time importing; all at once starve the clock)
+
+
+def _run_cases(names, env, milestones, tmp_path_factory):
     running = {}
-    for name, (args, _) in CASES.items():
+    for name in names:
+        args = CASES[name][0]
         cwd = tmp_path_factory.mktemp(re.sub(r"[^a-z]+", "_", name))
         try:
             SETUP.get(name, lambda cwd: None)(cwd)
@@ -171,12 +187,9 @@ def results(tmp_path_factory):
         if process is None:
             done[name] = (None, "", cwd, 0.0, None)
             continue
-        _, err = process.communicate(timeout=300)
+        _, err = process.communicate(timeout=600)
         done[name] = (process.returncode, err, cwd, time.monotonic() - start, before)
-    yield done
-    for name, (_, _, cwd, _, before) in done.items():
-        if name in SETUP and (cwd / "readonly").is_mount():
-            subprocess.run(["umount", str(cwd / "readonly")], check=False)
+    return done
 
 
 def expected(name: str, cwd: Path) -> str:

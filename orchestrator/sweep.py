@@ -86,7 +86,7 @@ from orchestrator.grid import TrialSpec
 from orchestrator.record import TrialRecord
 from orchestrator.scheduling import Cluster, device_key
 from orchestrator.spool import Recorder
-from orchestrator.tracking import SweepBusy, redact_override, redact_text, resolve_tracking_uri
+from orchestrator.tracking import redact_override, redact_text, resolve_tracking_uri
 from orchestrator.trial import injected_fault
 
 POLL_S = 1.0  # how often the progress line refreshes and deadlines are checked while trials run

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow.entities import ViewType
 
 from mlflow_server import MlflowServer, free_port
 from orchestrator import tracking

@@ -348,3 +348,12 @@ def test_an_unreachable_server_gives_one_line_not_urllib3_retry_warnings(caplog)
         Tracker(uri, experiment="kvbench-away")
     assert not [r for r in caplog.records if r.name.startswith("urllib3")], caplog.text
     assert str(raised.value).startswith(f"MLflow tracking at {uri} is unavailable")
+
+
+def test_overrides_are_redacted_before_they_become_a_tag():
+    assert tracking.redact_override("+db.password=hunter22") == "+db.password=***"
+    assert tracking.redact_override("++cluster.auth_token=abc") == "++cluster.auth_token=***"
+    assert tracking.redact_override(f"tracking.uri=http://kvuser:{PASSWORD}@host:5000") == \
+        "tracking.uri=http://kvuser:***@host:5000"
+    assert tracking.redact_override("milestone.criteria.token_gen.threshold=3") == \
+        "milestone.criteria.token_gen.threshold=3"

@@ -239,7 +239,10 @@ def test_secrets_given_as_overrides_are_never_printed_nor_written(results):
 def test_unreachable_cluster_fails_fast(results):
     status, err, _, seconds, _ = results["unreachable cluster"]
     assert "start one with `ray start --head" in err
-    assert seconds < 60
+    # against a command of the same wave that imports as much and connects to nothing, so a
+    # busy machine's slow imports do not count: the connect gives up within seconds, not minutes
+    _, _, _, baseline, _ = results["unknown tracking scheme"]
+    assert seconds < baseline + 30, (seconds, baseline)
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from orchestrator.spool import DEFAULT_SPOOL_DIR, sync_spool, sync_turn
-from orchestrator.tracking import SweepBusy, TrackingUnavailable, resolve_tracking_uri
+from orchestrator.tracking import SweepBusy, TrackingUnavailable, check_local_store, resolve_tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         uri = resolve_tracking_uri(args.tracking_uri, Path.cwd()) if args.tracking_uri else None
+        if uri is not None:
+            check_local_store(uri)  # a file store, a corrupt or unwritable SQLite file: exit 2
     except ValueError as error:
         print(f"sync: {error}", file=sys.stderr)
         return 2

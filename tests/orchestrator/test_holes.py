@@ -357,3 +357,14 @@ def test_overrides_are_redacted_before_they_become_a_tag():
         "tracking.uri=http://kvuser:***@host:5000"
     assert tracking.redact_override("milestone.criteria.token_gen.threshold=3") == \
         "milestone.criteria.token_gen.threshold=3"
+
+
+def test_sync_refuses_a_store_it_cannot_use_and_leaves_it_untouched(tmp_path, capsys):
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "notes.db").write_text("not a database\n" * 40)
+    before = (tmp_path / "notes.db").read_bytes()
+    assert sync_main(["--spool", str(tmp_path / "spool"), "--tracking-uri", f"sqlite:///{tmp_path}/notes.db"]) == 2
+    assert "is not a sound SQLite database (file is not a database)" in capsys.readouterr().err
+    assert (tmp_path / "notes.db").read_bytes() == before
+    assert sync_main(["--spool", str(tmp_path / "spool"), "--tracking-uri", f"file://{tmp_path}/mlruns"]) == 2
+    assert "is a file store, which MLflow 3.17 refuses" in capsys.readouterr().err

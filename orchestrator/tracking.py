@@ -68,18 +68,18 @@ Key decisions:
   `trial_key`, `keyboard`. Passwords in URIs (`scheme://user:pass@host` -> `user:***@host`) and
   the values of secret-named environment variables are masked. The config artifact gets the
   same treatment. Nothing is read from the environment to log.
-- One writer per sweep, whatever the store (`SweepLock`, taken by the driver before Ray starts
-  and by every spool upload): the writer creates a lock run (tag `run_type=lock`, the
-  `sweep_key`, its owner and a `lock_heartbeat` time it refreshes every LOCK_HEARTBEAT_S), then
-  lists the sweep's live lock runs; the earliest (start time, then run id) wins and the others
-  delete their own and are refused (`SweepBusy`, one line, exit 2). A lock run whose heartbeat
-  is older than LOCK_STALE_S belongs to a driver that died and is deleted (so is one that a
-  spool names: its driver ended while the store was away, and the spool's upload takes over
-  at once). On a SQLite store
-  the writer first takes an `flock` on `<db>.<sweep_key>.lock` next to the database (the kernel
-  lets go when the process dies), so a second driver on that machine is refused at once, and a
-  killed driver's lock run is taken over at once rather than after LOCK_STALE_S. Since only
-  the lock holder writes a sweep, `log_trial` never races another writer of the same trial.
+- One writer per sweep, whatever the store (`SweepLock`, taken by the driver once Ray is up,
+  before any trial starts, and by every spool upload): the writer creates a lock run (tag
+  `run_type=lock`, the `sweep_key`, its owner and a `lock_heartbeat` time, refreshed every
+  LOCK_HEARTBEAT_S on a server), then lists the sweep's live lock runs; the earliest (start
+  time, then run id) wins, the others delete their own and are refused (`SweepBusy`, one
+  line, exit 2). A lock run whose heartbeat is older than LOCK_STALE_S belongs to a writer
+  that died and is deleted (so is one a spool names: its driver ended while the store was
+  away, and the spool's upload takes over at once). On a SQLite store the writer first takes
+  an `flock` on `<db>.<sweep_key>.lock` next to the database (the kernel lets go when the
+  process dies): a second writer on that machine is refused at once, and a killed driver's
+  lock run is taken over at once. Since only the lock holder writes a sweep, `log_trial`
+  never races another writer of the same trial. (The lock files stay next to the database.)
 - Creating a SQLite store is serialized by an `flock` on `<db>.lock` (two processes opening a
   new store at once would both run its schema migrations).
 - `check_local_store(uri)` checks a local store before Ray starts, writing nothing: a file
@@ -780,8 +780,9 @@ class SweepLock:
                 f"(seen {max(age, 0):.0f} s ago); wait for it to end or stop it (one that died lets go "
                 f"within {LOCK_STALE_S:.0f} s), then run the same command again"
             )
-        self._beat = threading.Thread(target=self._heartbeat, name="kvbench-sweep-lock", daemon=True)
-        self._beat.start()
+        if self._fd is None:  # on SQLite the file lock says who is alive; no second writer there
+            self._beat = threading.Thread(target=self._heartbeat, name="kvbench-sweep-lock", daemon=True)
+            self._beat.start()
         return self
 
     def release(self) -> None:

@@ -3,7 +3,8 @@
 Composes conf/ with Hydra, checks it (orchestrator.config), runs the sweep (orchestrator.sweep).
 Without a milestone it lists the available ones. `--cfg job` prints the composed config.
 
-Exit status: 0 every trial passed; 1 a trial failed, errored or was skipped; 2 a bad
+Exit status: 0 every trial passed; 1 a trial failed, errored or was skipped (or MLflow was
+away and the spool's disk filled: one line names the folder and the space needed); 2 a bad
 configuration (malformed override, unknown milestone, wrong type, failed check, unknown
 tracking URI scheme, a file store, a tracking database that cannot be opened or is not one,
 a spool folder that cannot be written, unreachable cluster.address, an unknown key, another

@@ -23,9 +23,12 @@ Key decisions:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
+import re
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +316,99 @@ def _check_number(path: str, value: Any, low: float, high: float | None = None, 
         raise ValueError(f"{path} must be a number {bound}, got {value!r}")
 
 
+# ---------------------------------------------------------------- unknown keys and names
+
+_NAME = re.compile(r"[A-Za-z0-9_.:-]+")  # what MLflow search filters take (milestone names, keys)
+
+
+def _schema_paths(node: Any = None, prefix: str = "") -> tuple[set[str], set[str]]:
+    """(every known dotted path, the paths under which any key is allowed) from `Schema`:
+    a dataclass field is a known key; a Dict or Any field is open (grid, milestone.criteria)."""
+    node = Schema if node is None else node
+    known, open_ = set(), set()
+    hints = typing.get_type_hints(node)
+    for f in dataclasses.fields(node):
+        path = f"{prefix}{f.name}"
+        known.add(path)
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            sub_known, sub_open = _schema_paths(kind, f"{path}.")
+            known |= sub_known
+            open_ |= sub_open
+        elif kind is Any or typing.get_origin(kind) in (dict, Dict):
+            open_.add(path)
+    return known, open_
+
+
+def _config_paths(conf_dir: Path = CONF_DIR) -> set[str]:
+    """Dotted paths that conf/config.yaml itself sets (a key added there but not yet typed in
+    Schema is still known)."""
+    raw = OmegaConf.to_container(OmegaConf.load(conf_dir / "config.yaml"), resolve=False)
+    assert isinstance(raw, dict)
+    paths: set[str] = set()
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            paths.add(f"{prefix}{key}")
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk({k: v for k, v in raw.items() if k not in ("defaults", "hydra")}, "")
+    return paths
+
+
+def unknown_key_message(path: str, known: set[str] | None = None) -> str:
+    """'unknown key <path>: did you mean <nearest known key>?' (or the top-level keys)."""
+    if known is None:
+        known = _schema_paths()[0] | _config_paths()
+    near = difflib.get_close_matches(path, sorted(known), n=1, cutoff=0.6)
+    if near:
+        hint = f"did you mean {near[0]}?"
+    else:
+        sections = sorted(p for p in known if "." not in p)
+        head = path.split(".")[0]
+        hint = f"{head} is not a key; the top-level keys are {', '.join(sections)}"
+    return f"unknown key {path}: {hint} (`python -m orchestrator +milestone=m10 --cfg job` shows every key)"
+
+
+def check_known_keys(container: Mapping[str, Any]) -> None:
+    """ValueError naming the first key the schema does not know, and the nearest known one
+    (`+bench.repetition=1` -> bench.repetitions). Keys under grid and milestone.criteria are
+    free here (load_sweep checks those itself)."""
+    known, open_ = _schema_paths()
+    known |= _config_paths()
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if path not in known:
+                full = path
+                while isinstance(value, Mapping) and len(value) == 1:  # +foo.bar=1: name foo.bar
+                    key, value = next(iter(value.items()))
+                    full = f"{full}.{key}"
+                raise ValueError(unknown_key_message(full, known))
+            if path not in open_ and isinstance(value, Mapping):
+                walk(value, f"{path}.")
+
+    walk(container, "")
+
+
+def _check_names(container: Mapping[str, Any]) -> None:
+    """Names that go into MLflow (milestone, experiment), checked before anything starts."""
+    name = container["milestone"]["name"]
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"milestone.name must be letters, digits and _.:- only (it names runs and goes into "
+            f"MLflow search filters), got {name!r}"
+        )
+    experiment = container["tracking"]["experiment"]
+    if not isinstance(experiment, str) or not experiment.strip():
+        raise ValueError(
+            f"tracking.experiment must name an MLflow experiment, got {experiment!r}; leave it "
+            f"out for the default kvbench-<milestone> or set e.g. tracking.experiment=kvbench-mine"
+        )
+
+
 def _plain(container: Mapping[str, Any]) -> dict[str, str]:
     """The resolved config as flat string params."""
     return {path: json.dumps(value) if isinstance(value, list) else str(value)
@@ -344,6 +440,8 @@ def load_sweep(cfg: DictConfig, cwd: str | os.PathLike[str], overrides: Sequence
     except OmegaConfBaseException as error:
         raise ValueError(f"{getattr(error, 'full_key', '') or 'config'}: {error}".splitlines()[0]) from None
     assert isinstance(container, dict)
+    check_known_keys(container)
+    _check_names(container)
     milestone = container["milestone"]
     criteria = _criteria(milestone)
 

@@ -228,6 +228,13 @@ class Cluster:
             try:
                 ray.init(address=address, logging_level=logging.WARNING)
             except (ConnectionError, RuntimeError) as error:
+                if target is None:  # "auto": nothing was reached, so nothing "answers there"
+                    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    raise ClusterUnreachable(
+                        f"cluster.address={address!r}: no running Ray cluster found on this machine "
+                        f"({first}); start one with `ray start --head`, give its address, or leave "
+                        f"cluster.address empty (and unset RAY_ADDRESS) to start a local Ray"
+                    ) from None
                 raise ClusterUnreachable(
                     f"cluster.address={address!r}: {error}; a cluster answers there, so check that "
                     f"this driver and every node agree on token authentication (the same "

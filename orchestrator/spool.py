@@ -27,7 +27,7 @@ implements for orchestrator/sweep.py:
 
 File format, `<spool dir>/<sweep_key>.jsonl`, one JSON object per line:
     {"kind": "sweep", "uri", "experiment", "milestone", "sweep_key", "tags", "params",
-     "config_yaml", "parent_id": str | null, "written_at"}
+     "config_yaml", "parent_id": str | null, "written_at", "lock_run_id": str | null}
     {"kind": "trial", "record": {TrialRecord fields}}
     {"kind": "finish", "status": "FINISHED" | "KILLED" | "FAILED", "metrics": {name: float}}
 
@@ -40,6 +40,15 @@ Key decisions:
   (released by the kernel if the process dies). `sync` takes the same lock, so it never reads
   a spool that a running driver is still writing, and a writer that opens a file which `sync`
   has just moved away reopens a fresh one.
+- A full disk never leaves a torn line: a line the disk could not take whole is cut off
+  again (`ftruncate` to the size before it) and `SpoolFull` names the folder and the free
+  space the line needed; the driver stops there with one line (MLflow away and no room for
+  the spool: there is nowhere left to record).
+- `check_spool_dir` (before Ray starts) refuses a spool folder that cannot be written.
+- Uploads take the sweep's lock (`tracking.SweepLock`), and syncs of one spool folder run one
+  at a time (an `flock` on `<spool>/.sync.lock`): a second sync waits, then finds the files
+  the first one uploaded gone and says so. A spool file locked by its writer is being written
+  by a running driver.
 - Uploading is exactly once per trial_key because `Tracker.log_trial` is idempotent; an
   interrupted sync is simply run again. Later lines win: the last record per trial_key, the
   last non-null parent id, the last finish status.
@@ -50,13 +59,14 @@ Key decisions:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -64,8 +74,10 @@ from typing import Any, TextIO
 from orchestrator.record import TrialRecord
 from orchestrator.tracking import (
     SWEEP_STATUSES,
+    SweepLock,
     Tracker,
     TrackingUnavailable,
+    folder_write_problem,
     redact,
     redact_text,
     redact_yaml,
@@ -75,6 +87,33 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_SPOOL_DIR = "spool"  # relative to the directory the command runs from
 SYNCED_DIR = "synced"  # uploaded spool files move here, under the spool directory
+SYNC_LOCK = ".sync.lock"  # syncs of one spool folder take turns on this file's flock
+
+
+class SpoolFull(OSError):
+    """The spool's disk took not all of a line (ENOSPC, EFBIG, EDQUOT); the line was cut off."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@contextlib.contextmanager
+def sync_turn(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Wait for this spool folder's other syncs to end, and hold the turn meanwhile."""
+    fd = os.open(Path(directory) / SYNC_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_spool_dir(directory: str | os.PathLike[str]) -> None:
+    """ValueError (one line) unless the spool folder can be written (or made); writes nothing."""
+    problem = folder_write_problem(directory)
+    if problem:
+        raise ValueError(f"spool.dir={str(directory)!r} cannot be used: {problem}; set spool.dir to a "
+                         f"folder you can write")
 
 
 class Spool:
@@ -101,13 +140,16 @@ class Spool:
         params: Mapping[str, Any] | None = None,
         config_yaml: str = "",
         parent_id: str | None = None,
+        lock_run_id: str | None = None,
     ) -> None:
-        """Record what `Tracker.start_sweep` needs to create (or find) the parent run."""
+        """Record what `Tracker.start_sweep` needs to create (or find) the parent run, and the
+        writer's lock run (if it holds one), which the upload may take over."""
         self._append({
             "kind": "sweep", "uri": redact_text(uri), "experiment": experiment,
             "milestone": milestone, "sweep_key": self.sweep_key,
             "tags": redact(dict(tags or {})), "params": redact(dict(params or {})),
             "config_yaml": redact_yaml(config_yaml), "parent_id": parent_id, "written_at": time.time(),
+            "lock_run_id": lock_run_id,
         })
 
     def write_trial(self, record: TrialRecord) -> None:
@@ -212,12 +254,15 @@ def upload(
 
 
 def sync_spool(path: str | os.PathLike[str], tracker: Tracker | None = None,
-               uri: str | None = None) -> tuple[str, int] | None:
+               uri: str | None = None, lock: bool = True) -> tuple[str, int] | None:
     """Upload one spool file and move it to `synced/`; return (parent id, trials uploaded).
 
     Returns None, uploading nothing, when a driver holds the file's lock (still writing).
-    Without `tracker`, one is made from `uri` or else the URI the spool recorded. Raises
-    TrackingUnavailable when the store is still away (the file stays where it is).
+    Without `tracker`, one is made from `uri` or else the URI the spool recorded. With `lock`
+    the upload holds the sweep's SweepLock (SweepBusy when a driver writes the sweep in
+    MLflow now); a caller that holds it already passes lock=False. Raises TrackingUnavailable
+    when the store is still away (the file stays where it is), FileNotFoundError when the file
+    is gone (another sync uploaded it).
     """
     path = Path(path)
     try:
@@ -236,7 +281,10 @@ def sync_spool(path: str | os.PathLike[str], tracker: Tracker | None = None,
                 )
             tracker = Tracker(target, experiment=spooled.header.get("experiment", ""))
         remember = lambda parent_id: _append_line(fd, {"kind": "sweep", "parent_id": parent_id})  # noqa: E731
-        parent_id = upload(spooled, tracker, remember_parent=remember)
+        key = spooled.header.get("sweep_key", path.stem)
+        released = [spooled.header.get("lock_run_id", "")]  # its writer has ended: we hold its file lock
+        with SweepLock(tracker, key, what="sync", released=released) if lock else contextlib.nullcontext():
+            parent_id = upload(spooled, tracker, remember_parent=remember)
         done = path.parent / SYNCED_DIR / f"{path.stem}.{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
         done.parent.mkdir(exist_ok=True)
         os.replace(path, done)
@@ -282,6 +330,8 @@ class Recorder:
         self.tags, self.params, self.config_yaml = dict(tags), dict(params), config_yaml
         self.err, self.label = err, label or f"[{milestone}]"
         self.tracker: Tracker | None = None
+        self.lock: SweepLock | None = None
+        self._away: TrackingUnavailable | None = None  # why the lock could not be taken
         self.parent_id: str | None = None
         self.spool: Spool | None = None
 
@@ -289,18 +339,35 @@ class Recorder:
     def spool_path(self) -> Path:
         return self.spool_dir / f"{self.sweep_key}.jsonl"
 
+    def acquire(self) -> None:
+        """Take the sweep's lock in MLflow (SweepBusy when another driver writes it); when
+        MLflow is away, the spool file's own lock is the only one (taken once spooling)."""
+        if self.lock is not None:
+            return
+        try:
+            self.tracker = self.tracker or Tracker(self.uri, experiment=self.experiment)
+            self.lock = SweepLock(self.tracker, self.sweep_key).acquire()
+        except TrackingUnavailable as error:
+            self._away = error  # open() spools
+
     def open(self, resume: bool) -> set[str]:
         """Open the sweep's parent run (reopened when resuming); the trial_keys already recorded."""
         try:
-            self.tracker = Tracker(self.uri, experiment=self.experiment)
+            self.acquire()
+            if self.lock is None:  # MLflow away
+                raise self._away
+            assert self.tracker is not None
             if self.spool_path.exists():
-                uploaded = sync_spool(self.spool_path, tracker=self.tracker)
+                with sync_turn(self.spool_dir):
+                    uploaded = sync_spool(self.spool_path, tracker=self.tracker, lock=False) \
+                        if self.spool_path.exists() else (None, 0)
                 if uploaded is None:
                     raise ValueError(
                         f"{self.spool_path} is locked: another driver is running this sweep now; "
                         "wait for it to end, or press Ctrl-C there"
                     )
-                self._say(f"uploaded {uploaded[1]} trial(s) that {self.spool_path} held from an earlier run")
+                if uploaded[0] is not None:
+                    self._say(f"uploaded {uploaded[1]} trial(s) that {self.spool_path} held from an earlier run")
             self.parent_id = self.tracker.start_sweep(
                 milestone=self.milestone, sweep_key=self.sweep_key, tags=self.tags, params=self.params,
                 config_yaml=self.config_yaml, resume=resume,
@@ -327,7 +394,7 @@ class Recorder:
             try:
                 self.tracker.log_trial(self.parent_id, record)
                 return
-            except TrackingUnavailable as error:
+            except Exception as error:  # unreachable, or any MLflow error: the record is kept
                 self._to_spool(error)
         assert self.spool is not None
         self.spool.write_trial(record)
@@ -339,16 +406,19 @@ class Recorder:
             try:
                 self.tracker.finish_sweep(self.parent_id, records, status=status, metrics=metrics)
                 return
-            except TrackingUnavailable as error:
+            except Exception as error:  # unreachable, or any MLflow error: the spool keeps it
                 self._to_spool(error)
         assert self.spool is not None
         self.spool.write_finish(status, metrics)
         self.spool.close()
         try:
             tracker = self.tracker or Tracker(self.uri, experiment=self.experiment)
-            uploaded = sync_spool(self.spool_path, tracker=tracker)
-        except TrackingUnavailable:
-            self._say(f"MLflow is still away: the results wait in {self.spool_path}; upload them with "
+            with sync_turn(self.spool_dir):
+                uploaded = sync_spool(self.spool_path, tracker=tracker, lock=self.lock is None)
+        except Exception as error:  # noqa: BLE001  (the spool keeps everything: say where)
+            why = "MLflow is still away" if isinstance(error, TrackingUnavailable) else \
+                f"MLflow refused the upload ({type(error).__name__}: {redact_text(str(error))[:200]})"
+            self._say(f"{why}: the results wait in {self.spool_path}; upload them with "
                       f"`python -m orchestrator.sync --spool {self.spool_dir}` (or rerun the sweep)")
             return
         if uploaded is not None:
@@ -357,15 +427,21 @@ class Recorder:
     def close(self) -> None:
         if self.spool is not None:
             self.spool.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
-    def _to_spool(self, error: TrackingUnavailable) -> None:
+    def _to_spool(self, error: BaseException) -> None:
         if self.spool is not None:
             return
-        self._say(f"{error}; until the sweep ends, results go to the spool {self.spool_path}")
+        text = str(error) if isinstance(error, TrackingUnavailable) else \
+            f"MLflow refused a write ({type(error).__name__}: {redact_text(' '.join(str(error).split()))[:300]})"
+        self._say(f"{text}; until the sweep ends, results go to the spool {self.spool_path}")
         self.spool = Spool(self.spool_dir, self.sweep_key)
         self.spool.write_sweep(
             uri=self.uri, experiment=self.experiment, milestone=self.milestone, tags=self.tags,
             params=self.params, config_yaml=self.config_yaml, parent_id=self.parent_id,
+            lock_run_id=self.lock.run_id if self.lock is not None else None,
         )
 
     def _say(self, text: str) -> None:
@@ -409,12 +485,27 @@ def _open_locked(path: Path, create: bool, wait_s: float) -> int:
 
 
 def _append_line(fd: int, entry: dict[str, Any]) -> None:
-    """One JSON line in one write on an O_APPEND descriptor, fsynced before returning."""
+    """One JSON line in one write on an O_APPEND descriptor, fsynced before returning; a line
+    the disk could not take whole is cut off again (SpoolFull), so no torn line stays."""
     data = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode()
-    written = os.write(fd, data)
-    if written != len(data):  # a short write on a local file means the disk is full
-        raise OSError(errno.ENOSPC, f"short write to the spool: {written} of {len(data)} bytes")
-    os.fsync(fd)
+    size = os.fstat(fd).st_size
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # a short write on a local file means the disk is full
+            raise OSError(errno.ENOSPC, f"short write: {written} of {len(data)} bytes")
+        os.fsync(fd)
+    except OSError as error:
+        os.ftruncate(fd, size)
+        if error.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        folder = Path(os.readlink(f"/proc/self/fd/{fd}")).parent if os.path.exists("/proc/self/fd") else "the spool folder"
+        stat = os.fstatvfs(fd)
+        raise SpoolFull(
+            error.errno,
+            f"the spool folder {folder} is full ({stat.f_bavail * stat.f_frsize} bytes free, a trial's line "
+            f"needs {len(data)}; keep at least {max(64 * 1024, 10 * len(data))} bytes free): free space there "
+            f"or set spool.dir elsewhere, then run the same command again (recorded trials are kept)",
+        ) from None
 
 
 def _terminate_torn_line(fd: int, path: Path) -> None:

@@ -33,6 +33,19 @@ What survives what:
   in the spool, so a driver killed at any moment loses at most the trials still running.
 - Ctrl-C (KeyboardInterrupt): running trials are cancelled, the parent is marked KILLED, the
   exit status is 130; running the same command again resumes the sweep.
+- SIGTERM (a batch scheduler, `timeout`): the same as Ctrl-C, exit status 143. Ray's driver
+  installs its own SIGTERM handler in `ray.init` (it exits at once, and Ray's shutdown then
+  aborts), so the driver installs its own right after connecting, and puts the earlier one
+  back at the end. It raises `Terminated`, a KeyboardInterrupt; Ray's waits turn that into a
+  plain KeyboardInterrupt, so the handler also notes that SIGTERM came.
+- Any other error while trials run (a bug, a lost cluster): the running trials are waited for
+  (up to their deadlines) and recorded before the error goes on, so none is lost. MLflow
+  errors never get that far: the Recorder spools on any of them. A full spool disk (MLflow
+  away too) stops the driver: the running trials are cancelled (nowhere to record them) and
+  the error names the folder and the space needed.
+- A second driver of the same sweep is refused before any trial starts (the sweep's lock, see
+  orchestrator/tracking.py `SweepLock`), once Ray is up (so a cluster.address that does not
+  answer leaves no store behind).
 
 Each record's `info` carries where and when it ran, for orchestrator/timeline.py: `node_id`,
 `device_key` (GPU UUID, or "<node id>:cpu"), `driver_submitted_at` and `driver_received_at`
@@ -51,6 +64,7 @@ Key decisions:
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -72,7 +86,7 @@ from orchestrator.grid import TrialSpec
 from orchestrator.record import TrialRecord
 from orchestrator.scheduling import Cluster, device_key
 from orchestrator.spool import Recorder
-from orchestrator.tracking import MODEL_TRAINING_VIEW, open_hint, resolve_tracking_uri
+from orchestrator.tracking import MODEL_TRAINING_VIEW, open_hint, redact_override, redact_text, resolve_tracking_uri
 from orchestrator.trial import injected_fault
 
 POLL_S = 1.0  # how often the progress line refreshes and deadlines are checked while trials run
@@ -81,6 +95,26 @@ TIMEOUT_S_PER_GB = 120.0  # ... plus this much per GB of cache and weights (8 MB
 CANCEL_RETRY_S = 10.0  # a cancelled trial whose task is not gone yet is cancelled again this often
 INTERRUPT_WAIT_S = 30.0  # on Ctrl-C, how long the driver waits for cancelled trials to be gone
 INTERRUPTED_STATUS = 130  # the exit status of a sweep stopped by Ctrl-C (128 + SIGINT)
+TERMINATED_STATUS = 143  # the exit status of a sweep stopped by SIGTERM (128 + SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (a KeyboardInterrupt), with its own exit status."""
+
+    status = TERMINATED_STATUS
+
+
+_sigterm = {"received": False}  # Ray's waits turn any KeyboardInterrupt into a plain one: remember
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    _sigterm["received"] = True
+    raise Terminated()
+
+
+def received_sigterm() -> bool:
+    """Whether the running driver got SIGTERM (its interrupt then exits 143, not 130)."""
+    return _sigterm["received"]
 
 
 def make_record(spec: TrialSpec, result: dict[str, Any], criteria: Sequence[Criterion], attempts: int | None = None) -> TrialRecord:
@@ -274,10 +308,37 @@ def run_trials(
     except KeyboardInterrupt:
         _cancel_all(cluster, list(running))
         raise
+    except Exception as error:
+        if isinstance(error, OSError):  # nowhere to record (a full spool disk): don't wait
+            _cancel_all(cluster, list(running))
+        else:
+            _drain(running, cluster, criteria, on_record, settings, records)
+        raise
     finally:
         if progress is not None:
             progress.close()
     return records
+
+
+def _drain(running: dict[Any, _Running], cluster: Cluster, criteria: Sequence[Criterion],
+           on_record: Callable[[TrialRecord], None], settings: TrialSettings, records: list[TrialRecord]) -> None:
+    """After an error: wait for the running trials (up to their deadlines, then cancel) and
+    record them; stop at the first one that cannot be recorded, cancelling the rest."""
+    while running:
+        for ref in cluster.wait(list(running), timeout_s=POLL_S):
+            trial = running.pop(ref)
+            record = make_record(trial.spec, trial.result(cluster.fetch(ref), settings), criteria)
+            try:
+                on_record(record)
+            except Exception:
+                _cancel_all(cluster, list(running))
+                return
+            records.append(record)
+        now = time.monotonic()
+        for ref, trial in running.items():
+            if now - trial.started >= trial.timeout_s and (trial.cancelled is None or now - trial.cancelled >= CANCEL_RETRY_S):
+                cluster.cancel(ref)
+                trial.cancelled = now
 
 
 def _cancel_all(cluster: Cluster, refs: list[Any]) -> None:
@@ -330,7 +391,7 @@ def format_ending(sweep: Sweep, records: Sequence[TrialRecord], status: str, uri
     lines.append(f"compare with the sweep before: python -m orchestrator.compare --last 2 --milestone {sweep.milestone}")
     hint = open_hint(uri, experiment_id, parent_id)
     if hint.startswith("mlflow ui "):
-        lines.append(f"open: {hint}")
+        lines.append(f"open: {redact_text(hint)}")  # no password of the URI on the screen
         if parent_id and experiment_id:
             # MLflow 3.17's UI opens in its GenAI mode unless the address asks for model training
             lines.append(f"then: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{parent_id}"
@@ -342,23 +403,38 @@ def format_ending(sweep: Sweep, records: Sequence[TrialRecord], status: str, uri
 
 def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run the whole sweep (see the module docstring); returns the exit status: 0 every trial
-    passed, 1 not, 130 interrupted (Ctrl-C).
+    passed, 1 not, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 
     Raises ConfigurationError (a bad tracking URI, a dead cluster.address, a malformed
-    $KVBENCH_INJECT_FAULT) before any trial starts or anything is written to MLflow."""
+    $KVBENCH_INJECT_FAULT) before any trial starts or anything is written to MLflow, SweepBusy
+    when another driver runs this sweep now (before any trial starts), SpoolFull when MLflow
+    is away and the spool's disk is full."""
     try:
         uri = resolve_tracking_uri(sweep.tracking_uri, cwd)
         injected_fault(-1)  # checks $KVBENCH_INJECT_FAULT
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
+    recorder = Recorder(
+        uri, sweep.experiment, sweep.spool_dir, sweep.key, sweep.milestone,
+        tags={"title": sweep.title, "overrides": " ".join(redact_override(o) for o in sweep.overrides)},
+        params=sweep.params, config_yaml=sweep.config_yaml, err=err,
+    )
+    try:
         cluster = Cluster.connect(sweep.cluster)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
+    try:  # after Ray: a cluster.address that answers not must leave no store behind
+        recorder.acquire()  # SweepBusy: another driver runs this sweep
+    except BaseException:
+        recorder.close()
+        cluster.close()
+        raise
+    recorder.tags["cluster"] = cluster.address
+    _sigterm["received"] = False
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # after ray.init: ours wins
     label = f"[{sweep.milestone}]"
     status = "FINISHED"
-    recorder = Recorder(
-        uri, sweep.experiment, sweep.spool_dir, sweep.key, sweep.milestone,
-        tags={"title": sweep.title, "overrides": " ".join(sweep.overrides), "cluster": cluster.address},
-        params=sweep.params, config_yaml=sweep.config_yaml, err=err,
-    )
+    terminated = False
     records: list[TrialRecord] = []
     try:
         devices = devices_from_probe(
@@ -382,9 +458,11 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
             run_trials(runnable, devices, cluster, sweep.criteria,
                        on_record=lambda record: (recorder.record(record), records.append(record)),
                        settings=sweep.trial, progress=progress)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             status = "KILLED"
-            err.write(f"\n{label} interrupted: running trials cancelled; the sweep is recorded as KILLED. "
+            terminated = isinstance(interrupt, Terminated) or received_sigterm()
+            what = "terminated (SIGTERM)" if terminated else "interrupted"
+            err.write(f"\n{label} {what}: running trials cancelled; the sweep is recorded as KILLED. "
                       f"Run the same command again to resume it.\n")
         every = {r.trial_key: r for r in earlier}
         every.update((r.trial_key, r) for r in records)
@@ -395,9 +473,13 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
     finally:
         recorder.close()
         cluster.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     spooled = recorder.spool_path.exists()  # left there only while MLflow is away
     experiment_id = getattr(recorder.tracker, "experiment_id", None)
     out.write(format_ending(sweep, everything, status, uri, None if spooled else recorder.parent_id,
                             recorder.spool_path, experiment_id))
     out.flush()
-    return INTERRUPTED_STATUS if status == "KILLED" else exit_status(everything)
+    if status == "KILLED":
+        return TERMINATED_STATUS if terminated else INTERRUPTED_STATUS
+    return exit_status(everything)

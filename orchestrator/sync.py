@@ -14,8 +14,13 @@ MLFLOW_TRACKING_PASSWORD as set when sync runs (the spool never holds credential
 login or permission leaves the file in place and says what to set or ask for.
 
 One line per spool file. Exit status: 0 when everything was uploaded (or there was nothing to
-do), 1 when a file could not be uploaded now (the store is still away, a sweep is still
-writing it, or the server refused the login: run sync again later), 2 for bad arguments.
+do, or another sync uploaded it meanwhile), 1 when a file could not be uploaded now (the store
+is still away, a running driver still writes it, or the server refused the login: run sync
+again later), 2 for bad arguments.
+
+Syncs of one spool folder take turns (`spool.sync_turn`): a second sync started meanwhile
+waits, then uploads what is left, so two at once never upload a file twice nor fail on a file
+the other moved away; each upload holds the sweep's lock in MLflow (`tracking.SweepLock`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.spool import DEFAULT_SPOOL_DIR, sync_spool
-from orchestrator.tracking import AccessRefused, TrackingUnavailable, resolve_tracking_uri
+from orchestrator.spool import DEFAULT_SPOOL_DIR, sync_spool, sync_turn
+from orchestrator.tracking import (AccessRefused, SweepBusy, TrackingUnavailable, check_local_store,
+                                   resolve_tracking_uri)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         uri = resolve_tracking_uri(args.tracking_uri, Path.cwd()) if args.tracking_uri else None
+        if uri is not None:
+            check_local_store(uri)  # a file store, a corrupt or unwritable SQLite file: exit 2
     except ValueError as error:
         print(f"sync: {error}", file=sys.stderr)
         return 2
+    try:
+        with sync_turn(directory):
+            return _sync_all(directory, uri)
+    except OSError as error:  # the folder cannot be locked (read-only): nothing was uploaded
+        print(f"sync: {directory}: {error.strerror or error}; nothing uploaded", file=sys.stderr)
+        return 1
+
+
+def _sync_all(directory: Path, uri: str | None) -> int:
     files = sorted(directory.glob("*.jsonl"))
     if not files:
         print(f"sync: {directory} holds nothing to upload")
@@ -52,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in files:
         try:
             result = sync_spool(path, uri=uri)
+        except FileNotFoundError:
+            print(f"sync: {path.name}: already uploaded (moved to synced/ meanwhile)")
+            continue
         except TrackingUnavailable as error:
             print(f"sync: {path.name}: not uploaded, {error}; run sync again later", file=sys.stderr)
             pending += 1
@@ -60,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sync: {path.name}: not uploaded, {error}; then run sync again", file=sys.stderr)
             pending += 1
             continue
+        except SweepBusy as error:
+            print(f"sync: {path.name}: not uploaded, {error}", file=sys.stderr)
+            pending += 1
+            continue
         except ValueError as error:
             print(f"sync: {path.name}: {error}", file=sys.stderr)
             pending += 1
             continue
         if result is None:
-            print(f"sync: {path.name}: a running sweep still writes it; run sync after it ends",
+            print(f"sync: {path.name}: a running driver still writes it; run sync after it ends",
                   file=sys.stderr)
             pending += 1
             continue

@@ -42,8 +42,8 @@ Key decisions:
 - Resume: `start_sweep(resume=True)` reopens the most recent parent run with the same
   `sweep_key` unless that run is FINISHED (a complete sweep); reopening keeps the run id, sets it
   RUNNING again and counts `resumes`. Params already on the parent are not logged again (MLflow
-  params are immutable); a resumed sweep keeps the first values. Two drivers resuming the same
-  sweep at once would share one parent: don't.
+  params are immutable); a resumed sweep keeps the first values. Two drivers of the same sweep
+  at once cannot happen: the second is refused by the sweep's lock (below).
 - `finish_sweep` judges the whole sweep: the records it is given plus the records of children
   logged earlier (read back from their `result.json`), so a resumed sweep's verdict, counts,
   table and plots cover every trial.
@@ -102,6 +102,24 @@ Key decisions:
   in its record; the child run logs them as MLflow's own `system/...` metrics
   (`system/cpu_utilization_percentage`, `system/gpu_0_power_usage_watts`, ...) with each
   sample's timestamp and step, so the run's "System metrics" tab shows them.
+- One writer per sweep, whatever the store (`SweepLock`, taken by the driver once Ray is up,
+  before any trial starts, and by every spool upload): the writer creates a lock run (tag
+  `run_type=lock`, the `sweep_key`, its owner and a `lock_heartbeat` time, refreshed every
+  LOCK_HEARTBEAT_S on a server), then lists the sweep's live lock runs; the earliest (start
+  time, then run id) wins, the others delete their own and are refused (`SweepBusy`, one
+  line, exit 2). A lock run whose heartbeat is older than LOCK_STALE_S belongs to a writer
+  that died and is deleted (so is one a spool names: its driver ended while the store was
+  away, and the spool's upload takes over at once). On a SQLite store the writer first takes
+  an `flock` on `<db>.<sweep_key>.lock` next to the database (the kernel lets go when the
+  process dies): a second writer on that machine is refused at once, and a killed driver's
+  lock run is taken over at once. Since only the lock holder writes a sweep, `log_trial`
+  never races another writer of the same trial. (The lock files stay next to the database.)
+- Creating a SQLite store is serialized by an `flock` on `<db>.lock` (two processes opening a
+  new store at once would both run its schema migrations).
+- `check_local_store(uri)` checks a local store before Ray starts, writing nothing: a file
+  store or bare path is refused (MLflow 3.17 keeps database stores only: use sqlite:///), a
+  SQLite file must be a sound database (read-only `PRAGMA quick_check`; a corrupt one is left
+  untouched) in a folder this process can write.
 - A SQLite store keeps its artifacts next to the database (`<db dir>/mlartifacts/`), not in
   whatever directory the process runs from; `mlflow ui --backend-store-uri <uri>` serves both.
 """
@@ -109,14 +127,18 @@ Key decisions:
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import hashlib
 import logging
 import math
 import os
 import re
+import socket
+import sqlite3
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -156,6 +178,8 @@ from orchestrator import report  # noqa: E402
 from orchestrator.record import TrialRecord  # noqa: E402
 
 _log = logging.getLogger(__name__)
+# urllib3's "Retrying (Retry(total=1 ...))" warnings say what TrackingUnavailable says in one line
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 ALLOWED_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks")
 SWEEP_STATUSES = ("FINISHED", "KILLED", "FAILED")
@@ -192,7 +216,7 @@ class TrackingUnavailable(RuntimeError):
     def __init__(self, uri: str, operation: str, cause: BaseException):
         self.uri = uri
         self.operation = operation
-        detail = " ".join(str(cause).split())
+        detail = redact_text(" ".join(str(cause).split()))
         if len(detail) > 300:  # keep the head (what failed) and the tail (the root cause)
             detail = f"{detail[:120]} ... {detail[-170:]}"
         super().__init__(
@@ -254,6 +278,71 @@ def _absolute_sqlite(uri: str, base: Path, source: str) -> str:
     return f"{prefix}:///{absolute.resolve()}" + (f"?{query}" if query else "")
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite URI (None for other stores)."""
+    if urlparse(uri).scheme.lower().split("+", 1)[0] != "sqlite":
+        return None
+    return Path(unquote(uri.partition(":///")[2].partition("?")[0]))
+
+
+def folder_write_problem(folder: str | os.PathLike[str]) -> str | None:
+    """Why files cannot be created in `folder` (or in the folders that would be made for it),
+    or None. Probes with a temporary folder it removes at once, so it holds for root and for
+    read-only mounts alike; writes nothing that stays."""
+    path = Path(folder)
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kvbench-probe-", dir=existing))
+    except OSError as error:
+        return f"{existing} cannot be written ({error.strerror or error})"
+    return None
+
+
+def check_local_store(uri: str) -> None:
+    """ValueError (one line) unless the local store at `uri` can be used; writes nothing.
+
+    A file store or bare path is refused (MLflow 3.17 keeps database stores only); a SQLite
+    file must open read-only as a sound database (`PRAGMA quick_check`) in a folder this
+    process can write (its journal goes there). A corrupt file is left as it is. Other
+    stores (http, databases) are not checked here."""
+    scheme = urlparse(uri).scheme.lower().split("+", 1)[0]
+    if scheme == "file":
+        path = Path(unquote(urlparse(uri).path))
+        raise ValueError(
+            f"tracking.uri={redact_text(uri)!r} is a file store, which MLflow 3.17 refuses (it keeps "
+            f"database stores only); use a SQLite file, e.g. tracking.uri=sqlite:///{path / 'mlflow.db'}, "
+            f"or a server, tracking.uri=http://127.0.0.1:5000"
+        )
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    problem = folder_write_problem(db.parent)
+    if problem:
+        raise ValueError(f"tracking.uri={uri!r}: the database's folder cannot be used: {problem}; "
+                         f"point tracking.uri at a file in a folder you can write")
+    if not db.exists():
+        return
+    if not db.is_file():
+        raise ValueError(f"tracking.uri={uri!r}: {db} is not a file; point tracking.uri at a SQLite file")
+    try:
+        connection = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+        try:
+            answer = connection.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            connection.close()
+    except sqlite3.Error as error:
+        answer = str(error)
+    if answer != "ok":
+        raise ValueError(
+            f"tracking.uri={uri!r}: {db} is not a sound SQLite database ({answer}); it was left "
+            f"untouched: restore it from a backup, or point tracking.uri at another file"
+        )
+
+
 # ---- secrets -----------------------------------------------------------------------------
 
 
@@ -303,9 +392,20 @@ def redact_yaml(text: str) -> str:
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
 
 
+def redact_override(override: str) -> str:
+    """A command-line override with a secret-named key's value masked (`+db.password=x` ->
+    `+db.password=***`) and URI passwords hidden."""
+    key, sep, _ = override.partition("=")
+    if sep and is_secret_name(key.lstrip("+~")):
+        return f"{key}=***"
+    return redact_text(override)
+
+
 def _secret_env_values() -> list[str]:
     values = []
     for name in list(os.environ):  # other threads may change the environment meanwhile
+        if name in ("PWD", "OLDPWD"):  # the working directory, not a password
+            continue
         value = os.environ.get(name)
         if value is not None and len(value) >= 6 and is_secret_name(name):
             values.append(value)
@@ -355,6 +455,24 @@ def _translating(method: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
+def _translating_lock(method: Callable[..., _T]) -> Callable[..., _T]:
+    """The same for SweepLock methods."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except (TrackingUnavailable, SweepBusy):
+            raise
+        except Exception as error:
+            if is_unavailable_error(error):
+                self._close_file()
+                raise TrackingUnavailable(self.tracker.uri, "lock", error) from error
+            raise
+
+    return wrapper
+
+
 # ---- the tracker -------------------------------------------------------------------------
 
 
@@ -372,13 +490,19 @@ class Tracker:
     @_translating
     def _connect(self) -> None:
         artifact_location = None
-        parsed = urlparse(self.uri)
-        if parsed.scheme.split("+", 1)[0] == "sqlite":
-            db = Path(unquote(parsed.path))
-            db.parent.mkdir(parents=True, exist_ok=True)
-            artifact_location = str(db.parent / "mlartifacts")
+        db = sqlite_path(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment_id(artifact_location)
+        if db is None:
+            self.experiment_id = self._experiment_id(artifact_location)
+            return
+        db.parent.mkdir(parents=True, exist_ok=True)
+        artifact_location = str(db.parent / "mlartifacts")
+        fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:  # one process at a time creates (migrates) a new store
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.experiment_id = self._experiment_id(artifact_location)
+        finally:
+            os.close(fd)
 
     def _experiment_id(self, artifact_location: str | None) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
@@ -669,6 +793,121 @@ class Tracker:
                 tags=[e for e in chunk if isinstance(e, RunTag)],
                 metrics=[e for e in chunk if isinstance(e, Metric)],
             )
+
+
+# ---- one writer per sweep -----------------------------------------------------------------
+
+LOCK_HEARTBEAT_S = 15.0  # a lock holder refreshes its lock run's heartbeat this often
+LOCK_STALE_S = 90.0  # a lock run whose heartbeat is older belongs to a writer that died
+
+
+class SweepBusy(ValueError):
+    """Another driver (or sync) writes this sweep now."""
+
+    plain = True  # the command prints it as it is, not as a "bad configuration"
+
+
+class SweepLock:
+    """The right to write one sweep (see the module docstring): `acquire()` or SweepBusy,
+    then `release()` (also on a context manager's exit)."""
+
+    def __init__(self, tracker: Tracker, sweep_key: str, what: str = "driver", released: Sequence[str] = ()):
+        """`released`: lock runs known to be let go of (a spool's writer that ended while the
+        store was away, so it could not delete its lock run): taken over at once."""
+        _check_identifier("sweep_key", sweep_key)
+        self.tracker, self.sweep_key = tracker, sweep_key
+        self.released = {run_id for run_id in released if run_id}
+        self.owner = f"{what} pid {os.getpid()} on {socket.gethostname()}"
+        self.run_id: str | None = None
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    @_translating_lock
+    def acquire(self) -> "SweepLock":
+        db = sqlite_path(self.tracker.uri)
+        if db is not None:
+            self._lock_file(Path(f"{db}.{self.sweep_key}.lock"))
+        client = self.tracker.client
+        run = client.create_run(
+            self.tracker.experiment_id, run_name=f"lock {self.sweep_key[:8]}",
+            tags={"run_type": "lock", "sweep_key": self.sweep_key, "lock_owner": self.owner,
+                  "lock_heartbeat": f"{time.time():.3f}"},
+        )
+        self.run_id = run.info.run_id
+        now = time.time()
+        live = []
+        for other in client.search_runs(
+                [self.tracker.experiment_id], max_results=1000,
+                filter_string=f"tags.run_type = 'lock' and tags.sweep_key = '{self.sweep_key}'"):
+            mine = other.info.run_id == self.run_id
+            beat = float(other.data.tags.get("lock_heartbeat", "0") or 0)
+            gone = self._fd is not None or now - beat > LOCK_STALE_S or other.info.run_id in self.released
+            if not mine and gone:
+                client.delete_run(other.info.run_id)  # its writer died (or let go of the file lock)
+                continue
+            live.append(other)
+        winner = min(live, key=lambda r: (r.info.start_time, r.info.run_id))
+        if winner.info.run_id != self.run_id:
+            client.delete_run(self.run_id)
+            self.run_id = None
+            self._close_file()
+            age = now - float(winner.data.tags.get("lock_heartbeat", "0") or 0)
+            raise SweepBusy(
+                f"sweep {self.sweep_key} is being written by another {winner.data.tags.get('lock_owner', 'process')} "
+                f"(seen {max(age, 0):.0f} s ago); wait for it to end or stop it (one that died lets go "
+                f"within {LOCK_STALE_S:.0f} s), then run the same command again"
+            )
+        if self._fd is None:  # on SQLite the file lock says who is alive; no second writer there
+            self._beat = threading.Thread(target=self._heartbeat, name="kvbench-sweep-lock", daemon=True)
+            self._beat.start()
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+        if self.run_id is not None:
+            try:
+                self.tracker.client.delete_run(self.run_id)
+            except Exception as error:  # the store is away: the lock goes stale by itself
+                _log.info("could not delete the lock run %s: %s", self.run_id, error)
+            self.run_id = None
+        self._close_file()
+
+    def __enter__(self) -> "SweepLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _lock_file(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "process"
+            os.close(fd)
+            raise SweepBusy(
+                f"sweep {self.sweep_key} is being written by another {holder} (it holds {path}); "
+                f"wait for it to end or stop it, then run the same command again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, self.owner.encode(), 0)
+        self._fd = fd
+
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+    def _heartbeat(self) -> None:
+        client = MlflowClient(tracking_uri=self.tracker.uri)
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                client.set_tag(self.run_id, "lock_heartbeat", f"{time.time():.3f}")
+            except Exception as error:  # the store is away for now; the driver spools meanwhile
+                _log.info("lock heartbeat failed: %s", error)
 
 
 # ---- reading a sweep back ---------------------------------------------------------------

@@ -38,6 +38,7 @@ Fault injection, so tests inject each fault for real through this same code path
 reads $KVBENCH_INJECT_FAULT (e.g. "kill:0,hang:2,oom:1": fault kind and grid index) and hands
 the trial its fault, which `run_trial` then commits:
 - `kill`: SIGKILL this worker process at the start of the trial's first attempt (Ray retries);
+- `die`: SIGKILL it at the start of every attempt (the retries are used up);
 - `hang`: sleep forever (the driver's deadline cancels it);
 - `oom`: allocate 2^62 bytes on the trial's device, which fails as a real out-of-memory error.
 Unset (always, outside tests), nothing is injected.
@@ -91,7 +92,7 @@ MODEL_FIELDS: dict[str, str | None] = {
        ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")},
 }
 FAULT_ENV = "KVBENCH_INJECT_FAULT"
-FAULTS = ("kill", "hang", "oom")
+FAULTS = ("kill", "hang", "oom", "die")
 
 
 def injected_fault(index: int, text: str | None = None) -> str | None:
@@ -110,7 +111,7 @@ def injected_fault(index: int, text: str | None = None) -> str | None:
 
 
 def _commit_fault(fault: str | None, attempt: int, device: str) -> None:
-    if fault == "kill" and attempt == 1:
+    if (fault == "kill" and attempt == 1) or fault == "die":
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault == "hang":
         while True:

@@ -4,10 +4,11 @@ Run: python -m pytest tests/orchestrator/test_faults.py -q
 
 - a worker SIGKILLed mid-trial (Ray retries it), a trial that sleeps past its deadline, a trial
   whose allocation fails for real (out of memory): one sweep through the session's Ray;
-- a worker that dies on every attempt (retries used up);
 - a real `mlflow server` killed mid-sweep (the rest goes to the spool), restarted, then
   `python -m orchestrator.sync` (a second sync uploads nothing twice);
-- a sweep spooled while MLflow is away, then resumed: the spool is uploaded first, once.
+- a worker that dies on every attempt, with and without retries;
+- a real driver that spools while MLflow is away, interrupted, then resumed with MLflow back:
+  the spool is uploaded first, once, and only the rest runs.
 (The driver interrupted with SIGINT, then resumed, is the command test in test_sweep.py.)
 
 Faults come from $KVBENCH_INJECT_FAULT (orchestrator.trial), read by the driver and committed by
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -33,11 +36,10 @@ from orchestrator.capacity import devices_from_probe
 from orchestrator.config import CONF_DIR, TrialSettings, load_sweep
 from orchestrator.criteria import Criterion
 from orchestrator.scheduling import Cluster
-from orchestrator.spool import SYNCED_DIR, Recorder, read_spool
+from orchestrator.spool import SYNCED_DIR, read_spool
 from orchestrator.sweep import execute, run_trials
 from orchestrator.sync import main as sync_main
 from orchestrator.trial import FAULT_ENV
-from test_report import make_record, passing
 from test_tracking import children, parents, shared_store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,16 +121,18 @@ def test_killed_hung_and_oom_trials_are_each_recorded_once_and_the_sweep_goes_on
     assert parent.data.metrics["sweep_wall_s"] == pytest.approx(last - first, abs=1e-3)
 
 
-def test_a_worker_that_dies_on_every_attempt_is_an_error_after_the_retries(ray_session, tmp_path, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "kill:0")
+@pytest.mark.parametrize("max_retries", [0, 2])
+def test_a_worker_that_dies_on_every_attempt_is_an_error_after_the_retries(ray_session, tmp_path, monkeypatch,
+                                                                          max_retries):
+    monkeypatch.setenv(FAULT_ENV, "die:0")  # SIGKILL at the start of every attempt
     sweep = smoke_sweep(tmp_path, "sqlite:///unused.db", "unused", "grid.cache.dtype=[float16]")
     cluster = Cluster.connect(sweep.cluster)
     devices = devices_from_probe(cluster.probe(), 0.95, 0.8)
     criteria = (Criterion("fill_rate", "fill_rate_pos_s", ">", 1.0),)
     records = run_trials(sweep.trials, devices, cluster, criteria, on_record=lambda r: None,
-                         settings=TrialSettings(max_retries=0, timeout_s=60))
+                         settings=TrialSettings(max_retries=max_retries, timeout_s=120))
     [record] = records
-    assert record.verdict == "ERROR" and record.attempts == 1
+    assert record.verdict == "ERROR" and record.attempts == max_retries + 1
     assert record.reason.startswith("crash: the worker died on every attempt: WorkerCrashedError")
 
 
@@ -182,35 +186,46 @@ def test_mlflow_server_killed_mid_sweep_then_restarted_and_synced(ray_session, t
         assert len(sweep_runs(server.uri, experiment)[2]) == 3
 
 
-def test_resume_uploads_the_spool_once_then_runs_the_rest(store, tmp_path):
-    records = [make_record(i, passing(1.0 + i)) for i in range(3)]
-    common = dict(experiment="kvbench-spool-resume", spool_dir=tmp_path / "spool", sweep_key="sweep0200",
-                  milestone="smoke", tags={"title": "Smoke"}, params={"bench.repetitions": 2}, config_yaml="a: 1\n")
-    # MLflow away from the start: the first run spools two trials, then is interrupted.
-    err = io.StringIO()
-    away = Recorder(uri=f"http://127.0.0.1:{free_port()}", err=err, **common)
-    assert away.open(resume=True) == set()
-    for record in records[:2]:
-        away.record(record)
-    away.finish(records[:2], status="KILLED", metrics={"sweep_wall_s": 5.0, "num_devices": 1})
-    away.close()
-    assert "results go to the spool" in err.getvalue() and "MLflow is still away" in err.getvalue()
-    assert (tmp_path / "spool" / "sweep0200.jsonl").exists()
+def test_a_driver_interrupted_while_mlflow_is_away_resumes_from_its_spool(ray_session, store, tmp_path):
+    """A real driver spools its first trial (MLflow away) and is interrupted (SIGINT) while the
+    second runs; the same sweep run again with MLflow back uploads the spool first, once, and
+    runs only the second trial."""
+    spool_dir = tmp_path / "spool"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", FAULT_ENV)}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), **{FAULT_ENV: "hang:1"})
+    command = [sys.executable, "-m", "orchestrator", "+milestone=smoke", *FAST,
+               f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.experiment=kvbench-spool-resume",
+               f"spool.dir={spool_dir}"]
+    log = tmp_path / "first.err"
+    with open(log, "w") as stderr:
+        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        deadline = time.monotonic() + 300
+        while "[smoke] 1/2 done, 1 running" not in log.read_text():
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert first.returncode == 130, log.read_text()
+    assert "results go to the spool" in log.read_text() and "MLflow is still away" in log.read_text()
+    [spool_file] = spool_dir.glob("*.jsonl")
+    spooled = read_spool(spool_file)
+    assert spooled.finish == "KILLED" and [r.params["cache.dtype"] for r in spooled.records.values()] == ["float32"]
 
-    # Resumed with MLflow back: the spool goes up first, its trials count as done.
+    sweep = smoke_sweep(tmp_path, store, "kvbench-spool-resume")
+    assert spool_file.name == f"{sweep.key}.jsonl", "the same sweep"
     err = io.StringIO()
-    back = Recorder(uri=store, err=err, **common)
-    assert back.open(resume=True) == {r.trial_key for r in records[:2]}
-    assert "uploaded 2 trial(s)" in err.getvalue()
-    assert not (tmp_path / "spool" / "sweep0200.jsonl").exists()
-    back.record(records[2])
-    back.finish(records[2:], status="FINISHED", metrics={"sweep_wall_s": 3.0, "num_devices": 1})
-    back.close()
+    assert execute(sweep, tmp_path, out=io.StringIO(), err=err) == 0, err.getvalue()
+    assert f"uploaded 1 trial(s) that {spool_file} held from an earlier run" in err.getvalue()
+    assert "[smoke] resuming: 1 trials already recorded" in err.getvalue()
+    assert "[smoke] 1/1 done" in err.getvalue()
+    assert not spool_file.exists()
 
     client = MlflowClient(store)
     experiment_id = client.get_experiment_by_name("kvbench-spool-resume").experiment_id
     [parent] = parents(client, experiment_id)
-    assert parent.info.run_id == back.parent_id and parent.info.status == "FINISHED"
-    assert parent.data.tags["resumes"] == "1" and parent.data.metrics["n_trials"] == 3
-    keys = sorted(r.data.tags["trial_key"] for r in children(client, parent.info.run_id))
-    assert keys == sorted(r.trial_key for r in records)
+    assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == "PASS"
+    assert parent.data.tags["resumes"] == "1" and parent.data.metrics["n_trials"] == 2
+    runs = children(client, parent.info.run_id)
+    assert sorted(r.data.params["cache.dtype"] for r in runs) == ["float16", "float32"]
+    spooled_trial = next(r for r in runs if r.data.params["cache.dtype"] == "float32")
+    assert spooled_trial.data.tags["trial_key"] == next(iter(spooled.records))

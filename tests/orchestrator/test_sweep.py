@@ -173,6 +173,51 @@ def test_ctrl_c_cancels_the_running_trials_and_goes_on_to_the_caller():
     assert not [ref for ref, left in cluster.gone.items() if left >= 0], "the driver waited until both were gone"
 
 
+def test_an_error_while_trials_run_records_the_running_ones_before_it_goes_on():
+    """A recording error that is no Ctrl-C (a bug, a lost connection) used to lose every
+    trial still running; now they are waited for and recorded, then the error goes on."""
+    cluster = ScriptedCluster()
+    seen: list[TrialRecord] = []
+
+    def record(r: TrialRecord) -> None:
+        if r.index == 0:
+            raise RuntimeError("recording failed")
+        seen.append(r)
+
+    with pytest.raises(RuntimeError, match="recording failed"):
+        run_trials([trial(0, 1.0), trial(1, 1.0), trial(3, 1.0)], [device("a", 20.0), device("b", 20.0)],
+                   cluster, CRITERIA, on_record=record, settings=TrialSettings(max_retries=3, timeout_s=None))
+    assert cluster.submitted == [(0, "a"), (1, "b")], "nothing new is submitted after the error"
+    assert [r.index for r in seen] == [1], "the trial running when the error came is recorded"
+
+
+class FirstDoneCluster(HangingCluster):
+    """Trial 0 finishes on the first wait; the others hang until cancelled."""
+
+    def wait(self, refs, timeout_s):
+        if self.waits == 0 and 0 in refs:
+            self.waits += 1
+            return [0]
+        return super().wait(refs, timeout_s)
+
+    def fetch(self, ref):
+        if ref == 0:
+            return {"status": "OK", "reason": "", "metrics": {"fill_rate_pos_s": 50.0}, "info": {}}
+        return super().fetch(ref)
+
+
+def test_a_full_spool_disk_cancels_the_running_trials_and_goes_on():
+    cluster = FirstDoneCluster(linger=0)
+
+    def record(r: TrialRecord) -> None:
+        raise OSError(28, "the spool folder is full")
+
+    with pytest.raises(OSError):
+        run_trials([trial(0, 1.0), trial(1, 1.0)], [device("a", 20.0), device("b", 80.0)], cluster, CRITERIA,
+                   on_record=record, settings=TrialSettings(max_retries=2, timeout_s=None))
+    assert cluster.cancels == {1: 1}, "the running trial was cancelled: there is nowhere to record it"
+
+
 def test_deadline_derived_from_the_trials_size():
     settings = TrialSettings(max_retries=2, timeout_s=None)
     small = trial(0, 0.0)  # a one-position cache, no weights: the base and the time boxes

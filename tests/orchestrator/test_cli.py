@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config import available_milestones
 from mlflow_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ def broken(milestone: str) -> list[str]:
 # name: (arguments, what stderr must say)
 CASES = {
     "no milestone": ([], r"error: no milestone given; run e.g. `python -m orchestrator +milestone=m10` "
-                         r"(available: m10, m10-model, m11, m12, m8, m9, smoke)"),
+                         rf"(available: {', '.join(available_milestones())})"),
     "unknown milestone": (["+milestone=m99"], "Could not find 'milestone/m99'"),
     "malformed override": (["+milestone=smoke", "model.num_layers=[3"], "no viable alternative at input '[3'"),
     "wrong type": (["+milestone=smoke", "model.num_layers=three"], "model.num_layers"),

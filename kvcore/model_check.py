@@ -28,22 +28,35 @@ for the benchmark's teacher forcing): per step, the relative L2 difference of th
   against SDPA, fused against separate norms). Each rounding is a relative error of at most
   u (the unit roundoff: 2^-11 in float16, 2^-8 in bfloat16, 2^-24 in float32); a layer
   rounds the residual stream's inputs about 8 times (2 norms, q/k/v, attention, o, gate/up,
-  the activation, down), so independent differences add up as a random walk over 8 L
-  roundings: rel L2 ~ u sqrt(8 L), 7.8e-3 for float16 at 32 layers. Bound: 3x that
-  (`MARGIN`), 2.3e-2. The largest of V logits per step (32,000 here) sits a few RMS errors
-  out (5 sigma for a million Gaussian draws): max |delta| <= 6 x rel_l2 bound x RMS of the
-  reference's logits (`MAX_OVER_RMS`): 0.18 for float16 logits of RMS 1.3 (the first H200
-  run measured 0.054 on the 16K prompt). A real bug is far outside: a rotary position one
-  off for the decoded token, or one layer's residual dropped, moves the logits by a
-  relative L2 of 0.1 to 1 (tests/kvcore/test_model.py injects both at a 32-layer shape).
-- A lossy cache (int8, float8_e4m3fn, int4, or bfloat16 under float16 weights) adds its
-  own quantization error to the same reference (transformers with a cache in the weights'
-  dtype: what a user compares against). Its bound is the bound above plus the cache's
-  CPU-measured bound of tests/kvcore/test_model.py (3 layers: bfloat16 and int8 1e-2,
-  float8_e4m3fn 5e-2, int4 1e-1, each about 4x the measured error) scaled by sqrt(L / 3)
-  (independent per-layer errors). Judged on the relative L2 only: a quantized element's
-  error is not Gaussian (a scale's rounding shifts a whole row), so the largest of a
-  million differences says little; it is recorded.
+  the activation, down), so independent errors add up as a random walk over 8 L roundings:
+  rel L2 ~ u sqrt(8 L) = 7.8e-3 for float16 at 32 layers. Calibrated on the CPU (the test
+  `test_logit_tolerance_calibration`: 32 layers at the 7B shape's per-layer gain, std 0.02
+  x sqrt(4096 / hidden), logits of RMS 1.28 as at the 7B shape): a float16 model against
+  the float32 one differs by up to 0.0147 (1.9x the estimate: the layers amplify what
+  they are given); two float16 models differ by up to sqrt(2) times that, 0.021. Bound:
+  6 x u sqrt(8 L) (`MARGIN`), 0.047 at 32 layers, about 2x that. The largest of V
+  logits per step (32,000 here) sits a few RMS errors out (about 5 sigma for a million
+  Gaussian draws): max |delta| <= 6 x the rel L2 bound x the RMS of the reference's logits
+  (`MAX_OVER_RMS`): 0.37 for logits of RMS 1.3 (the first H200 run measured 0.054 on the
+  16K prompt). A real bug is far outside: in the same calibration a rotary position one
+  off for the decoded token moves the logits by a rel L2 of 0.5 to 1, and dropping one
+  layer's attention residual by 0.12 or more (the test injects both).
+- A lossy cache (bfloat16 under float16 weights, int8, float8_e4m3fn; float16 under float32
+  weights) adds its quantization error, which the 32 layers amplify the same way. The
+  reference stays transformers with a cache in the weights' dtype (what a user compares
+  against; kvcore's own float16-cache model would give the same figure: the rounding term
+  is small beside the cache's). Bound: the exact-cache bound plus the cache's term
+  (`CACHE_REL_L2_32_LAYERS`, about 2x the largest of the calibration's seeds at 32 layers:
+  float16 0.0051 -> 0.01, bfloat16 0.057 -> 0.12, int8 0.104 -> 0.2, float8_e4m3fn 0.43
+  -> 0.8), scaled by sqrt(L / 32) for other depths. Judged on the relative L2 only: a
+  quantized element's error is not Gaussian (a scale's rounding shifts a whole row), so
+  the largest of a million differences is recorded, not judged. At these sizes a float8
+  bound no longer separates a rotary bug from rounding: lossy caches check the cache's
+  numbers; the model's plumbing (the same code for every cache dtype) is checked by the
+  exact-cache bound, and each dtype at 3 layers in tests/kvcore/test_model.py.
+- int4: the calibration's 32 random layers take its error to a rel L2 of 0.9-0.96
+  (unrelated logits): no bound would mean anything, so it is recorded, not judged
+  (`judged` False: `logits_ok` then says only that the logits are finite).
 - tokens: kvcore's top-1 equals transformers' token wherever transformers' top-1/top-2 gap
   exceeds twice the max-|delta| bound (random weights make near-ties; below that either
   token is right).
@@ -70,11 +83,12 @@ import torch
 
 UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 ROUNDINGS_PER_LAYER = 8  # of the residual stream's inputs per layer (module docstring)
-MARGIN = 3.0
+MARGIN = 6.0
 MAX_OVER_RMS = 6.0
-# tests/kvcore/test_model.py's bounds on a lossy cache's relative L2 at 3 layers (float32
-# weights), CACHE_REL_L2 there: each about 4x what the CPU measured
-CACHE_REL_L2_3_LAYERS = {"float16": 1e-3, "bfloat16": 1e-2, "int8": 1e-2, "float8_e4m3fn": 5e-2, "int4": 1e-1}
+# A lossy cache's own term at 32 layers (module docstring: about 2x the calibration's largest);
+# int4 is absent on purpose: not judged
+CACHE_REL_L2_32_LAYERS = {"float16": 0.01, "bfloat16": 0.12, "int8": 0.2, "float8_e4m3fn": 0.8}
+UNJUDGED_CACHES = ("int4",)
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-5,
                  max_position_embeddings=4096, tie_word_embeddings=False)
@@ -87,6 +101,7 @@ class LogitTolerance:
     rel_l2: float  # per step: ||ours - ref|| / ||ref|| <= rel_l2
     max_abs_over_rms: float  # per step: max |ours - ref| <= max_abs_over_rms x RMS(ref)
     judge_max_abs: bool  # False for a lossy cache: the max |delta| is recorded, not judged
+    judged: bool  # False (int4): nothing but finiteness is judged
     reasoning: str
 
     def max_abs(self, ref: torch.Tensor) -> float:
@@ -98,7 +113,7 @@ def logit_tolerance(weights_dtype: str = "float16", cache_dtype: str | None = No
                     num_layers: int = 32) -> LogitTolerance:
     """The bound on kvcore's teacher-forced logits against transformers with the same weights
     in `weights_dtype` and a cache in that dtype, for kvcore's `cache_dtype` (None: the
-    weights' dtype) at `num_layers` layers. ValueError for a dtype it has no bound for."""
+    weights' dtype) at `num_layers` layers (module docstring). ValueError for an unknown dtype."""
     if weights_dtype not in UNIT_ROUNDOFF:
         raise ValueError(f"weights_dtype must be one of {sorted(UNIT_ROUNDOFF)}, got {weights_dtype!r}")
     cache_dtype = weights_dtype if cache_dtype is None else cache_dtype
@@ -106,21 +121,24 @@ def logit_tolerance(weights_dtype: str = "float16", cache_dtype: str | None = No
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
     u = UNIT_ROUNDOFF[weights_dtype]
     model = MARGIN * u * math.sqrt(ROUNDINGS_PER_LAYER * num_layers)
-    exact = (cache_dtype in UNIT_ROUNDOFF
-             and UNIT_ROUNDOFF[cache_dtype] <= UNIT_ROUNDOFF[weights_dtype])
-    if exact:
-        return LogitTolerance(model, MAX_OVER_RMS * model, True,
-                              f"{MARGIN:g} x u({weights_dtype}) x sqrt({ROUNDINGS_PER_LAYER} x "
-                              f"{num_layers} layers) = {model:.3g} rel L2; max |delta| <= "
-                              f"{MAX_OVER_RMS:g} x that x RMS(ref)")
-    if cache_dtype not in CACHE_REL_L2_3_LAYERS:
+    rounding = (f"{MARGIN:g} x u({weights_dtype}) x sqrt({ROUNDINGS_PER_LAYER} x {num_layers} "
+                f"layers) = {model:.3g}")
+    if cache_dtype in UNIT_ROUNDOFF and UNIT_ROUNDOFF[cache_dtype] <= u:
+        return LogitTolerance(model, MAX_OVER_RMS * model, True, True,
+                              f"{rounding} rel L2; max |delta| <= {MAX_OVER_RMS:g} x that x RMS(ref)")
+    if cache_dtype in UNJUDGED_CACHES:
+        return LogitTolerance(math.inf, math.inf, False, False,
+                              f"{cache_dtype} cache: not judged (its error through {num_layers} "
+                              f"random layers leaves the logits unrelated); recorded")
+    if cache_dtype not in CACHE_REL_L2_32_LAYERS:
+        known = sorted(set(UNIT_ROUNDOFF) | set(CACHE_REL_L2_32_LAYERS) | set(UNJUDGED_CACHES))
         raise ValueError(f"no logit bound for cache_dtype {cache_dtype!r} under {weights_dtype} "
-                         f"weights; known: {sorted(set(UNIT_ROUNDOFF) | set(CACHE_REL_L2_3_LAYERS))}")
-    cache = CACHE_REL_L2_3_LAYERS[cache_dtype] * math.sqrt(num_layers / 3)
-    return LogitTolerance(model + cache, MAX_OVER_RMS * (model + cache), False,
-                          f"{model:.3g} (rounding, as for an exact cache) + {cache:.3g} ({cache_dtype} "
-                          f"cache: {CACHE_REL_L2_3_LAYERS[cache_dtype]:g} at 3 layers x sqrt("
-                          f"{num_layers} / 3)) rel L2; max |delta| recorded, not judged")
+                         f"weights; known: {known}")
+    cache = CACHE_REL_L2_32_LAYERS[cache_dtype] * math.sqrt(num_layers / 32)
+    return LogitTolerance(model + cache, MAX_OVER_RMS * (model + cache), False, True,
+                          f"{rounding} (rounding) + {cache:.3g} ({cache_dtype} cache: "
+                          f"{CACHE_REL_L2_32_LAYERS[cache_dtype]:g} x sqrt({num_layers} / 32)) rel "
+                          f"L2; max |delta| recorded, not judged")
 
 
 def judge_logits(ours: torch.Tensor, ref: torch.Tensor, tolerance: LogitTolerance) -> dict:
@@ -137,14 +155,14 @@ def judge_logits(ours: torch.Tensor, ref: torch.Tensor, tolerance: LogitToleranc
     gap = top2[:, 0] - top2[:, 1]
     decisive = gap > 2 * atol
     same = ours.argmax(dim=-1) == ref.argmax(dim=-1)
-    rel_ok = finite and bool((rel_l2 <= tolerance.rel_l2).all())
+    rel_ok = finite and (not tolerance.judged or bool((rel_l2 <= tolerance.rel_l2).all()))
     abs_ok = finite and bool((max_abs <= atol).all())
     worst = float(max_abs.max()) if finite else float("inf")
     return {
         "logits_max_abs_diff": worst, "logits_tolerance": atol,
         "logits_rel_l2_max": float(rel_l2.max()) if finite else float("inf"),
         "logits_rel_l2_tolerance": tolerance.rel_l2,
-        "logits_max_abs_judged": tolerance.judge_max_abs,
+        "logits_max_abs_judged": tolerance.judge_max_abs, "logits_judged": tolerance.judged,
         "logits_ok": rel_ok and (abs_ok or not tolerance.judge_max_abs),
         "logits_tolerance_reasoning": tolerance.reasoning,
         "logits_ref_rms": float(ref.pow(2).mean().sqrt()),
@@ -155,6 +173,11 @@ def judge_logits(ours: torch.Tensor, ref: torch.Tensor, tolerance: LogitToleranc
         "top1_gap_per_step": [round(x, 5) for x in gap.tolist()],
         "top1_equal_per_step": same.tolist(),
     }
+
+
+def _finite(x: float) -> float | None:
+    """x, or None where it is infinite (strict JSON has no infinity)."""
+    return x if math.isfinite(x) else None
 
 
 def _hf_model(shape: dict, dtype: torch.dtype, device: str, seed: int):
@@ -292,9 +315,9 @@ def check(layers: int = 32, prompt: int = 16, new_tokens: int = 32, timed_tokens
         "transformers_only_weight_bytes": lm.bytes_not_held(hf.parameters()),
         "prompt_tokens": prompt,
         "new_tokens": new_tokens,
-        "tolerance": {"rel_l2": tolerance.rel_l2, "max_abs": judged["logits_tolerance"],
-                      "max_abs_judged": tolerance.judge_max_abs,
-                      "decisive_gap": 2 * judged["logits_tolerance"],
+        "tolerance": {"rel_l2": _finite(tolerance.rel_l2), "max_abs": _finite(judged["logits_tolerance"]),
+                      "max_abs_judged": tolerance.judge_max_abs, "judged": tolerance.judged,
+                      "decisive_gap": _finite(2 * judged["logits_tolerance"]),
                       "reasoning": tolerance.reasoning},
         "max_abs_per_step": judged["max_abs_per_step"],
         "rel_l2_per_step": judged["rel_l2_per_step"],

@@ -43,7 +43,9 @@ Key decisions:
   layer at the host count (default on CPU).
 - On CUDA (with Triton) the norms (residual add fused in), the rotary embedding and the
   SwiGLU activation are one Triton launch each (kvcore/triton_model.py; `lm.fused_ops`,
-  settable; False gives the torch ops): a 7B layer is then about 16 launches instead of 45.
+  settable; False gives the torch ops): a 7B layer is then about 13 launches instead of 45
+  (with the fused projections: 4 GEMVs, the cache write, 2 attention launches, 2 rotary,
+  2 norms, 1 activation).
 - Weights are plain tensors with transformers' names (`state_dict()`), never copied when
   given on the right device and dtype, so a transformers model can share them (the peer
   measurement). Fused projections (`fuse_projections`, default True on CUDA, False
@@ -320,7 +322,8 @@ class CausalLM:
     (ModelConfig), `cache` (StreamingKVCache), `dtype`, `device`, `linear` (settable hook:
     (x, weight) -> x @ weight.T for every projection and the lm_head), `decode_method`
     (settable: "cuda_graph", "counter" or "eager"), `fused_ops` (settable bool: the Triton
-    norm/rotary/activation kernels; default where the cache's Triton writes run).
+    norm/rotary/activation kernels; default where the cache's Triton writes run),
+    `projections_fused` (the constructor's `fuse_projections`: default True on CUDA).
     A captured graph is kept per (attention backend, linear, fused_ops).
     """
 
@@ -484,6 +487,18 @@ class CausalLM:
     def projections_fused(self) -> bool:
         """Whether every layer runs fused q/k/v and gate/up projections."""
         return all(layer.wqkv is not None and layer.w_gate_up is not None for layer in self.layers)
+
+    def projection_matrices(self) -> list[torch.Tensor]:
+        """The matrices a decoded token multiplies, in order: per layer q/k/v (one fused
+        matrix, or three), o, gate/up (one, or two), down; then the lm_head. What `linear`
+        is given (e.g. to prepare or time the GEMV at the shapes the model really runs)."""
+        mats = []
+        for layer in self.layers:
+            mats += [layer.wqkv] if layer.wqkv is not None else [layer.wq, layer.wk, layer.wv]
+            mats.append(layer.wo)
+            mats += [layer.w_gate_up] if layer.w_gate_up is not None else [layer.w_gate, layer.w_up]
+            mats.append(layer.w_down)
+        return mats + [self.lm_head]
 
     def _storages(self) -> dict[int, int]:
         """data pointer -> bytes of every storage the model's weights live in (each once)."""

@@ -7,8 +7,9 @@ torch ops of transformers' Llama take several.
 
 Why: a decode step at the 7B shape is about 45 small launches per layer in plain torch,
 1,500 per token; even replayed from one CUDA graph each costs a few microseconds, a large
-share of a token's 6 ms. These three bring a layer to about 16 launches (7 projections,
-the cache write, 2 attention launches, 2 rotary, 2 norms, 1 activation).
+share of a token's 6 ms. These three bring a layer to about 13 launches (4 projections
+with q/k/v and gate/up fused, the cache write, 2 attention launches, 2 rotary, 2 norms,
+1 activation).
 
 Numerics follow transformers' Llama op by op, with float32 arithmetic rounded to the
 tensor dtype where torch rounds: RMSNorm in float32, cast, times the weight in the dtype;

@@ -607,6 +607,17 @@ def test_held_weight_bytes_count_what_the_model_holds():
         assert fused.held_weight_bytes() == total  # the copies replace the originals, byte for byte
         assert fused.bytes_not_held(params) == originals > 0
         assert fused.weight_bytes() == shared.weight_bytes()  # read per token: unchanged
+        cfg = fused.config
+        assert len(shared.projection_matrices()) == 7 * cfg.num_layers + 1
+        mats = fused.projection_matrices()
+        assert len(mats) == 4 * cfg.num_layers + 1 and mats[-1] is fused.lm_head
+        assert [tuple(m.shape) for m in mats[:4]] == [
+            ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size),
+            (cfg.hidden_size, cfg.num_heads * cfg.head_dim),
+            (2 * cfg.intermediate_size, cfg.hidden_size), (cfg.hidden_size, cfg.intermediate_size)]
+        assert sum(m.nbytes for m in mats) == fused.weight_bytes() - fused.norm.nbytes \
+            - fused.embed[0].nbytes - sum(layer.input_norm.nbytes + layer.post_norm.nbytes
+                                          for layer in fused.layers)
 
 
 # ---------------------------------------------------------------------- the logit tolerance

@@ -43,12 +43,21 @@ Key decisions:
   layer at the host count (default on CPU).
 - On CUDA (with Triton) the norms (residual add fused in), the rotary embedding and the
   SwiGLU activation are one Triton launch each (kvcore/triton_model.py; `lm.fused_ops`,
-  settable; False gives the torch ops): a 7B layer is then about 16 launches instead of 45.
+  settable; False gives the torch ops): a 7B layer is then about 13 launches instead of 45
+  (with the fused projections: 4 GEMVs, the cache write, 2 attention launches, 2 rotary,
+  2 norms, 1 activation).
 - Weights are plain tensors with transformers' names (`state_dict()`), never copied when
   given on the right device and dtype, so a transformers model can share them (the peer
-  measurement). `lm.fuse_projections()` (opt-in, a copy) concatenates q/k/v and gate/up:
-  4 projections per layer instead of 7. `lm.linear` (default torch.nn.functional.linear)
-  computes every projection and the lm_head: a faster GEMV can be plugged in.
+  measurement). Fused projections (`fuse_projections`, default True on CUDA, False
+  elsewhere): q/k/v are concatenated into one [(H + 2 Hkv) D, hidden] matrix and gate/up
+  into one [2 I, hidden], so a layer runs 4 projections instead of 7, at decode (one GEMV
+  of 12,288 and one of 22,016 rows at the 7B shape: fewer launches in the graph, each in
+  the GEMV's better regime of many rows) and at prefill (larger GEMMs). That is a copy of
+  those five matrices: the given tensors of q/k/v/gate/up are no longer held by the model
+  (a peer that shares the rest keeps its own originals); `held_weight_bytes()` counts what
+  the model holds, each storage once, and `bytes_not_held(tensors)` what of a peer's
+  tensors is the peer's alone. `lm.linear` (default torch.nn.functional.linear) computes
+  every projection and the lm_head: a faster GEMV can be plugged in.
 - Caller mistakes (bad folders, unsupported architectures, bad shapes or tensors) raise a
   ValueError that says what and why.
 
@@ -313,14 +322,15 @@ class CausalLM:
     (ModelConfig), `cache` (StreamingKVCache), `dtype`, `device`, `linear` (settable hook:
     (x, weight) -> x @ weight.T for every projection and the lm_head), `decode_method`
     (settable: "cuda_graph", "counter" or "eager"), `fused_ops` (settable bool: the Triton
-    norm/rotary/activation kernels; default where the cache's Triton writes run).
+    norm/rotary/activation kernels; default where the cache's Triton writes run),
+    `projections_fused` (the constructor's `fuse_projections`: default True on CUDA).
     A captured graph is kept per (attention backend, linear, fused_ops).
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
                  dtype: str = "float32", device: str = "cpu", cache_dtype: str | None = None,
                  max_positions: int = 4096, sink_positions: int = 0,
-                 decode_method: str | None = None) -> None:
+                 decode_method: str | None = None, fuse_projections: bool | None = None) -> None:
         self.config = cfg = ModelConfig.from_hf(config)
         self.dtype = parse_dtype(dtype, FLOAT_DTYPES, "dtype")
         cache_dtype = dtype if cache_dtype is None else cache_dtype
@@ -336,9 +346,16 @@ class CausalLM:
         self.device = self.cache.device
         self._kv_dtype = self.cache.out_dtype  # what the cache takes and attention returns
         self._set_weights(weights)
+        if fuse_projections is None:
+            fuse_projections = self.device.type == "cuda"  # module docstring: where it helps
+        if not isinstance(fuse_projections, bool):
+            raise ValueError(f"fuse_projections must be True, False or None (True on CUDA), got "
+                             f"{fuse_projections!r}")
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        if fuse_projections:
+            self.fuse_projections()
         self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
         self._inv_freq = inverse_frequencies(cfg, self.device)
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # static input
         self._logits = torch.zeros((1, cfg.vocab_size), dtype=torch.float32, device=self.device)
         self._n_valid = torch.zeros((), dtype=torch.long, device=self.device)
@@ -355,8 +372,9 @@ class CausalLM:
     @classmethod
     def from_state_dict(cls, config: object, state_dict: Mapping[str, torch.Tensor], **kwargs) -> CausalLM:
         """From tensors with transformers' names; those already on the device and in dtype are
-        used without a copy. kwargs: dtype, device, cache_dtype, max_positions,
-        sink_positions, decode_method."""
+        used without a copy (but for q/k/v/gate/up when the projections are fused: the
+        default on CUDA). kwargs: dtype, device, cache_dtype, max_positions, sink_positions,
+        decode_method, fuse_projections."""
         return cls(config, state_dict, **kwargs)
 
     @classmethod
@@ -464,6 +482,42 @@ class CausalLM:
                 layer.w_gate_up = torch.cat([layer.w_gate, layer.w_up])
                 layer.w_gate, layer.w_up = layer.w_gate_up.split(layer.w_gate.shape[0])
         self._graphs.clear()
+
+    @property
+    def projections_fused(self) -> bool:
+        """Whether every layer runs fused q/k/v and gate/up projections."""
+        return all(layer.wqkv is not None and layer.w_gate_up is not None for layer in self.layers)
+
+    def projection_matrices(self) -> list[torch.Tensor]:
+        """The matrices a decoded token multiplies, in order: per layer q/k/v (one fused
+        matrix, or three), o, gate/up (one, or two), down; then the lm_head. What `linear`
+        is given (e.g. to prepare or time the GEMV at the shapes the model really runs)."""
+        mats = []
+        for layer in self.layers:
+            mats += [layer.wqkv] if layer.wqkv is not None else [layer.wq, layer.wk, layer.wv]
+            mats.append(layer.wo)
+            mats += [layer.w_gate_up] if layer.w_gate_up is not None else [layer.w_gate, layer.w_up]
+            mats.append(layer.w_down)
+        return mats + [self.lm_head]
+
+    def _storages(self) -> dict[int, int]:
+        """data pointer -> bytes of every storage the model's weights live in (each once)."""
+        tensors = list(self.state_dict().values())
+        tensors += [t for layer in self.layers for t in (layer.wqkv, layer.w_gate_up) if t is not None]
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+    def held_weight_bytes(self) -> int:
+        """Bytes of the weights the model holds: every storage its tensors live in, once (a tied
+        table once; fused projections as their fused copies, the given originals not at all)."""
+        return sum(self._storages().values())
+
+    def bytes_not_held(self, tensors) -> int:
+        """Bytes of the storages of `tensors` (e.g. a peer's parameters) that the model does not
+        hold: with weights shared with a peer, the peer's own share (its q/k/v/gate/up
+        originals once the model fused its copies; 0 if it shares everything)."""
+        held = self._storages()
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(n for ptr, n in seen.items() if ptr not in held)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under transformers' names (the tensors themselves, no copy)."""
@@ -712,7 +766,7 @@ class CausalLM:
         if self.fused_ops:
             from kvcore.triton_model import silu_mul
 
-            return silu_mul(gate.contiguous(), up.contiguous())
+            return silu_mul(gate, up)  # row-strided halves of the fused gate/up: no copy
         return F.silu(gate) * up
 
     def check_input_ids(self, ids: object, name: str) -> torch.Tensor:

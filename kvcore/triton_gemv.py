@@ -1,6 +1,7 @@
 """A split-K GEMV for decode: one row x [1, K] times weights W [N, K] -> [1, N], in Triton.
 
     python -m kvcore.triton_gemv --device cuda:0 --json gemv.json   # stock F.linear vs this, TB/s
+                                     # (the 7B matrices, the fused ones, both whole chains)
 
 At decode a Llama's projections are matrix-vector products: every weight byte is read once
 per token and nothing else costs, so the figure of merit is weight bytes / s against the copy
@@ -48,9 +49,11 @@ GEMV_DTYPES = (torch.float16, torch.bfloat16)
 # relative error bound (max |out - ref| / max |ref|) against a float64 product, by output dtype:
 # float32 accumulation, one rounding of the output
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
-# The Llama-2-7B shape's matrices: attention q/k/v/o, MLP gate/up, MLP down, the LM head.
+# The Llama-2-7B shape's matrices: attention q/k/v/o, MLP gate/up, MLP down, the LM head;
+# then the fused projections the model runs on CUDA (q/k/v as one, gate/up as one).
 SHAPES_7B = {"attn 4096x4096": (4096, 4096), "mlp_in 11008x4096": (11008, 4096),
              "mlp_out 4096x11008": (4096, 11008), "lm_head 32000x4096": (32000, 4096)}
+SHAPES_7B_FUSED = {"qkv 12288x4096": (12288, 4096), "gate_up 22016x4096": (22016, 4096)}
 
 
 class GemvConfig(NamedTuple):
@@ -78,7 +81,39 @@ CONFIGS = (
     GemvConfig(64, 128, 2, 8, 4),
     GemvConfig(32, 512, 2, 8, 3),  # 32 KB tiles: more bytes in flight per program
     GemvConfig(16, 1024, 2, 8, 3),
+    # short N (4096 rows of o_proj / down_proj): splits of 2-4, small blocks, deeper pipelines;
+    # K = 11008 = 43 x 256 only divides evenly by block_k x split_k <= 256 (no masked tiles)
+    GemvConfig(8, 512, 2, 4, 4),
+    GemvConfig(8, 256, 4, 4, 5),
+    GemvConfig(16, 256, 4, 8, 4),
+    GemvConfig(32, 256, 4, 8, 4),
+    GemvConfig(16, 128, 2, 4, 5),
+    GemvConfig(32, 128, 2, 8, 4),
+    GemvConfig(8, 64, 4, 4, 5),
+    GemvConfig(16, 64, 4, 4, 5),
+    GemvConfig(32, 64, 4, 8, 4),
+    # long N (the fused q/k/v of 12288 rows, gate/up of 22016): enough programs without splits
+    GemvConfig(16, 512, 1, 4, 4),
+    GemvConfig(32, 256, 1, 4, 4),
+    GemvConfig(32, 512, 1, 8, 4),
+    GemvConfig(16, 256, 1, 8, 5),
+    GemvConfig(64, 256, 1, 8, 3),
+    GemvConfig(8, 512, 1, 4, 5),
 )
+
+
+def even(n: int, k: int, config: GemvConfig) -> bool:
+    """Whether (N, K) tiles exactly under `config` (no masked loads: the kernel's fast path)."""
+    return n % config.block_n == 0 and k % (config.block_k * config.split_k) == 0
+
+
+def candidates(n: int, k: int) -> list[GemvConfig]:
+    """The configs worth timing for (N, K) (autotuning time grows with their number): those
+    that tile it exactly when any does (a masked tile is never faster than an exact one of
+    the same size), and no 4-way split of K where N >= 8192 (the rows alone give over 256
+    programs of 32 rows: the split-4 configs are there for the 4096-row matrices)."""
+    pool = [c for c in CONFIGS if even(n, k, c)] or list(CONFIGS)
+    return [c for c in pool if n < 8192 or c.split_k < 4] or pool
 
 
 def _interpreting() -> bool:
@@ -151,16 +186,22 @@ def _kernels():
                 tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_ok)
                 tl.store(count_ptr + pid_n, 0)
 
-    def even(args):
+    def tiles_exactly(args):
         return (args["N"] % args["BLOCK_N"] == 0
                 and args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0)
 
-    kernel = triton.heuristics({"EVEN": even})(_gemv)
-    tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "SPLIT_K": c.split_k},
-                               num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS],
-        key=["N", "K"],
-    )(kernel)
+    kernel = triton.heuristics({"EVEN": tiles_exactly})(_gemv)
+
+    def as_config(c: GemvConfig) -> triton.Config:
+        return triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "SPLIT_K": c.split_k},
+                             num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def prune(configs, named_args, **kwargs):  # time only `candidates(N, K)`
+        keep = set(candidates(named_args["N"], named_args["K"]))
+        return [c for c in configs if _as_gemv_config(c) in keep] or configs
+
+    tuned = triton.autotune(configs=[as_config(c) for c in CONFIGS], key=["N", "K"],
+                            prune_configs_by={"early_config_prune": prune})(kernel)
     return kernel, tuned
 
 
@@ -272,6 +313,11 @@ def prepare(weights, device: torch.device | str | None = None) -> int:
     return len(shapes)
 
 
+def _as_gemv_config(config) -> GemvConfig:
+    kw = config.kwargs
+    return GemvConfig(kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"], config.num_warps, config.num_stages)
+
+
 def chosen_config(n: int, k: int, dtype: torch.dtype | None = None) -> GemvConfig | None:
     """The config the autotuner picked for (N, K) (and `dtype`, if given), if it ran."""
     if not _triton_importable():
@@ -279,8 +325,7 @@ def chosen_config(n: int, k: int, dtype: torch.dtype | None = None) -> GemvConfi
     _, tuned = _kernels()
     for key, config in getattr(tuned, "cache", {}).items():
         if tuple(key[:2]) == (n, k) and (dtype is None or str(dtype) in map(str, key[2:])):
-            kw = config.kwargs
-            return GemvConfig(kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"], config.num_warps, config.num_stages)
+            return _as_gemv_config(config)
     return None
 
 
@@ -348,10 +393,16 @@ def bench_shapes(device: torch.device, dtype: torch.dtype = torch.float16, shape
 
 def bench_model_matrices(device: torch.device, dtype: torch.dtype = torch.float16, layers: int = 32,
                          hidden: int = 4096, intermediate: int = 11008, vocab: int = 32000,
-                         reps: int = 10) -> dict[str, float]:
+                         reps: int = 10, fused: bool = False) -> dict[str, float]:
     """Every projection of a Llama-2-7B-shaped model (per layer q, k, v, o, gate, up, down,
-    then the LM head) multiplied by one token in one CUDA graph, in the model's order."""
-    per_layer = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+    then the LM head) multiplied by one token in one CUDA graph, in the model's order.
+    fused: per layer q/k/v as one matrix, o, gate/up as one, down (what the model runs on
+    CUDA); the keys then start with "model_fused_"."""
+    if fused:
+        per_layer = [(3 * hidden, hidden), (hidden, hidden), (2 * intermediate, hidden),
+                     (hidden, intermediate)]
+    else:
+        per_layer = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
     shapes = per_layer * layers + [(vocab, hidden)]
     weights = [torch.randn(n, k, device=device, dtype=dtype) for n, k in shapes]
     x_by_k = {k: torch.randn(1, k, device=device, dtype=dtype) for k in (hidden, intermediate)}
@@ -364,10 +415,11 @@ def bench_model_matrices(device: torch.device, dtype: torch.dtype = torch.float1
     nbytes = sum(w.nbytes for w in weights)
     del weights
     torch.cuda.empty_cache()
-    return {"model_weight_gb": nbytes / 1e9, "model_torch_gbps": stock[0], "model_gemv_gbps": ours[0],
-            "model_torch_gbps_min": stock[1], "model_torch_gbps_max": stock[2],
-            "model_gemv_gbps_min": ours[1], "model_gemv_gbps_max": ours[2],
-            "model_speedup": ours[0] / stock[0]}
+    prefix = "model_fused_" if fused else "model_"
+    figures = {"weight_gb": nbytes / 1e9, "matrices": len(shapes), "torch_gbps": stock[0],
+               "gemv_gbps": ours[0], "torch_gbps_min": stock[1], "torch_gbps_max": stock[2],
+               "gemv_gbps_min": ours[1], "gemv_gbps_max": ours[2], "speedup": ours[0] / stock[0]}
+    return {prefix + k: v for k, v in figures.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,8 +438,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = getattr(torch, args.dtype)
     copy = measure_copy_gbps(device)
-    rows = bench_shapes(device, dtype)
-    model = {} if args.no_model else bench_model_matrices(device, dtype)
+    rows = bench_shapes(device, dtype, {**SHAPES_7B, **SHAPES_7B_FUSED})
+    model = {} if args.no_model else {**bench_model_matrices(device, dtype),
+                                      **bench_model_matrices(device, dtype, fused=True)}
     props = torch.cuda.get_device_properties(device)
     result = {"device_name": props.name, "dtype": args.dtype, "torch_version": torch.__version__,
               "copy_gbps": copy[0], "copy_gbps_min": copy[1], "copy_gbps_max": copy[2],
@@ -401,10 +454,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['shape']:<20} {r['matrices']:>5} {r['torch_gbps']:>11.0f} {r['gemv_gbps']:>10.0f} "
               f"{r['speedup']:>6.2f} {r['torch_gbps'] / copy[0]:>10.1%} {r['gemv_gbps'] / copy[0]:>10.1%}  "
               f"{r['config']}")
-    if model:
-        print(f"{'7B chain (225 mat.)':<20} {'':>5} {model['model_torch_gbps']:>11.0f} "
-              f"{model['model_gemv_gbps']:>10.0f} {model['model_speedup']:>6.2f} "
-              f"{model['model_torch_gbps'] / copy[0]:>10.1%} {model['model_gemv_gbps'] / copy[0]:>10.1%}")
+    for prefix in ("model_", "model_fused_") if model else ():
+        label = f"7B chain ({model[prefix + 'matrices']} mat.)"
+        print(f"{label:<20} {'':>5} {model[prefix + 'torch_gbps']:>11.0f} "
+              f"{model[prefix + 'gemv_gbps']:>10.0f} {model[prefix + 'speedup']:>6.2f} "
+              f"{model[prefix + 'torch_gbps'] / copy[0]:>10.1%} {model[prefix + 'gemv_gbps'] / copy[0]:>10.1%}")
     line = json.dumps(result, sort_keys=True)
     print(line)
     if args.json:

@@ -3,12 +3,13 @@ torch ops of transformers' Llama take several.
 
     add_rms_norm(h, y, weight, eps)     # h += y (if y given), then RMSNorm(h) -> x   (1 launch, 8 in torch)
     rotary_(x, cos, sin)                # x [T, heads, D] rotated in place            (1 launch, 5 in torch)
-    silu_mul(gate, up)                  # silu(gate) * up                             (1 launch, 2 in torch)
+    silu_mul(gate, up)                  # silu(gate) * up, rows may be strided         (1 launch, 2 in torch)
 
 Why: a decode step at the 7B shape is about 45 small launches per layer in plain torch,
 1,500 per token; even replayed from one CUDA graph each costs a few microseconds, a large
-share of a token's 6 ms. These three bring a layer to about 16 launches (7 projections,
-the cache write, 2 attention launches, 2 rotary, 2 norms, 1 activation).
+share of a token's 6 ms. These three bring a layer to about 13 launches (4 projections
+with q/k/v and gate/up fused, the cache write, 2 attention launches, 2 rotary, 2 norms,
+1 activation).
 
 Numerics follow transformers' Llama op by op, with float32 arithmetic rounded to the
 tensor dtype where torch rounds: RMSNorm in float32, cast, times the weight in the dtype;
@@ -76,14 +77,15 @@ def _kernels():
         tl.store(base + HALF + j, o2, mask=mask)
 
     @triton.jit
-    def silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    def silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # rows may be strided (the fused gate/up halves)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0)
+        u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
         gf = g.to(tl.float32)
         act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-        tl.store(out_ptr + offs, (act * u).to(g.dtype), mask=mask)
+        tl.store(out_ptr + row * n_cols + cols, (act * u).to(g.dtype), mask=mask)
 
     return add_rms_norm_kernel, rotary_kernel, silu_mul_kernel
 
@@ -114,9 +116,21 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, each rounded to the dtype as torch does (contiguous tensors)."""
-    assert gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()
-    out = torch.empty_like(gate)
-    n, block = gate.numel(), 1024
-    _kernels()[2][(-(-n // block),)](gate, up, out, n, BLOCK=block, num_warps=4)
-    return out
+    """silu(gate) * up, each rounded to the dtype as torch does -> a contiguous tensor of
+    gate's shape. 2-D inputs may have strided rows (last axis contiguous: the two halves of
+    the fused gate/up projection's output, read in place); other layouts are made contiguous."""
+    assert gate.shape == up.shape and gate.dtype == up.dtype
+    shape = gate.shape
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 2 and t.stride(-1) == 1:
+            return t
+        return t.contiguous().view(-1, shape[-1] if len(shape) else 1)
+
+    g, u = rows(gate), rows(up)
+    n_rows, n_cols = g.shape
+    out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    block = min(1024, _next_pow2(n_cols))
+    _kernels()[2][(n_rows, -(-n_cols // block))](g, u, out, n_cols, g.stride(0), u.stride(0),
+                                                  BLOCK=block, num_warps=4)
+    return out.view(shape)

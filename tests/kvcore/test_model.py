@@ -13,7 +13,11 @@ Tolerances (logits, float32 weights), measured on the CPU in brackets:
 - float32 cache vs transformers: |delta| <= 1e-5 per logit, logits of size ~0.5 [1.5e-7].
 - other caches vs transformers in float32, relative L2 of each step's logits:
   float16 1e-3 [2.5e-4], bfloat16 1e-2 [2.2e-3], int8 1e-2 [2.5e-3],
-  float8_e4m3fn 5e-2 [1.2e-2].
+  float8_e4m3fn 5e-2 [1.2e-2], int4 1e-1 [2.5e-2].
+- the GPU check's bound (kvcore/model_check.py's `logit_tolerance`), calibrated here at 32
+  layers with the 7B shape's per-layer gain (test_logit_tolerance_calibration): float16
+  against float32 rel L2 [0.0137-0.0147] under 0.047; the caches' terms over their largest
+  measured errors; a rotary position one off [0.5] and a dropped residual [0.12] outside.
 
 Run: `python -m pytest tests/kvcore/test_model.py -q` (GPU: add `-m gpu`).
 """
@@ -44,7 +48,7 @@ SHAPE = dict(vocab_size=61, hidden_size=18, intermediate_size=14, num_hidden_lay
              num_attention_heads=6, num_key_value_heads=2, head_dim=6, max_position_embeddings=256)
 FLOAT32_ATOL = 1e-5
 REPO = Path(__file__).resolve().parents[2]
-CACHE_REL_L2 = {"float16": 1e-3, "bfloat16": 1e-2, "int8": 1e-2, "float8_e4m3fn": 5e-2}
+CACHE_REL_L2 = {"float16": 1e-3, "bfloat16": 1e-2, "int8": 1e-2, "float8_e4m3fn": 5e-2, "int4": 1e-1}
 
 
 def hf_model(seed: int = 0, **overrides):
@@ -244,7 +248,9 @@ def test_cache_dtypes_stay_close_to_transformers(cache_dtype):
     model = hf_model(seed=8)
     lm = CausalLM.from_state_dict(model.config, model.state_dict(), cache_dtype=cache_dtype,
                                   max_positions=64)
-    assert lm.cache.dtype == getattr(torch, cache_dtype)
+    from kvcore.storage import STORAGE_DTYPES
+
+    assert lm.cache.dtype == STORAGE_DTYPES[cache_dtype]  # int4: its uint8 container
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         want = model(ids).logits[0, 7:]
@@ -434,8 +440,9 @@ def test_gpu_graph_decode_equals_eager_decode(cache_dtype, attention):
                 sink_positions=2, seed=14)
     graph = CausalLM.from_config(dict(SHAPE, head_dim=16), **made)
     eager = CausalLM.from_state_dict(graph.config, graph.state_dict(), **{k: v for k, v in made.items() if k != "seed"},
-                                     decode_method="eager")
+                                     decode_method="eager", fuse_projections=False)
     assert graph.decode_method == "cuda_graph"
+    assert graph.projections_fused and not eager.projections_fused  # fused: the default on CUDA
     graph.cache.attention = eager.cache.attention = attention
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 60), generator=torch.Generator().manual_seed(14)).cuda()
     a, b = kvcore_logits(eager, ids, prompt=10), kvcore_logits(graph, ids, prompt=10)
@@ -474,6 +481,7 @@ def test_model_check_runs_at_a_tiny_shape_on_cpu():
 
 INTERPRETED_BODY = """
 import json, torch
+from kvcore import triton_gemv
 from kvcore.model import CausalLM
 cfg = dict(vocab_size=61, hidden_size=18, intermediate_size=14, num_hidden_layers=2,
            num_attention_heads=6, num_key_value_heads=2, head_dim=6)
@@ -482,7 +490,8 @@ for cache_dtype in ("float16", "int8"):
     made = dict(dtype="float16", cache_dtype=cache_dtype, max_positions=7, sink_positions=1)
     ref = CausalLM.from_config(cfg, **made, seed=1, decode_method="eager")
     ours = CausalLM.from_state_dict(cfg, ref.state_dict(), **made, decode_method="counter")
-    ours.fuse_projections()  # strided q/k/v views through the kernels
+    ours.fuse_projections()  # strided q/k/v views, strided gate/up rows through the kernels
+    ours.linear = triton_gemv.linear  # the split-K GEMV at decode, fused shapes (N = 60 and 28)
     ref.cache.attention, ours.cache.attention = "torch", "triton"
     ref.fused_ops = False  # torch norms, rotary and activation: the reference
     assert ours.cache.fused_writes and ours.cache.attention_backend == "triton"
@@ -493,6 +502,12 @@ for cache_dtype in ("float16", "int8"):
         a, b = ref.decode(ids[:, t:t + 1]).clone(), ours.decode(ids[:, t:t + 1]).clone()
         worst[cache_dtype] = max(worst[cache_dtype], (a - b).abs().max().item())
     assert int(ours.cache.position_counter()) == ours.cache.total_appended == 15
+    assert ours.projections_fused and not ref.projections_fused
+from kvcore.triton_model import silu_mul
+both = torch.randn(3, 2 * 700, generator=torch.Generator().manual_seed(3)).half()
+gate, up = both.split(700, dim=-1)  # strided rows, as the fused gate/up output
+want = (torch.nn.functional.silu(gate.float()).half().float() * up.float()).half()
+worst["silu_mul_strided"] = (silu_mul(gate, up).float() - want.float()).abs().max().item()
 print(json.dumps(worst))
 """
 
@@ -509,6 +524,7 @@ def test_graph_body_with_the_triton_kernels_in_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     worst = json.loads(proc.stdout.strip().splitlines()[-1])
     assert worst["float16"] <= 2e-3 and worst["int8"] <= 2e-3, worst
+    assert worst["silu_mul_strided"] <= 2e-3, worst
 
 
 def test_model_check_cli_refuses_a_missing_device(monkeypatch, capsys, tmp_path):
@@ -555,3 +571,156 @@ def test_lower_right_causal_bias_equals_the_window_mask():
     mask = window_mask(torch.arange(9, 14), torch.arange(14), 32, 0)
     torch.testing.assert_close(lm._prefill_attention(q, k, v, causal_lower_right(5, 14)),
                                lm._prefill_attention(q, k, v, mask), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- fused projections (the CUDA default)
+
+
+def test_fused_projections_are_off_on_the_cpu_and_settable():
+    model = hf_model(seed=17)
+    plain = CausalLM.from_state_dict(model.config, model.state_dict(), max_positions=12)
+    assert not plain.projections_fused and plain.layers[0].wqkv is None  # the CPU default
+    fused = CausalLM.from_state_dict(model.config, model.state_dict(), max_positions=12,
+                                     fuse_projections=True, decode_method="counter")
+    assert fused.projections_fused
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 14), generator=torch.Generator().manual_seed(17))
+    torch.testing.assert_close(kvcore_logits(fused, ids, prompt=9, chunk_size=4),
+                               kvcore_logits(plain, ids, prompt=9, chunk_size=4), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="fuse_projections must be True, False or None"):
+        CausalLM.from_state_dict(model.config, model.state_dict(), fuse_projections="yes")
+
+
+def test_held_weight_bytes_count_what_the_model_holds():
+    """Shared weights: the model holds the peer's tensors, the peer holds nothing of its own.
+    Fused: the model holds its fused copies (as many bytes) and the peer's o/down/norms/
+    embedding/lm_head; the peer's q/k/v/gate/up originals are the peer's alone."""
+    for tie in (False, True):
+        model = hf_model(seed=18, tie_word_embeddings=tie)
+        params = list(model.parameters())
+        total = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p
+                                                           for p in params}.values())
+        shared = CausalLM.from_state_dict(model.config, model.state_dict())
+        assert shared.held_weight_bytes() == total and shared.bytes_not_held(params) == 0
+        fused = CausalLM.from_state_dict(model.config, model.state_dict(), fuse_projections=True)
+        originals = sum(getattr(layer, f).nbytes for layer in shared.layers
+                        for f in ("wq", "wk", "wv", "w_gate", "w_up"))
+        assert fused.held_weight_bytes() == total  # the copies replace the originals, byte for byte
+        assert fused.bytes_not_held(params) == originals > 0
+        assert fused.weight_bytes() == shared.weight_bytes()  # read per token: unchanged
+        cfg = fused.config
+        assert len(shared.projection_matrices()) == 7 * cfg.num_layers + 1
+        mats = fused.projection_matrices()
+        assert len(mats) == 4 * cfg.num_layers + 1 and mats[-1] is fused.lm_head
+        assert [tuple(m.shape) for m in mats[:4]] == [
+            ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size),
+            (cfg.hidden_size, cfg.num_heads * cfg.head_dim),
+            (2 * cfg.intermediate_size, cfg.hidden_size), (cfg.hidden_size, cfg.intermediate_size)]
+        assert sum(m.nbytes for m in mats) == fused.weight_bytes() - fused.norm.nbytes \
+            - fused.embed[0].nbytes - sum(layer.input_norm.nbytes + layer.post_norm.nbytes
+                                          for layer in fused.layers)
+
+
+# ---------------------------------------------------------------------- the logit tolerance
+
+
+def calibration_model(seed: int, **kwargs) -> tuple[CausalLM, dict, torch.Tensor]:
+    """32 layers at the 7B shape's per-layer gain (std 0.02 x sqrt(4096 / hidden): logits of
+    RMS ~1.3 as at the 7B shape), a small hidden size: (float32 model, weights, ids)."""
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_layers=32,
+                      num_heads=4, num_kv_heads=4, head_dim=64, rms_norm_eps=1e-5)
+    gen = torch.Generator().manual_seed(seed)
+    std = 0.02 * (4096 / 256) ** 0.5
+    weights = {n: torch.ones(s) if n.endswith("norm.weight") else torch.randn(s, generator=gen) * std
+               for n, s in parameter_shapes(cfg).items()}
+    ids = torch.randint(0, 512, (1, 40), generator=gen)
+    return CausalLM(cfg, weights, max_positions=64, **kwargs), weights, ids
+
+
+def forced_steps(lm: CausalLM, ids: torch.Tensor) -> torch.Tensor:
+    return kvcore_logits(lm, ids, prompt=24, chunk_size=24)  # [17, V]
+
+
+def test_logit_tolerance_calibration():
+    """model_check's bound at 32 layers: float16 rounding and each judged lossy cache stay
+    inside it; a rotary position one off at decode and one dropped residual fall outside."""
+    from kvcore.model_check import judge_logits, logit_tolerance
+
+    exact, weights, ids = calibration_model(seed=0)
+    ref = forced_steps(exact, ids)
+    assert 1.1 < ref.pow(2).mean().sqrt() < 1.5  # the 7B shape's logit scale
+    bound = logit_tolerance("float16", "float16", 32)
+    assert bound.rel_l2 == pytest.approx(6 * 2 ** -11 * 16) and bound.judged and bound.judge_max_abs
+    half = CausalLM(exact.config, weights, max_positions=64, dtype="float16")
+    got = judge_logits(forced_steps(half, ids), ref, bound)
+    assert got["logits_ok"] and got["logits_rel_l2_max"] > bound.rel_l2 / 10, got["logits_rel_l2_max"]
+    assert got["tokens_match"]
+    for cache_dtype in ("bfloat16", "int8", "float8_e4m3fn"):
+        lossy = CausalLM(exact.config, weights, max_positions=64, dtype="float16", cache_dtype=cache_dtype)
+        tol = logit_tolerance("float16", cache_dtype, 32)
+        assert tol.rel_l2 > bound.rel_l2 and not tol.judge_max_abs
+        got = judge_logits(forced_steps(lossy, ids), ref, tol)
+        assert got["logits_ok"], (cache_dtype, got["logits_rel_l2_max"], tol.rel_l2)
+        assert got["logits_rel_l2_max"] > tol.rel_l2 / 4, (cache_dtype, got["logits_rel_l2_max"])
+
+    def faulty(patch) -> dict:
+        lm = CausalLM(exact.config, weights, max_positions=64)
+        patch(lm)
+        return judge_logits(forced_steps(lm, ids), ref, bound)
+
+    def rotary_one_off(lm):  # the decoded token rotated at p + 1
+        rotation = lm._rotation
+        lm._rotation = lambda pos: rotation(pos + 1 if pos.numel() == 1 else pos)
+
+    def residual_dropped(lm):  # layer 16's attention output never added to the stream
+        add_norm, calls = lm._add_norm, [0]
+
+        def patched(h, y, weight):
+            calls[0] += 1
+            return add_norm(h, None if calls[0] % 65 == 34 else y, weight)
+
+        lm._add_norm = patched
+
+    for patch in (rotary_one_off, residual_dropped):
+        got = faulty(patch)
+        assert not got["logits_ok"] and got["logits_rel_l2_max"] > 2 * bound.rel_l2, (patch.__name__, got)
+
+
+def test_logit_tolerance_values_and_judgement():
+    from kvcore.model_check import judge_logits, logit_tolerance
+
+    f16 = logit_tolerance("float16", None, 32)
+    ref = torch.randn(4, 1000, generator=torch.Generator().manual_seed(19), dtype=torch.float64) * 1.3
+    assert f16.max_abs(ref) == pytest.approx(6 * f16.rel_l2 * float(ref.pow(2).mean().sqrt()))
+    assert 0.3 < f16.max_abs(ref) < 0.45  # at the 7B shape's logit scale
+    assert logit_tolerance("float16", None, 8).rel_l2 == pytest.approx(f16.rel_l2 / 2)
+    assert logit_tolerance("float32", None, 32).rel_l2 < 1e-5
+    assert logit_tolerance("float32", "float16", 32).rel_l2 > 0.01  # a float16 cache is lossy there
+    assert logit_tolerance("float16", "float32", 32) == f16  # a more precise cache is exact here
+    int4 = logit_tolerance("float16", "int4", 32)
+    assert not int4.judged and "not judged" in int4.reasoning
+    with pytest.raises(ValueError, match="no logit bound for cache_dtype 'int3'"):
+        logit_tolerance("float16", "int3")
+    with pytest.raises(ValueError, match="weights_dtype must be one of"):
+        logit_tolerance("int8")
+    with pytest.raises(ValueError, match="num_layers must be a positive int"):
+        logit_tolerance("float16", None, 0)
+
+    noise = torch.randn(ref.shape, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    ok = judge_logits(ref + 0.005 * noise, ref, f16)
+    assert ok["logits_ok"] and ok["tokens_match"] and ok["logits_tolerance"] == f16.max_abs(ref)
+    spike = ref.clone()
+    spike[2, 7] += 0.6  # one logit off by more than the max-|delta| bound, the L2 still small
+    bad = judge_logits(spike, ref, f16)
+    assert not bad["logits_ok"] and bad["logits_rel_l2_max"] < f16.rel_l2
+    lossy = judge_logits(spike, ref, logit_tolerance("float16", "int8", 32))
+    assert lossy["logits_ok"]  # a lossy cache is judged on the relative L2 only
+    clear = ref.clone()
+    clear[1, 5] += 8.0  # step 1 has a decisive top-1
+    shifted = clear.clone()
+    shifted[1] = clear[1].roll(1)  # e.g. a wrong position: its top-1 moves
+    bad = judge_logits(shifted, clear, f16)
+    assert not bad["logits_ok"] and not bad["tokens_match"] and bad["tokens_checked"] >= 1
+    nan = ref.clone()
+    nan[0, 0] = float("nan")
+    assert not judge_logits(nan, ref, int4)["logits_ok"]
+    assert judge_logits(ref + noise, ref, int4)["logits_ok"]  # int4: finiteness only

@@ -67,6 +67,10 @@ CPU_CASES = {
     "k-one": make_case(n=19, k=1, split_k=2),
     "large-values": make_case(n=40, k=96, gain=100.0, split_k=2),
     "default-config": make_case(n=70, k=300, default_config=True),
+    # the geometries added for the fused and short-N 7B shapes, scaled down
+    "split4-block64": make_case(n=48, k=512, block_n=16, block_k=64, split_k=4),
+    "split2-block128-wide-n": make_case(n=96, k=256, block_n=32, block_k=128, split_k=2),
+    "split1-block512": make_case(n=40, k=1024, block_n=8, block_k=512, split_k=1),
 }
 
 
@@ -147,13 +151,42 @@ def test_module_imports_without_triton(block_triton):
 
 # ----------------------------------------------------------------------------------- GPU
 
+def test_configs_are_distinct_and_well_formed():
+    assert len(set(tg.CONFIGS)) == len(tg.CONFIGS)
+    for c in tg.CONFIGS:
+        for size in (c.block_n, c.block_k):
+            assert size & (size - 1) == 0, c  # Triton blocks are powers of two
+        assert 1 <= c.split_k <= 4 and c.num_warps in (4, 8) and 3 <= c.num_stages <= 5, c
+
+
+@pytest.mark.parametrize("name, n, k", [(name, n, k) for name, (n, k) in
+                                        {**tg.SHAPES_7B, **tg.SHAPES_7B_FUSED}.items()])
+def test_candidates_tile_the_7b_shapes_exactly(name, n, k):
+    """The autotuner times only configs without masked tiles at every 7B matrix, fused ones
+    included; 4-way splits only where N is short; several choices everywhere."""
+    got = tg.candidates(n, k)
+    assert set(got) <= set(tg.CONFIGS) and len(got) >= 6, (name, got)
+    assert all(tg.even(n, k, c) for c in got), name
+    splits = {c.split_k for c in got}
+    assert 1 in splits and 2 in splits, (name, splits)
+    assert (4 in splits) == (n < 8192), (name, splits)
+    assert {c.block_n for c in got} >= {8, 16, 32}, name
+
+
+def test_candidates_keep_every_config_where_none_tiles_exactly():
+    assert not any(tg.even(1037, 333, c) for c in tg.CONFIGS)
+    assert tg.candidates(1037, 333) == list(tg.CONFIGS)
+    assert tg.even(4096, 11008, tg.GemvConfig(16, 128, 2)) and not tg.even(4096, 11008, tg.GemvConfig(16, 512, 2))
+
+
 gpu = pytest.mark.skipif(not tg.available("cuda"), reason="needs CUDA and triton")
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (1037, 333)])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (1037, 333),
+                                  (12288, 4096), (22016, 4096)])
 def test_gpu_autotuned_matches_float64(dtype, n, k):
     result = run_case(make_case(n=n, k=k, dtype=dtype, default_config=True), "cuda")
     assert result["err"] <= result["tol"] and result["clean"], result

@@ -335,8 +335,9 @@ def _schema_paths(node: Any = None, prefix: str = "") -> tuple[set[str], set[str
             sub_known, sub_open = _schema_paths(kind, f"{path}.")
             known |= sub_known
             open_ |= sub_open
-        elif kind is Any or typing.get_origin(kind) in (dict, Dict):
-            open_.add(path)
+        elif kind is Any or typing.get_origin(kind) in (dict, Dict) or any(
+                typing.get_origin(arg) in (dict, Dict) for arg in typing.get_args(kind)):
+            open_.add(path)  # a mapping (Optional ones included: model.rope_scaling) takes any key
     return known, open_
 
 

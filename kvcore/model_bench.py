@@ -49,9 +49,11 @@ Key decisions:
   growth plus the weights, which exist before the reset). Whatever the peer holds (its static
   cache, its compiled graphs' pool, from this or an earlier trial of the same process) is
   subtracted, and measured apart as `hf_peak_mem_gb`.
-- Logit tolerance: absolute, by weight dtype plus an allowance for a lossy cache dtype
-  (`LOGIT_TOLERANCE`, `CACHE_TOLERANCE`): the reference is transformers in the same dtype
-  with a float16/bfloat16 cache, so an 8-bit cache differs by its own quantization.
+- Logit tolerance: `kvcore.model_check.logit_tolerance` (its docstring gives the reasoning):
+  a relative-L2 bound per step from the weights' rounding over the layers, plus a measured
+  allowance for a lossy cache dtype (the reference is transformers with a cache in the
+  weights' dtype); int4 is recorded, not judged. `--logits-tolerance X` sets a plain
+  max |difference| bound instead.
 - transformers is imported lazily (kvcore's import stays torch and the standard library).
 """
 
@@ -77,6 +79,7 @@ import torch.nn.functional as F
 from kvcore import triton_gemv
 from kvcore.bench import (WEIGHT_DTYPES, _environment, _HostPeak, _memory_seen, _release,
                           measure_copy_gbps, resolve_device)
+from kvcore.model_check import judge_logits, logit_tolerance
 from kvcore.storage import STORAGE_DTYPES, row_bytes
 
 _ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -98,11 +101,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                  tie_word_embeddings=True, rms_norm_eps=1e-5),
 }
 SHAPE_KEYS = tuple(SHAPES["llama7b"])
-# max |logit difference| allowed, by weight dtype, then added for the cache dtype's own rounding
-# (random 7B-shaped weights give logits of std ~1.3: 0.1 is under a tenth of it; float8 storage
-# rounds K and V by up to 2^-4 relative, int8 by half a step of its row's scale)
-LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
-CACHE_TOLERANCE = {"float32": 0.0, "float16": 0.0, "bfloat16": 0.1, "int8": 0.2, "float8_e4m3fn": 0.5}
+LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}  # the weights dtypes it runs
 PEERS = ("compile", "eager", "none")
 LINEARS = ("auto", "torch", "triton")
 PEER_MARGIN_BYTES = 1.5e9  # what the peer needs beyond its cache: activations, logits, compile
@@ -123,11 +122,11 @@ class ModelBenchConfig:
     sink_positions: int = 0
     prefill_chunk: int = 2048
     check_tokens: int = 32  # teacher-forced tokens compared with transformers
-    logits_tolerance: float | None = None  # max |logit difference| allowed; None: by the dtypes (LOGIT_TOLERANCE)
+    logits_tolerance: float | None = None  # max |logit difference| allowed; None: kvcore.model_check.logit_tolerance
     peer: str = "compile"  # compile (static cache, compiled and eager) | eager | none
     linear: str = "auto"  # auto (the faster on CUDA) | torch | triton
     profile: bool = False  # CUDA: where a decoded token's time goes (torch.profiler over a few steps)
-    fuse_projections: bool = False  # lm.fuse_projections(): q/k/v and gate/up as one matrix each (a copy)
+    fuse_projections: bool | None = None  # q/k/v and gate/up as one matrix each (a copy); None: the model's default (on CUDA)
     device: str = "cpu"
     seed: int = 0
 
@@ -286,6 +285,7 @@ class ModelBenchResult:
     transformers_version: str
     # teacher forcing
     logits_max_abs_diff: float
+    logits_rel_l2_max: float  # max over steps of ||ours - ref|| / ||ref|| (kvcore.model_check's judged figure)
     logits_tolerance: float
     logits_ok: bool
     tokens_compared: int
@@ -392,7 +392,8 @@ def build_kvcore(cfg: ModelBenchConfig, peer, device: torch.device):
 
     return CausalLM.from_state_dict(peer.config, peer.state_dict(), dtype=cfg.weights_dtype,
                                     device=str(device), cache_dtype=cfg.cache_dtype,
-                                    max_positions=cfg.max_positions, sink_positions=cfg.sink_positions)
+                                    max_positions=cfg.max_positions, sink_positions=cfg.sink_positions,
+                                    fuse_projections=cfg.fuse_projections)
 
 
 def _unique_tensors(tensors) -> dict[int, torch.Tensor]:
@@ -722,8 +723,6 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
     else:
         host_peak.reset()
     lm = build_kvcore(cfg, model, device)
-    if cfg.fuse_projections:  # 4 projections per layer instead of 7; the weights are then a copy
-        lm.fuse_projections()
     if linear == "triton_gemv":
         lm.linear = triton_gemv.linear
     triton_gemv.CAPTURE_FALLBACKS.clear()
@@ -731,6 +730,7 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
     fallbacks = ",".join(f"{n}x{k}" for n, k in sorted(triton_gemv.CAPTURE_FALLBACKS)) or linear_failure
     memory = _memory_seen(device, host_peak)
     weights_held = held_weight_bytes(lm)
+    lm_fused = lm.projections_fused  # 4 projections per layer instead of 7: those weights are a copy
     weights_read = lm.weight_bytes()  # per decoded token: the table only as a (tied) LM head
     shared = shared_weights(model, lm)
     # the peer's own weights, those kvcore's model copied (or fused), are the peer's memory
@@ -746,14 +746,24 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
     profiled = profile_decode(lm, prompt, cfg, device)
 
     # teacher forcing: the same tokens into both models
-    tolerance = cfg.logits_tolerance or LOGIT_TOLERANCE[cfg.weights_dtype] + CACHE_TOLERANCE[cfg.cache_dtype]
+    # the bound: the user's (max |diff|), else kvcore.model_check's reasoned one for these dtypes
+    bound = None if cfg.logits_tolerance else logit_tolerance(cfg.weights_dtype, cfg.cache_dtype,
+                                                               shape["num_hidden_layers"])
+    tolerance = cfg.logits_tolerance or NAN  # with the reasoned bound: set by the reference's scale
     try:
         ours = teacher_forced_logits(lm, prompt, forced, cfg.prefill_chunk)
         ref = peer_forced_logits(model, prompt, forced)
-        check = {**compare_logits(ours, ref, tolerance), "check_skipped": ""}
+        if bound is None:
+            check = {**compare_logits(ours, ref, tolerance), "logits_rel_l2_max": NAN}
+        else:
+            judged = judge_logits(ours, ref, bound)
+            check = {k: judged[k] for k in ("logits_max_abs_diff", "logits_tolerance", "logits_ok",
+                                            "tokens_compared", "tokens_checked", "tokens_matched", "tokens_match")}
+            check["logits_rel_l2_max"] = judged["logits_rel_l2_max"]
+        check["check_skipped"] = ""
         del ours, ref
     except Exception as error:  # e.g. the reference's full forward out of memory: say so, keep the rest
-        check = {"logits_max_abs_diff": NAN, "logits_tolerance": tolerance, "logits_ok": False,
+        check = {"logits_max_abs_diff": NAN, "logits_rel_l2_max": NAN, "logits_tolerance": tolerance, "logits_ok": False,
                  "tokens_compared": 0, "tokens_checked": 0, "tokens_matched": 0, "tokens_match": False,
                  "check_skipped": f"failed: {type(error).__name__}: {str(error).strip()[:300]}"}
         traceback.clear_frames(error.__traceback__)
@@ -787,7 +797,7 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
         new_tokens=cfg.new_tokens, model_repetitions=cfg.repetitions, sink_positions=cfg.sink_positions,
         model_prefill_chunk=cfg.prefill_chunk, device=str(device),
         weights_source=cfg.checkpoint or f"random (seed {cfg.seed})", weights_shared=shared,
-        model_linear=linear, model_fused_projections=cfg.fuse_projections, linear_capture_fallbacks=fallbacks, linear_torch_gbps=stock_gbps, linear_gemv_gbps=gemv_gbps,
+        model_linear=linear, model_fused_projections=lm_fused, linear_capture_fallbacks=fallbacks, linear_torch_gbps=stock_gbps, linear_gemv_gbps=gemv_gbps,
         **prefill, **decode,
         model_decode_ms_p50=_percentile(every_token, 0.5) * 1e3,
         model_decode_ms_p90=_percentile(every_token, 0.9) * 1e3,
@@ -903,8 +913,9 @@ def _parser() -> argparse.ArgumentParser:
         elif f.name == "profile":
             parser.add_argument(flag, action="store_true", help="CUDA: where a decoded token's time goes")
         elif f.name == "fuse_projections":
-            parser.add_argument(flag, action="store_true",
-                                help="concatenate q/k/v and gate/up in kvcore's model (a copy of those weights)")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help="concatenate q/k/v and gate/up in kvcore's model (a copy of those "
+                                     "weights); default: the model's own choice, on for CUDA")
         elif f.name == "logits_tolerance":
             parser.add_argument(flag, type=float, default=None, help="default: by the weights and cache dtypes")
         else:

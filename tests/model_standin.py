@@ -21,7 +21,8 @@ class HFBackedLM:
 
     noise = 0.0
 
-    def __init__(self, config, state_dict, *, dtype, device, cache_dtype, max_positions, sink_positions=0):
+    def __init__(self, config, state_dict, *, dtype, device, cache_dtype, max_positions, sink_positions=0,
+                 fuse_projections=None):
         from transformers import LlamaForCausalLM
 
         self.model = LlamaForCausalLM(config)
@@ -33,6 +34,7 @@ class HFBackedLM:
         self.cache = types.SimpleNamespace(memory_bytes=lambda: per_position * max_positions)
         self.linear = torch.nn.functional.linear
         self.past = None
+        self.projections_fused = False  # transformers' own separate projections
 
     @classmethod
     def from_state_dict(cls, config, state_dict, **kwargs):

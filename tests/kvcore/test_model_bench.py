@@ -128,7 +128,7 @@ def test_parameter_count_matches_transformers():
     "change, match",
     [
         (dict(shape="llama9b"), "shape must be"),
-        (dict(cache_dtype="int4"), "cache_dtype"),
+        (dict(cache_dtype="int5"), "cache_dtype"),
         (dict(weights_dtype="int8"), "weights_dtype"),
         (dict(peer="vllm"), "peer"),
         (dict(linear="cublas"), "linear"),
@@ -144,7 +144,7 @@ def test_bad_config_raises_value_error(change, match):
 
 
 def test_cli_bad_input_is_one_line_and_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "kvcore.model_bench", "--shape", "tiny", "--cache-dtype", "int4"],
+    proc = subprocess.run([sys.executable, "-m", "kvcore.model_bench", "--shape", "tiny", "--cache-dtype", "int5"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "cache_dtype" in proc.stderr
@@ -198,7 +198,9 @@ def test_gpu_tiny_model_beside_compiled_transformers():
                      "model_speedup", "model_decode_roofline_frac", "hf_peak_mem_gb", "model_total_vram_gb"):
             assert math.isfinite(d[name]) and d[name] > 0, (cache_dtype, name, d[name])
         assert d["hf_skipped"] == "" and d["hf_compile_skipped"] == ""
-        assert d["weights_shared"] and d["model_linear"] in ("torch", "triton_gemv")
+        # fused q/k/v and gate/up (the CUDA default) are kvcore's own copies; the rest is shared
+        assert d["model_fused_projections"] and not d["weights_shared"]
+        assert d["model_linear"] in ("torch", "triton_gemv")
         assert d["linear_capture_fallbacks"] == ""
         assert d["logits_ok"] and d["tokens_match"], (cache_dtype, d["logits_max_abs_diff"])
 

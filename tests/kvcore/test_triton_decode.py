@@ -28,7 +28,7 @@ def make_case(**overrides):
     case = dict(storage="float16", heads=8, kv_heads=2, head_dim=16, capacity=48, n_valid=37,
                 n_on_device=False, block_n=16, use_dot=None, num_splits=None, query="float32",
                 out_dtype="float32", seed=0, q_gain=2.0, default_config=False, fast_convert=True, prefetch=True,
-                data_gain=1.0, lazy_rescale=False)
+                data_gain=1.0, lazy_rescale=False, slots_as_m=False)
     case.update(overrides)
     return case
 
@@ -69,7 +69,7 @@ def run_case(case, device="cpu"):
         use_dot = group > 1 if case["use_dot"] is None else case["use_dot"]
         config = td.KernelConfig(block_n=case["block_n"], num_warps=4, num_stages=2, use_dot=use_dot,
                                  fast_convert=case["fast_convert"], prefetch=case["prefetch"],
-                                 lazy_rescale=case["lazy_rescale"])
+                                 lazy_rescale=case["lazy_rescale"], slots_as_m=case["slots_as_m"])
     result = td.decode_attention(query, k, v, ks, vs, n_arg, num_splits=case["num_splits"], config=config, out=out)
     assert result.data_ptr() == out.data_ptr()
     finite = bool(torch.isfinite(result).all())
@@ -94,6 +94,19 @@ CPU_CASES.update({
     "lazy-rescale-float16": make_case(storage="float16", kv_heads=8, block_n=8, lazy_rescale=True, num_splits=3),
     "lazy-rescale-n-on-device": make_case(storage="float8_e4m3fn", kv_heads=8, block_n=4, lazy_rescale=True,
                                           n_valid=29, n_on_device=True, prefetch=False, q_gain=10.0),
+    # slots as the dot's M dimension (K q^T, V^T p): MHA through the dot, GQA, odd shapes, device count
+    "slots-as-m-int8-ratio1": make_case(storage="int8", kv_heads=8, use_dot=True, slots_as_m=True, num_splits=3),
+    "slots-as-m-float8-ratio4": make_case(storage="float8_e4m3fn", kv_heads=2, slots_as_m=True, num_splits=2),
+    "slots-as-m-bf16-ratio8-dim-24": make_case(storage="bfloat16", heads=16, kv_heads=2, head_dim=24,
+                                                slots_as_m=True, q_gain=8.0),
+    "slots-as-m-int8-cvt-n-on-device": make_case(storage="int8", kv_heads=2, slots_as_m=True, fast_convert=False,
+                                                  n_valid=29, n_on_device=True),
+    "slots-as-m-float16-odd-heads-dim-40": make_case(storage="float16", heads=12, kv_heads=3, head_dim=40,
+                                                      slots_as_m=True, num_splits=3),
+    "slots-as-m-int4-ratio1-dim-70": make_case(storage="int4", heads=3, kv_heads=3, head_dim=70, use_dot=True,
+                                               slots_as_m=True, num_splits=2),
+    "slots-as-m-int4-ratio4-n-on-device": make_case(storage="int4", kv_heads=2, slots_as_m=True, n_valid=29,
+                                                     n_on_device=True),
     "int4-head-dim-70-rows": make_case(storage="int4", heads=3, kv_heads=3, head_dim=70, block_n=4, num_splits=3),
     "int4-head-dim-5-ratio3-dot": make_case(storage="int4", heads=6, kv_heads=2, head_dim=5, num_splits=2),
     "int4-n-on-device": make_case(storage="int4", kv_heads=1, n_valid=29, n_on_device=True),

@@ -4,7 +4,7 @@
 
 For each case (storage dtype, KV heads, positions; 32 query heads of 128, in priority order:
 8-bit and int4 at 16,384 positions with 32 and 8 KV heads, then 1,048,576 positions with 8 KV
-heads) it times, with `kvcore.triton_decode.bench_case` (a CUDA graph of one launch per layer,
+heads, then float16 with 8 KV heads) it times, with `kvcore.triton_decode.bench_case` (a CUDA graph of one launch per layer,
 layers rotated so that the cache never sits in L2, checked against float64 at 16K), every
 `tuning_candidates` config plus a few extra ones, and then the config the autotuner picks by
 itself (row "picked": true). Each row carries the fraction of the device-to-device copy
@@ -27,7 +27,7 @@ K = td.KernelConfig
 CASES = [  # (dtype, KV heads, positions), most important first
     ("int8", 32, 16384), ("float8_e4m3fn", 32, 16384), ("int4", 32, 16384),
     ("float8_e4m3fn", 8, 16384), ("int4", 8, 16384), ("int8", 8, 16384),
-    ("float8_e4m3fn", 8, 1048576), ("int4", 8, 1048576), ("int8", 8, 1048576),
+    ("float8_e4m3fn", 8, 1048576), ("int4", 8, 1048576), ("int8", 8, 1048576), ("float16", 8, 16384),
 ]
 M = dict(slots_as_m=True)
 EXTRA = {  # configs beyond the tuner's candidates, per (dtype class, group == 1)
@@ -37,11 +37,12 @@ EXTRA = {  # configs beyond the tuner's candidates, per (dtype class, group == 1
                      K(64, 4, 1, False, prefetch=False)],
     ("8bit", False): [K(64, 4, 1, True, **M), K(128, 4, 1, True, **M), K(128, 8, 1, True, **M)],
     ("int4", False): [K(64, 4, 1, True, **M), K(128, 4, 1, True, **M), K(128, 4, 1, True)],
+    ("16bit", False): [K(64, 4, 1, True, **M), K(128, 4, 1, True, **M), K(128, 8, 3, True)],
 }
 
 
 def configs_for(storage, group):
-    kind = "int4" if storage == td.INT4 else "8bit"
+    kind = "int4" if storage == td.INT4 else "8bit" if storage in td.QUANTIZED_DTYPES else "16bit"
     found = td.tuning_candidates(storage, group) + EXTRA[(kind, group == 1)]
     return [c for i, c in enumerate(found) if c not in found[:i]]
 

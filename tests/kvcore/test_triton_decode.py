@@ -346,6 +346,26 @@ def test_gpu_autotuner_picks_a_candidate_outside_the_capture(monkeypatch):
     assert td.relative_error(out, td.reference_decode(query, k, v, ks, vs, 3000)) <= 2e-3
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("storage", ["int8", "float8_e4m3fn", "int4"])
+def test_gpu_tuner_pick_is_no_slower_than_the_previous_default(monkeypatch, storage):
+    # the tuner times every candidate from a CUDA graph; its pick, timed the same way again,
+    # must not lose to the previous release's config for the key (within timing noise)
+    monkeypatch.setenv("KVCORE_AUTOTUNE", "1")
+    monkeypatch.setattr(td, "_TUNED", {})
+    case = make_case(storage=storage, heads=32, kv_heads=32, head_dim=128, capacity=16384, n_valid=16384)
+    query, k, v, ks, vs, *_ = build(case, "cuda")
+    picked = td._autotuned(query, k, v, ks, vs, None, None)
+    previous = {"int8": td.KernelConfig(16, 4, 1, False, fast_convert=False),
+                "float8_e4m3fn": td.KernelConfig(64, 4, 1, False),
+                "int4": td.KernelConfig(16, 4, 1, False)}[storage]
+    assert previous in td.tuning_candidates(DTYPES[storage], 1)
+    picked_ms = td._graph_ms(query, k, v, ks, vs, None, None, picked)
+    previous_ms = td._graph_ms(query, k, v, ks, vs, None, None, previous)
+    assert picked_ms <= 1.1 * previous_ms, (picked, picked_ms, previous_ms)
+
+
 def test_int4_layout_agrees_with_storage():
     from kvcore import storage
 

@@ -2,9 +2,9 @@
 
     python docs/results/quantized_decode_sweep.py --out sweep.jsonl [--budget-s 180]
 
-For each case (storage dtype, KV heads, positions; 32 query heads of 128, in priority order:
-8-bit and int4 at 16,384 positions with 32 and 8 KV heads, then 1,048,576 positions with 8 KV
-heads, then float16 with 8 KV heads) it times, with `kvcore.triton_decode.bench_case` (a CUDA graph of one launch per layer,
+For each case (storage dtype, KV heads, positions; 32 query heads of 128, in the order of `CASES`:
+8-bit and int4 at 16,384 and 1,048,576 positions with 32 and 8 KV heads, float16 with 8 KV
+heads last) it times, with `kvcore.triton_decode.bench_case` (a CUDA graph of one launch per layer,
 layers rotated so that the cache never sits in L2, checked against float64 at 16K), every
 `tuning_candidates` config plus a few extra ones, and then the config the autotuner picks by
 itself (row "picked": true). Each row carries the fraction of the device-to-device copy
@@ -26,8 +26,8 @@ from kvcore import triton_decode as td
 K = td.KernelConfig
 CASES = [  # (dtype, KV heads, positions), most important first
     ("int8", 32, 16384), ("float8_e4m3fn", 32, 16384), ("int4", 32, 16384),
-    ("float8_e4m3fn", 8, 16384), ("int4", 8, 16384), ("int8", 8, 16384),
-    ("float8_e4m3fn", 8, 1048576), ("int4", 8, 1048576), ("int8", 8, 1048576), ("float16", 8, 16384),
+    ("float8_e4m3fn", 8, 16384), ("int4", 8, 16384), ("float8_e4m3fn", 8, 1048576), ("int4", 8, 1048576),
+    ("int8", 8, 16384), ("int8", 8, 1048576), ("float16", 8, 16384),
 ]
 M = dict(slots_as_m=True)
 EXTRA = {  # configs beyond the tuner's candidates, per (dtype class, group == 1)

@@ -361,14 +361,21 @@ def _kernels():
         return (b | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
 
     @triton.jit
-    def _int4_load(base, scale_base, o64, n_mask, jb, gi, e_ok, g_ok, stride_n, stride_sn):
+    def _int4_load(base, scale_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL: tl.constexpr, stride_n, stride_sn):
         """The packed bytes of slots o64 as one wide load [BLOCK_N, GROUPS_PAD, 16] (byte jb = 16 g + i
         holds elements 2 jb and 2 jb + 1 of group g) and their scales [BLOCK_N, GROUPS_PAD], one per
-        32 values; masked bytes read 0x88 (both nibbles 8: the value 0) and masked scales 0."""
-        b = tl.load(base + o64[:, None, None] * stride_n + jb[None, :, :],
-                    mask=n_mask[:, None, None] & e_ok[None, :, :], other=0x88).to(tl.int32)
-        sc = tl.load(scale_base + o64[:, None] * stride_sn + gi[None, :],
-                     mask=n_mask[:, None] & g_ok[None, :], other=0.0)
+        32 values; masked bytes read 0x88 (both nibbles 8: the value 0) and masked scales 0.
+        FULL (head_dim a power-of-two multiple of 32, every byte of the tile valid): the mask is the
+        slots' alone, constant along a row, so the compiler issues 16-byte vector loads; a mask
+        that varies along the bytes (2 jb < head_dim) makes it predicate and load byte by byte."""
+        ptrs = base + o64[:, None, None] * stride_n + jb[None, :, :]
+        sptrs = scale_base + o64[:, None] * stride_sn + gi[None, :]
+        if FULL:
+            b = tl.load(ptrs, mask=n_mask[:, None, None], other=0x88).to(tl.int32)
+            sc = tl.load(sptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            b = tl.load(ptrs, mask=n_mask[:, None, None] & e_ok[None, :, :], other=0x88).to(tl.int32)
+            sc = tl.load(sptrs, mask=n_mask[:, None] & g_ok[None, :], other=0.0)
         return b, sc
 
     @triton.jit
@@ -377,7 +384,7 @@ def _kernels():
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                     GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, USE_DOT: tl.constexpr,
                     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PREFETCH: tl.constexpr,
-                    SLOTS_AS_M: tl.constexpr):
+                    SLOTS_AS_M: tl.constexpr, FULL_GROUPS: tl.constexpr):
         """One split of one KV head over int4 storage. A row's bytes are read as [GROUPS_PAD, 16]
         (one wide load of the tile, never a gather) with one scale per group; the even and odd
         nibbles are two planes (the query's and the output's too), unpacked in registers by shifts
@@ -417,7 +424,8 @@ def _kernels():
                 offs = start + rows
                 n_mask = offs < hi
                 o64 = offs.to(tl.int64)
-                kb, ksc = _int4_load(k_base, ks_base, o64, n_mask, jb, gi, e_ok, g_ok, stride_kn, stride_ksn)
+                kb, ksc = _int4_load(k_base, ks_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_kn, stride_ksn)
                 ke = tl.reshape(_nibble(kb & 15) * ksc[:, :, None], [BLOCK_N, HALF_T]).to(OP_DTYPE).to(DOT_DTYPE)
                 ko = tl.reshape(_nibble(kb >> 4) * ksc[:, :, None], [BLOCK_N, HALF_T]).to(OP_DTYPE).to(DOT_DTYPE)
                 s = tl.dot(ke, qe_hi.to(DOT_DTYPE))
@@ -429,7 +437,8 @@ def _kernels():
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[None, :])
                 l_i = l_i * alpha + tl.sum(p, axis=0)
-                vb, vsc = _int4_load(v_base, vs_base, o64, n_mask, jb, gi, e_ok, g_ok, stride_vn, stride_vsn)
+                vb, vsc = _int4_load(v_base, vs_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_vn, stride_vsn)
                 ve = tl.trans(tl.reshape(_nibble(vb & 15) * vsc[:, :, None], [BLOCK_N, HALF_T]).to(OP_DTYPE)
                               .to(DOT_DTYPE))  # [HALF, BLOCK_N]
                 vo = tl.trans(tl.reshape(_nibble(vb >> 4) * vsc[:, :, None], [BLOCK_N, HALF_T]).to(OP_DTYPE)
@@ -471,7 +480,8 @@ def _kernels():
                 offs = start + rows
                 n_mask = offs < hi
                 o64 = offs.to(tl.int64)
-                kb, ksc = _int4_load(k_base, ks_base, o64, n_mask, jb, gi, e_ok, g_ok, stride_kn, stride_ksn)
+                kb, ksc = _int4_load(k_base, ks_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_kn, stride_ksn)
                 ke = tl.reshape(_nibble(kb & 15) * ksc[:, :, None], [BLOCK_N, HALF])
                 ko = tl.reshape(_nibble(kb >> 4) * ksc[:, :, None], [BLOCK_N, HALF])
                 ke = tl.trans(ke.to(OP_DTYPE).to(DOT_DTYPE))  # [HALF, BLOCK_N]
@@ -485,7 +495,8 @@ def _kernels():
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                vb, vsc = _int4_load(v_base, vs_base, o64, n_mask, jb, gi, e_ok, g_ok, stride_vn, stride_vsn)
+                vb, vsc = _int4_load(v_base, vs_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_vn, stride_vsn)
                 ve = tl.reshape(_nibble(vb & 15) * vsc[:, :, None], [BLOCK_N, HALF]).to(OP_DTYPE).to(DOT_DTYPE)
                 vo = tl.reshape(_nibble(vb >> 4) * vsc[:, :, None], [BLOCK_N, HALF]).to(OP_DTYPE).to(DOT_DTYPE)
                 p_hi = p.to(OP_DTYPE)
@@ -514,9 +525,9 @@ def _kernels():
             if PREFETCH:  # the first tile; each iteration then loads the next one before computing
                 first = lo + rows
                 kb_next, ksc_next = _int4_load(k_base, ks_base, first.to(tl.int64), first < hi, jb, gi, e_ok, g_ok,
-                                               stride_kn, stride_ksn)
+                                               FULL_GROUPS, stride_kn, stride_ksn)
                 vb_next, vsc_next = _int4_load(v_base, vs_base, first.to(tl.int64), first < hi, jb, gi, e_ok, g_ok,
-                                               stride_vn, stride_vsn)
+                                               FULL_GROUPS, stride_vn, stride_vsn)
             for start in range(lo, hi, BLOCK_N):
                 offs = start + rows
                 n_mask = offs < hi
@@ -524,13 +535,15 @@ def _kernels():
                     kb, ksc, vb, vsc = kb_next, ksc_next, vb_next, vsc_next
                     nxt = offs + BLOCK_N
                     kb_next, ksc_next = _int4_load(k_base, ks_base, nxt.to(tl.int64), nxt < hi, jb, gi, e_ok, g_ok,
-                                                   stride_kn, stride_ksn)
+                                                   FULL_GROUPS, stride_kn, stride_ksn)
                     vb_next, vsc_next = _int4_load(v_base, vs_base, nxt.to(tl.int64), nxt < hi, jb, gi, e_ok, g_ok,
-                                                   stride_vn, stride_vsn)
+                                                   FULL_GROUPS, stride_vn, stride_vsn)
                 else:
                     o64 = offs.to(tl.int64)
-                    kb, ksc = _int4_load(k_base, ks_base, o64, n_mask, jb, gi, e_ok, g_ok, stride_kn, stride_ksn)
-                    vb, vsc = _int4_load(v_base, vs_base, o64, n_mask, jb, gi, e_ok, g_ok, stride_vn, stride_vsn)
+                    kb, ksc = _int4_load(k_base, ks_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_kn, stride_ksn)
+                    vb, vsc = _int4_load(v_base, vs_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_vn, stride_vsn)
                 part_s = tl.sum(_nibble(kb & 15) * q_e[None, :, :] + _nibble(kb >> 4) * q_o[None, :, :], axis=2)
                 s = tl.sum(part_s * ksc, axis=1)  # [BLOCK_N]: a group's scale on its partial score
                 s = tl.where(n_mask, s, neg_inf)
@@ -594,7 +607,7 @@ def _kernels():
                         mid_o_ptr, mid_lse_ptr, kv_head, split, lo, hi, qk_scale, num_splits,
                         stride_qh, stride_kn, stride_vn, stride_ksn, stride_vsn,
                         GROUP, GROUP_PAD, HEAD_DIM, BLOCK_N, GROUPS, GROUPS_PAD, USE_DOT, OP_DTYPE, DOT_DTYPE,
-                        PREFETCH, SLOTS_AS_M)
+                        PREFETCH, SLOTS_AS_M, HEAD_DIM == GROUPS_PAD * 32)
         elif SLOTS_AS_M:
             # The transposed products: scores^T [BLOCK_N, GROUP_PAD] = K [BLOCK_N, D] @ q^T and
             # out^T [D, GROUP_PAD] = V^T @ p^T, so the slots are the dot's M dimension (>= 64:

@@ -107,6 +107,13 @@ CPU_CASES.update({
                                                slots_as_m=True, num_splits=2),
     "slots-as-m-int4-ratio4-n-on-device": make_case(storage="int4", kv_heads=2, slots_as_m=True, n_valid=29,
                                                      n_on_device=True),
+    # int4 with head_dim a power-of-two multiple of 32: the masks are the slots' alone (vector loads)
+    "int4-full-groups-rows": make_case(storage="int4", heads=4, kv_heads=4, head_dim=64, block_n=8, num_splits=3),
+    "int4-full-groups-rows-no-prefetch": make_case(storage="int4", heads=2, kv_heads=2, head_dim=128, block_n=8,
+                                                   prefetch=False, num_splits=2),
+    "int4-full-groups-dot-ratio4": make_case(storage="int4", heads=8, kv_heads=2, head_dim=64, num_splits=3),
+    "int4-full-groups-slots-as-m-n-on-device": make_case(storage="int4", heads=8, kv_heads=2, head_dim=64,
+                                                         slots_as_m=True, n_valid=29, n_on_device=True),
     "int4-head-dim-70-rows": make_case(storage="int4", heads=3, kv_heads=3, head_dim=70, block_n=4, num_splits=3),
     "int4-head-dim-5-ratio3-dot": make_case(storage="int4", heads=6, kv_heads=2, head_dim=5, num_splits=2),
     "int4-n-on-device": make_case(storage="int4", kv_heads=1, n_valid=29, n_on_device=True),

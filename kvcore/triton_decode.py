@@ -138,18 +138,22 @@ def default_config(storage_dtype: torch.dtype, group: int) -> KernelConfig:
     """Block size, warps, stages and path for a storage dtype and a GQA group size.
 
     Picked from `--sweep` on an H100 80GB HBM3 (docs/kernel-notes.md): the elementwise rows
-    with the register prefetch for MHA, tl.dot with cp.async pipelining for GQA.
+    with the register prefetch for MHA, tl.dot with cp.async pipelining for GQA; int4 from the
+    H200 sweep of session 4 (docs/results/quantized_decode_sweep.py). These serve when the
+    autotuner does not run (inside a capture, KVCORE_AUTOTUNE=0).
     """
     if group == 1:
         if storage_dtype == torch.float32:
             return KernelConfig(block_n=32, num_warps=4, num_stages=1, use_dot=False)
+        if storage_dtype == INT4:  # the H200 sweep's best (2026-12-02)
+            return KernelConfig(block_n=16, num_warps=4, num_stages=1, use_dot=False, waves=2)
         if storage_dtype == torch.int8:
             return KernelConfig(block_n=16, num_warps=4, num_stages=1, use_dot=False, fast_convert=False)
         return KernelConfig(block_n=64, num_warps=4, num_stages=1, use_dot=False)
     if storage_dtype == torch.float32:  # the ieee dot needs 8 warps at 32 slots to stay in registers
         return KernelConfig(block_n=32, num_warps=8, num_stages=3, use_dot=True)
     if storage_dtype == INT4:
-        return KernelConfig(block_n=64, num_warps=4, num_stages=1, use_dot=True)
+        return KernelConfig(block_n=128, num_warps=4, num_stages=1, use_dot=True, slots_as_m=True)
     if storage_dtype in QUANTIZED_DTYPES:
         return KernelConfig(block_n=128, num_warps=4, num_stages=3, use_dot=True)
     return KernelConfig(block_n=64, num_warps=4, num_stages=3, use_dot=True)
@@ -158,18 +162,18 @@ def default_config(storage_dtype: torch.dtype, group: int) -> KernelConfig:
 def tuning_candidates(storage_dtype: torch.dtype, group: int) -> list[KernelConfig]:
     """The few configs the autotuner times for a storage dtype and group size, the default
     first (block size, warps, stages, waves of splits, and for MHA both inner loops). Each list
-    holds the previous release's default for its key, so tuning never ends slower than it."""
+    holds the previous release's default for its key, so tuning never ends slower than it.
+    Pruned by the H200 sweep of 2026-12-02 (docs/kernel-notes.md, session 4)."""
     K = KernelConfig
     if group == 1:
         if storage_dtype == INT4:
-            found = [K(16, 4, 1, False), K(32, 4, 1, False), K(16, 4, 1, False, waves=2), K(64, 4, 1, True)]
+            found = [K(16, 4, 1, False), K(32, 4, 1, False), K(64, 4, 1, False), K(64, 4, 1, True, slots_as_m=True)]
         elif storage_dtype in QUANTIZED_DTYPES:
-            # the previous release's rows loops (int8: bn16 with the cvt; float8: bn64), lazy
-            # rescaling, and the one-stage dot (the tile widened to float16 in registers, the
-            # products on the tensor cores: fewer instructions per byte than the rows loop)
+            # the previous release's rows loops (int8: bn16 with the cvt; float8: bn64) and lazy
+            # rescaling; the dot paths (25 to 42% of copy on the H200) are left out
             previous = K(16, 4, 1, False, fast_convert=False) if storage_dtype == torch.int8 else K(64, 4, 1, False)
-            found = [previous, K(16, 4, 1, False, lazy_rescale=True), K(32, 4, 1, False, lazy_rescale=True),
-                     K(64, 4, 1, True), K(128, 8, 1, True)]
+            found = [previous, K(16, 4, 1, False), K(16, 4, 1, False, lazy_rescale=True),
+                     K(32, 4, 1, False, lazy_rescale=True)]
         elif storage_dtype == torch.float32:
             found = [K(16, 4, 1, False), K(32, 4, 1, False, waves=2)]
         else:
@@ -177,14 +181,12 @@ def tuning_candidates(storage_dtype: torch.dtype, group: int) -> list[KernelConf
     elif storage_dtype == torch.float32:
         found = [K(32, 4, 2, True), K(32, 8, 3, True, waves=2)]
     elif storage_dtype == INT4:
-        found = [K(64, 4, 1, True), K(32, 4, 1, True), K(128, 8, 1, True), K(64, 4, 1, True, waves=2),
-                 K(128, 4, 3, True)]
+        found = [K(64, 4, 1, True), K(32, 4, 1, True), K(64, 4, 1, True, slots_as_m=True), K(128, 4, 3, True)]
     elif storage_dtype in QUANTIZED_DTYPES:
-        # num_stages=1: no cp.async of the raw bytes into shared memory; the tile is widened to
-        # float16 in registers first, so the dot reads 16-bit operands (ldmatrix) instead of
-        # one byte per load (the 8-bit dot's cost in v2). K(128, 4, 3) is the previous default.
-        found = [K(128, 4, 1, True), K(64, 8, 1, True), K(64, 4, 1, True, waves=2), K(128, 4, 3, True),
-                 K(128, 4, 4, True, waves=2)]
+        # K(128, 4, 3) (the previous default) won at 16K and 1M; the one-stage dots (the tile
+        # widened in registers) and slots-as-M lost to it by 8 to 30 points
+        found = [K(128, 4, 3, True), K(128, 4, 4, True, waves=2), K(64, 4, 1, True, slots_as_m=True),
+                 K(128, 4, 1, True)]
     else:
         found = [K(128, 4, 3, True), K(64, 4, 4, True), K(64, 4, 3, True, waves=2), K(128, 4, 4, True, waves=2)]
     default = default_config(storage_dtype, group)

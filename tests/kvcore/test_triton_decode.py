@@ -311,6 +311,7 @@ def test_tuning_candidates_are_few_distinct_launchable_and_start_with_the_defaul
         assert cfg.use_dot or group == 1  # the rows loop serves one query head per KV head
         assert not cfg.use_dot or cfg.block_n >= 16
         assert not cfg.lazy_rescale or not cfg.use_dot
+        assert not cfg.slots_as_m or cfg.use_dot
 
 
 def test_autotuner_stays_off_the_cpu_and_when_disabled(monkeypatch):

@@ -35,17 +35,26 @@ Key decisions:
     weights) are split into a high and a low 16-bit part, two products each, so the result
     keeps about 16 to 22 bits instead of a 16-bit operand's 8 to 11. float32 storage uses
     input_precision="ieee" (no tf32).
-- int4: the even and odd elements of each row are two planes of ceil(D / 2) columns (the
-  query, the accumulators and the output too), dequantized in registers with the group's
-  scale per element (a group's scale cannot be moved onto the score as a row's can). MHA runs
-  the elementwise rows in float32; GQA the hi/lo float16 dots, four per tile for K and V each,
-  whose float16 rounding of the dequantized values (2^-11 relative; below ~6e-5 float16 is
-  subnormal) is far below int4's own step.
+- int4: a row's packed bytes are read as one [ceil(D / 32), 16] tile and its scales as one
+  [BLOCK_N, ceil(D / 32)] tile (wide loads, never a gather; with D a power-of-two multiple of
+  32 the mask is the slots' alone, so the loads are 16-byte vectors); the even and odd nibbles
+  are two planes (the query, the accumulators and the output too), unpacked by shifts and
+  masks and turned into floats without a convert instruction. MHA: the group's scale
+  multiplies the group's partial score and the softmax weight (p x scale per group), float32
+  throughout. GQA: the tile is dequantized per group in registers and meets the query on the
+  tensor cores as hi/lo float16 dots, whose float16 rounding of the dequantized values (2^-11
+  relative; below ~6e-5 float16 is subnormal) is far below int4's own step.
+- `slots_as_m` (dot paths, a tuning candidate): the transposed products K q^T and V^T p^T,
+  so the slots are the MMA's M dimension; measured slower than the 3-stage dot for 8-bit and
+  16-bit storage on the H200 (docs/kernel-notes.md, session 4), kept for int4 GQA.
 - The autotuner (`_autotuned`, on by default; KVCORE_AUTOTUNE=0 turns it off) times the few
   `tuning_candidates` of a (dtype, group, head_dim, KV heads, capacity) key on its first call
-  outside a CUDA graph capture and keeps the fastest; explicit `config` wins. Lazy rescaling
-  (`lazy_rescale`, one of the candidates) rescales the rows path's accumulators only when a
-  row's max grows by more than 2^8, skipping one multiply per accumulator element per tile.
+  outside a CUDA graph capture and keeps the fastest; explicit `config` wins. Candidates are
+  timed as a decode step runs them: replayed from a CUDA graph (eager launches cost more host
+  time than a quantized layer's kernel), position count on the device, L2 flushed between
+  launches when the layer fits in it. Lazy rescaling (`lazy_rescale`, one of the candidates)
+  rescales the rows path's accumulators only when a row's max grows by more than 2^8, skipping
+  one multiply per accumulator element per tile.
 - Index arithmetic in int64 wherever a slot is multiplied by a stride (a layer of 1M positions
   x 32 KV heads x 128 holds 2^32 elements).
 - `n_valid` may be a Python int or a 0-d int32/int64 tensor on the device, read inside the

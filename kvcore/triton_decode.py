@@ -35,17 +35,26 @@ Key decisions:
     weights) are split into a high and a low 16-bit part, two products each, so the result
     keeps about 16 to 22 bits instead of a 16-bit operand's 8 to 11. float32 storage uses
     input_precision="ieee" (no tf32).
-- int4: the even and odd elements of each row are two planes of ceil(D / 2) columns (the
-  query, the accumulators and the output too), dequantized in registers with the group's
-  scale per element (a group's scale cannot be moved onto the score as a row's can). MHA runs
-  the elementwise rows in float32; GQA the hi/lo float16 dots, four per tile for K and V each,
-  whose float16 rounding of the dequantized values (2^-11 relative; below ~6e-5 float16 is
-  subnormal) is far below int4's own step.
+- int4: a row's packed bytes are read as one [ceil(D / 32), 16] tile and its scales as one
+  [BLOCK_N, ceil(D / 32)] tile (wide loads, never a gather; with D a power-of-two multiple of
+  32 the mask is the slots' alone, so the loads are 16-byte vectors); the even and odd nibbles
+  are two planes (the query, the accumulators and the output too), unpacked by shifts and
+  masks and turned into floats without a convert instruction. MHA: the group's scale
+  multiplies the group's partial score and the softmax weight (p x scale per group), float32
+  throughout. GQA: the tile is dequantized per group in registers and meets the query on the
+  tensor cores as hi/lo float16 dots, whose float16 rounding of the dequantized values (2^-11
+  relative; below ~6e-5 float16 is subnormal) is far below int4's own step.
+- `slots_as_m` (dot paths, a tuning candidate): the transposed products K q^T and V^T p^T,
+  so the slots are the MMA's M dimension; measured slower than the 3-stage dot for 8-bit and
+  16-bit storage on the H200 (docs/kernel-notes.md, session 4), kept for int4 GQA.
 - The autotuner (`_autotuned`, on by default; KVCORE_AUTOTUNE=0 turns it off) times the few
   `tuning_candidates` of a (dtype, group, head_dim, KV heads, capacity) key on its first call
-  outside a CUDA graph capture and keeps the fastest; explicit `config` wins. Lazy rescaling
-  (`lazy_rescale`, one of the candidates) rescales the rows path's accumulators only when a
-  row's max grows by more than 2^8, skipping one multiply per accumulator element per tile.
+  outside a CUDA graph capture and keeps the fastest; explicit `config` wins. Candidates are
+  timed as a decode step runs them: replayed from a CUDA graph (eager launches cost more host
+  time than a quantized layer's kernel), position count on the device, L2 flushed between
+  launches when the layer fits in it. Lazy rescaling (`lazy_rescale`, one of the candidates)
+  rescales the rows path's accumulators only when a row's max grows by more than 2^8, skipping
+  one multiply per accumulator element per tile.
 - Index arithmetic in int64 wherever a slot is multiplied by a stride (a layer of 1M positions
   x 32 KV heads x 128 holds 2^32 elements).
 - `n_valid` may be a Python int or a 0-d int32/int64 tensor on the device, read inside the
@@ -92,6 +101,7 @@ class KernelConfig(NamedTuple):
     fast_convert: bool = True  # int8 -> float by an integer add and a float subtraction, not a cvt
     prefetch: bool = True  # elementwise path: load the next tile before computing this one
     lazy_rescale: bool = False  # elementwise path: rescale the accumulators only when a max grows by > 2^8
+    slots_as_m: bool = False  # 16/8-bit dot path: slots as the dot's M dimension (K^T q, V^T p products)
 
 
 def _interpreting() -> bool:
@@ -137,16 +147,22 @@ def default_config(storage_dtype: torch.dtype, group: int) -> KernelConfig:
     """Block size, warps, stages and path for a storage dtype and a GQA group size.
 
     Picked from `--sweep` on an H100 80GB HBM3 (docs/kernel-notes.md): the elementwise rows
-    with the register prefetch for MHA, tl.dot with cp.async pipelining for GQA.
+    with the register prefetch for MHA, tl.dot with cp.async pipelining for GQA; int4 from the
+    H200 sweep of session 4 (docs/results/quantized_decode_sweep.py). These serve when the
+    autotuner does not run (inside a capture, KVCORE_AUTOTUNE=0).
     """
     if group == 1:
         if storage_dtype == torch.float32:
             return KernelConfig(block_n=32, num_warps=4, num_stages=1, use_dot=False)
+        if storage_dtype == INT4:  # the H200 sweep's best (2026-12-02)
+            return KernelConfig(block_n=16, num_warps=4, num_stages=1, use_dot=False, waves=2)
         if storage_dtype == torch.int8:
             return KernelConfig(block_n=16, num_warps=4, num_stages=1, use_dot=False, fast_convert=False)
         return KernelConfig(block_n=64, num_warps=4, num_stages=1, use_dot=False)
     if storage_dtype == torch.float32:  # the ieee dot needs 8 warps at 32 slots to stay in registers
         return KernelConfig(block_n=32, num_warps=8, num_stages=3, use_dot=True)
+    if storage_dtype == INT4:
+        return KernelConfig(block_n=128, num_warps=4, num_stages=1, use_dot=True, slots_as_m=True)
     if storage_dtype in QUANTIZED_DTYPES:
         return KernelConfig(block_n=128, num_warps=4, num_stages=3, use_dot=True)
     return KernelConfig(block_n=64, num_warps=4, num_stages=3, use_dot=True)
@@ -154,25 +170,32 @@ def default_config(storage_dtype: torch.dtype, group: int) -> KernelConfig:
 
 def tuning_candidates(storage_dtype: torch.dtype, group: int) -> list[KernelConfig]:
     """The few configs the autotuner times for a storage dtype and group size, the default
-    first (block size, warps, stages, waves of splits, and for MHA both inner loops)."""
+    first (block size, warps, stages, waves of splits, and for MHA both inner loops). Each list
+    holds the previous release's default for its key, so tuning never ends slower than it.
+    Pruned by the H200 sweep of 2026-12-02 (docs/kernel-notes.md, session 4)."""
     K = KernelConfig
     if group == 1:
         if storage_dtype == INT4:
-            found = [K(16, 4, 1, False), K(32, 4, 1, False), K(16, 4, 1, False, waves=2), K(64, 4, 3, True)]
+            found = [K(16, 4, 1, False), K(32, 4, 1, False), K(64, 4, 1, False), K(64, 4, 1, True, slots_as_m=True)]
         elif storage_dtype in QUANTIZED_DTYPES:
-            found = [K(16, 4, 1, False), K(16, 4, 1, False, lazy_rescale=True),
-                     K(32, 4, 1, False, lazy_rescale=True), K(64, 4, 3, True)]
+            # the previous release's rows loops (int8: bn16 with the cvt; float8: bn64) and lazy
+            # rescaling; the dot paths (25 to 42% of copy on the H200) are left out
+            previous = K(16, 4, 1, False, fast_convert=False) if storage_dtype == torch.int8 else K(64, 4, 1, False)
+            found = [previous, K(16, 4, 1, False), K(16, 4, 1, False, lazy_rescale=True),
+                     K(32, 4, 1, False, lazy_rescale=True)]
         elif storage_dtype == torch.float32:
             found = [K(16, 4, 1, False), K(32, 4, 1, False, waves=2)]
         else:
             found = [K(64, 4, 1, False, lazy_rescale=True), K(32, 4, 1, False), K(64, 4, 1, False, waves=2)]
     elif storage_dtype == torch.float32:
         found = [K(32, 4, 2, True), K(32, 8, 3, True, waves=2)]
+    elif storage_dtype == INT4:
+        found = [K(64, 4, 1, True), K(32, 4, 1, True), K(64, 4, 1, True, slots_as_m=True), K(128, 4, 3, True)]
     elif storage_dtype in QUANTIZED_DTYPES:
-        # num_stages=1: no cp.async of the raw bytes into shared memory; the tile is widened to
-        # float16 in registers first, so the dot reads 16-bit operands (ldmatrix) instead of
-        # one byte per load (the 8-bit dot's cost in v2)
-        found = [K(128, 4, 1, True), K(64, 8, 1, True), K(64, 4, 3, True, waves=2), K(128, 4, 4, True, waves=2)]
+        # K(128, 4, 3) (the previous default) won at 16K and 1M; the one-stage dots (the tile
+        # widened in registers) and slots-as-M lost to it by 8 to 30 points
+        found = [K(128, 4, 3, True), K(128, 4, 4, True, waves=2), K(64, 4, 1, True, slots_as_m=True),
+                 K(128, 4, 1, True)]
     else:
         found = [K(128, 4, 3, True), K(64, 4, 4, True), K(64, 4, 3, True, waves=2), K(128, 4, 4, True, waves=2)]
     default = default_config(storage_dtype, group)
@@ -180,7 +203,6 @@ def tuning_candidates(storage_dtype: torch.dtype, group: int) -> list[KernelConf
 
 
 _TUNED: dict = {}  # (device, storage, query dtype, group, head_dim, KV heads, capacity bucket) -> config
-_TUNE_REPS = 5
 
 
 def autotune_enabled() -> bool:
@@ -199,10 +221,14 @@ def _autotuned(query, k_layer, v_layer, k_scale, v_scale, sm_scale, out_dtype) -
 
     Why not `triton.autotune`: the split count is a host choice (the grid, the partial-result
     buffers and the merge kernel all follow it) that must come with the config, and tuning
-    must never run inside a CUDA graph capture. So this times each candidate (config and the
-    split count it implies), a few launches over every slot of the layer (the steady state of
-    a full cache), on the first call of a key outside a capture, and caches the winner.
-    Inside a capture, on the CPU, or with KVCORE_AUTOTUNE=0, the default config is used."""
+    must never run inside a CUDA graph capture. So this times each candidate the way a decode
+    step runs it: the position count on the device (the split count follows the capacity, as
+    under a captured step), every slot of the layer valid, split and merge kernels together,
+    `_TUNE_LAUNCHES` launches replayed from one CUDA graph (an eager launch costs more host time
+    than a quantized layer's kernel, so eager timings rank the host, not the kernel), with the
+    L2 cache flushed before each launch when the layer would fit in it (a model step never finds
+    its layer there). Inside a capture, on the CPU, or with KVCORE_AUTOTUNE=0, the default
+    config is used."""
     capacity, num_kv_heads, _ = k_layer.shape
     num_heads, head_dim = query.shape
     group = num_heads // num_kv_heads
@@ -213,26 +239,53 @@ def _autotuned(query, k_layer, v_layer, k_scale, v_scale, sm_scale, out_dtype) -
     default = default_config(k_layer.dtype, group)
     if device.type != "cuda" or not autotune_enabled() or torch.cuda.is_current_stream_capturing():
         return default
-    out = torch.empty((num_heads, head_dim), dtype=out_dtype or query.dtype, device=device)
-    timings = []
-    for cfg in tuning_candidates(k_layer.dtype, group):
-        def run(cfg=cfg):
-            _launch(query, k_layer, v_layer, k_scale, v_scale, capacity, sm_scale, out_dtype, out, None, cfg)
-
-        try:
-            run()  # compiles
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(_TUNE_REPS):
-                run()
-            end.record()
-            end.synchronize()
-            timings.append((start.elapsed_time(end), cfg))
-        except Exception:  # a candidate that does not compile here (e.g. shared memory)
-            continue
+    timings = [(ms, cfg) for cfg in tuning_candidates(k_layer.dtype, group)
+               if (ms := _graph_ms(query, k_layer, v_layer, k_scale, v_scale, sm_scale, out_dtype, cfg)) is not None]
     _TUNED[key] = min(timings, key=lambda t: t[0])[1] if timings else default
     return _TUNED[key]
+
+
+_TUNE_LAUNCHES = 8
+
+
+def _graph_ms(query, k_layer, v_layer, k_scale, v_scale, sm_scale, out_dtype, cfg) -> float | None:
+    """ms per launch of one config over the whole layer, replayed from a CUDA graph (best of 3
+    replays of `_TUNE_LAUNCHES` launches, each after an L2 flush when the layer fits in L2);
+    None when the config does not compile or launch here (e.g. shared memory)."""
+    device = query.device
+    capacity = k_layer.shape[0]
+    out = torch.empty(query.shape, dtype=out_dtype or query.dtype, device=device)
+    n_dev = torch.tensor(capacity, dtype=torch.int32, device=device)
+    layer_bytes = sum(t.numel() * t.element_size() for t in (k_layer, v_layer, k_scale, v_scale) if t is not None)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    flush = torch.empty(2 * l2 // 4, dtype=torch.float32, device=device) if layer_bytes < 2 * l2 else None
+
+    def run():
+        _launch(query, k_layer, v_layer, k_scale, v_scale, n_dev, sm_scale, out_dtype, out, None, cfg)
+
+    try:
+        run()  # compiles (outside the capture)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(_TUNE_LAUNCHES):
+                if flush is not None:
+                    flush.zero_()
+                run()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        best = math.inf
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / _TUNE_LAUNCHES)
+        return best
+    except Exception:  # a candidate that does not compile or capture here
+        torch.cuda.synchronize(device)
+        return None
 
 
 def choose_splits(n_max: int, num_kv_heads: int, block_n: int, slots: int) -> int:
@@ -270,7 +323,7 @@ def _resident_programs(key, kernel, make_args, kwargs) -> int:
 @cache
 def _kernels():
     """Compile-on-demand Triton kernels; triton is imported here, never at module import."""
-    global triton, tl, _widen, _load_rows, _int4_tile, _int4_split  # the kernels below look these names up in the module's globals
+    global triton, tl, _widen, _load_rows, _nibble, _int4_load, _int4_split  # the kernels below look these names up in the module's globals
     import triton
     import triton.language as tl
 
@@ -313,52 +366,137 @@ def _kernels():
         return k, v, k_scale, v_scale
 
     @triton.jit
-    def _int4_tile(base, scale_base, o64, n_mask, j, stride_n, stride_sn, HEAD_DIM: tl.constexpr):
-        """An int4 tile of slots o64: its even and odd elements [BLOCK_N, HALF_PAD] as float32,
-        dequantized (byte j holds elements 2j and 2j + 1, both scaled by group j // 16)."""
-        m = n_mask[:, None] & (2 * j < HEAD_DIM)[None, :]
-        b = tl.load(base + o64[:, None] * stride_n + j[None, :], mask=m, other=8).to(tl.int32)
-        sc = tl.load(scale_base + o64[:, None] * stride_sn + (j // 16)[None, :], mask=m, other=0.0)
-        return ((b & 15) - 8).to(tl.float32) * sc, ((b >> 4) - 8).to(tl.float32) * sc
+    def _nibble(b):
+        """int32 nibbles 0..15 -> float32 (nibble - 8) without a convert instruction: the nibble sits in
+        the mantissa of 2^23, and one subtraction leaves it exactly (int4 storage is offset by 8)."""
+        return (b | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+    @triton.jit
+    def _int4_load(base, scale_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL: tl.constexpr, stride_n, stride_sn):
+        """The packed bytes of slots o64 as one wide load [BLOCK_N, GROUPS_PAD, 16] (byte jb = 16 g + i
+        holds elements 2 jb and 2 jb + 1 of group g) and their scales [BLOCK_N, GROUPS_PAD], one per
+        32 values; masked bytes read 0x88 (both nibbles 8: the value 0) and masked scales 0.
+        FULL (head_dim a power-of-two multiple of 32, every byte of the tile valid): the mask is the
+        slots' alone, constant along a row, so the compiler issues 16-byte vector loads; a mask
+        that varies along the bytes (2 jb < head_dim) makes it predicate and load byte by byte."""
+        ptrs = base + o64[:, None, None] * stride_n + jb[None, :, :]
+        sptrs = scale_base + o64[:, None] * stride_sn + gi[None, :]
+        if FULL:
+            b = tl.load(ptrs, mask=n_mask[:, None, None], other=0x88).to(tl.int32)
+            sc = tl.load(sptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            b = tl.load(ptrs, mask=n_mask[:, None, None] & e_ok[None, :, :], other=0x88).to(tl.int32)
+            sc = tl.load(sptrs, mask=n_mask[:, None] & g_ok[None, :], other=0.0)
+        return b, sc
 
     @triton.jit
     def _int4_split(q_ptr, k_base, v_base, ks_base, vs_base, mid_o_ptr, mid_lse_ptr, kv_head, split, lo, hi,
                     qk_scale, num_splits, stride_qh, stride_kn, stride_vn, stride_ksn, stride_vsn,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HALF_PAD: tl.constexpr, GROUPS: tl.constexpr, USE_DOT: tl.constexpr,
-                    OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
-        """One split of one KV head over int4 storage: the even and odd elements of every row
-        are two [., HALF_PAD] planes (the query's and the output's too), dequantized per
-        element with the group's scale in registers. USE_DOT: the G query heads (padded to 16)
-        against the tile on the tensor cores, float32 operands split into high and low float16
-        parts; else one query head, elementwise (float32 throughout)."""
-        j = tl.arange(0, HALF_PAD)
-        e_mask = 2 * j < HEAD_DIM
-        o_mask = 2 * j + 1 < HEAD_DIM
+                    GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, USE_DOT: tl.constexpr,
+                    OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PREFETCH: tl.constexpr,
+                    SLOTS_AS_M: tl.constexpr, FULL_GROUPS: tl.constexpr):
+        """One split of one KV head over int4 storage. A row's bytes are read as [GROUPS_PAD, 16]
+        (one wide load of the tile, never a gather) with one scale per group; the even and odd
+        nibbles are two planes (the query's and the output's too), unpacked in registers by shifts
+        and masks. Rows path (USE_DOT false, one query head): the group scale multiplies the
+        group's partial score and the softmax weight (p x scale per group), not every element.
+        USE_DOT: the tile is dequantized per group in registers and the G query heads (padded to
+        16) meet it on the tensor cores, float32 operands split into high and low float16 parts."""
+        gi = tl.arange(0, GROUPS_PAD)
+        jb = gi[:, None] * 16 + tl.arange(0, 16)[None, :]  # [GROUPS_PAD, 16] byte index in the row
+        e_ok = 2 * jb < HEAD_DIM
+        o_ok = 2 * jb + 1 < HEAD_DIM
+        g_ok = gi < GROUPS
         rows = tl.arange(0, BLOCK_N)
         neg_inf = float("-inf")
-        if USE_DOT:
+        if USE_DOT and SLOTS_AS_M:
+            # the transposed products (scores^T = K q^T, out^T = V^T p^T): the slots are the dot's
+            # M dimension and the dequantized K tile can stay in registers as its first operand
+            HALF_T: tl.constexpr = GROUPS_PAD * 16
+            jt = tl.arange(0, HALF_T)
+            jte = 2 * jt < HEAD_DIM
+            jto = 2 * jt + 1 < HEAD_DIM
+            g = tl.arange(0, GROUP_PAD)
+            g_mask = g < GROUP
+            heads = kv_head * GROUP + g  # [GROUP_PAD]
+            qb = q_ptr + heads[None, :] * stride_qh + 2 * jt[:, None]
+            qe = tl.load(qb, mask=g_mask[None, :] & jte[:, None], other=0.0).to(tl.float32) * qk_scale  # [HALF, G]
+            qo = tl.load(qb + 1, mask=g_mask[None, :] & jto[:, None], other=0.0).to(tl.float32) * qk_scale
+            qe_hi = qe.to(OP_DTYPE)
+            qe_lo = (qe - qe_hi.to(tl.float32)).to(OP_DTYPE)
+            qo_hi = qo.to(OP_DTYPE)
+            qo_lo = (qo - qo_hi.to(tl.float32)).to(OP_DTYPE)
+            m_i = tl.full([GROUP_PAD], neg_inf, tl.float32)
+            l_i = tl.zeros([GROUP_PAD], tl.float32)
+            acc_e = tl.zeros([HALF_T, GROUP_PAD], tl.float32)
+            acc_o = tl.zeros([HALF_T, GROUP_PAD], tl.float32)
+            for start in range(lo, hi, BLOCK_N):
+                offs = start + rows
+                n_mask = offs < hi
+                o64 = offs.to(tl.int64)
+                kb, ksc = _int4_load(k_base, ks_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_kn, stride_ksn)
+                ke = tl.reshape(_nibble(kb & 15) * ksc[:, :, None], [BLOCK_N, HALF_T]).to(OP_DTYPE).to(DOT_DTYPE)
+                ko = tl.reshape(_nibble(kb >> 4) * ksc[:, :, None], [BLOCK_N, HALF_T]).to(OP_DTYPE).to(DOT_DTYPE)
+                s = tl.dot(ke, qe_hi.to(DOT_DTYPE))
+                s = tl.dot(ke, qe_lo.to(DOT_DTYPE), s)
+                s = tl.dot(ko, qo_hi.to(DOT_DTYPE), s)
+                s = tl.dot(ko, qo_lo.to(DOT_DTYPE), s)  # [BLOCK_N, GROUP_PAD]
+                s = tl.where(n_mask[:, None], s, neg_inf)
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                vb, vsc = _int4_load(v_base, vs_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_vn, stride_vsn)
+                ve = tl.trans(tl.reshape(_nibble(vb & 15) * vsc[:, :, None], [BLOCK_N, HALF_T]).to(OP_DTYPE)
+                              .to(DOT_DTYPE))  # [HALF, BLOCK_N]
+                vo = tl.trans(tl.reshape(_nibble(vb >> 4) * vsc[:, :, None], [BLOCK_N, HALF_T]).to(OP_DTYPE)
+                              .to(DOT_DTYPE))
+                p_hi = p.to(OP_DTYPE)
+                p_lo = (p - p_hi.to(tl.float32)).to(OP_DTYPE)
+                acc_e = tl.dot(ve, p_hi.to(DOT_DTYPE), acc_e * alpha[None, :])
+                acc_e = tl.dot(ve, p_lo.to(DOT_DTYPE), acc_e)
+                acc_o = tl.dot(vo, p_hi.to(DOT_DTYPE), acc_o * alpha[None, :])
+                acc_o = tl.dot(vo, p_lo.to(DOT_DTYPE), acc_o)
+                m_i = m_new
+            l_use = tl.where(l_i > 0, l_i, 1.0)
+            lse = m_i + tl.log2(l_i)  # -inf for an empty split
+            part = (heads * num_splits + split).to(tl.int64)  # [GROUP_PAD]
+            ob = mid_o_ptr + part[None, :] * HEAD_DIM + 2 * jt[:, None]
+            tl.store(ob, acc_e / l_use[None, :], mask=g_mask[None, :] & jte[:, None])
+            tl.store(ob + 1, acc_o / l_use[None, :], mask=g_mask[None, :] & jto[:, None])
+            tl.store(mid_lse_ptr + part, lse, mask=g_mask)
+        elif USE_DOT:
+            HALF: tl.constexpr = GROUPS_PAD * 16
+            j = tl.arange(0, HALF)
+            je_mask = 2 * j < HEAD_DIM
+            jo_mask = 2 * j + 1 < HEAD_DIM
             g = tl.arange(0, GROUP_PAD)
             g_mask = g < GROUP
             heads = kv_head * GROUP + g  # [GROUP_PAD]
             qb = q_ptr + heads[:, None] * stride_qh + 2 * j[None, :]
-            q_e = tl.load(qb, mask=g_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32) * qk_scale
-            q_o = tl.load(qb + 1, mask=g_mask[:, None] & o_mask[None, :], other=0.0).to(tl.float32) * qk_scale
+            q_e = tl.load(qb, mask=g_mask[:, None] & je_mask[None, :], other=0.0).to(tl.float32) * qk_scale
+            q_o = tl.load(qb + 1, mask=g_mask[:, None] & jo_mask[None, :], other=0.0).to(tl.float32) * qk_scale
             qe_hi = q_e.to(OP_DTYPE)
             qe_lo = (q_e - qe_hi.to(tl.float32)).to(OP_DTYPE)
             qo_hi = q_o.to(OP_DTYPE)
             qo_lo = (q_o - qo_hi.to(tl.float32)).to(OP_DTYPE)
             m_i = tl.full([GROUP_PAD], neg_inf, tl.float32)
             l_i = tl.zeros([GROUP_PAD], tl.float32)
-            acc_e = tl.zeros([GROUP_PAD, HALF_PAD], tl.float32)
-            acc_o = tl.zeros([GROUP_PAD, HALF_PAD], tl.float32)
+            acc_e = tl.zeros([GROUP_PAD, HALF], tl.float32)
+            acc_o = tl.zeros([GROUP_PAD, HALF], tl.float32)
             for start in range(lo, hi, BLOCK_N):
                 offs = start + rows
                 n_mask = offs < hi
                 o64 = offs.to(tl.int64)
-                k_e, k_o = _int4_tile(k_base, ks_base, o64, n_mask, j, stride_kn, stride_ksn, HEAD_DIM)
-                ke = tl.trans(k_e.to(OP_DTYPE).to(DOT_DTYPE))  # [HALF_PAD, BLOCK_N]
-                ko = tl.trans(k_o.to(OP_DTYPE).to(DOT_DTYPE))
+                kb, ksc = _int4_load(k_base, ks_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_kn, stride_ksn)
+                ke = tl.reshape(_nibble(kb & 15) * ksc[:, :, None], [BLOCK_N, HALF])
+                ko = tl.reshape(_nibble(kb >> 4) * ksc[:, :, None], [BLOCK_N, HALF])
+                ke = tl.trans(ke.to(OP_DTYPE).to(DOT_DTYPE))  # [HALF, BLOCK_N]
+                ko = tl.trans(ko.to(OP_DTYPE).to(DOT_DTYPE))
                 s = tl.dot(qe_hi.to(DOT_DTYPE), ke)
                 s = tl.dot(qe_lo.to(DOT_DTYPE), ke, s)
                 s = tl.dot(qo_hi.to(DOT_DTYPE), ko, s)
@@ -368,9 +506,10 @@ def _kernels():
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                v_e, v_o = _int4_tile(v_base, vs_base, o64, n_mask, j, stride_vn, stride_vsn, HEAD_DIM)
-                ve = v_e.to(OP_DTYPE).to(DOT_DTYPE)
-                vo = v_o.to(OP_DTYPE).to(DOT_DTYPE)
+                vb, vsc = _int4_load(v_base, vs_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_vn, stride_vsn)
+                ve = tl.reshape(_nibble(vb & 15) * vsc[:, :, None], [BLOCK_N, HALF]).to(OP_DTYPE).to(DOT_DTYPE)
+                vo = tl.reshape(_nibble(vb >> 4) * vsc[:, :, None], [BLOCK_N, HALF]).to(OP_DTYPE).to(DOT_DTYPE)
                 p_hi = p.to(OP_DTYPE)
                 p_lo = (p - p_hi.to(tl.float32)).to(OP_DTYPE)
                 acc_e = tl.dot(p_hi.to(DOT_DTYPE), ve, acc_e * alpha[:, None])
@@ -382,33 +521,51 @@ def _kernels():
             lse = m_i + tl.log2(l_i)  # -inf for an empty split
             part = (heads * num_splits + split).to(tl.int64)  # [GROUP_PAD]
             ob = mid_o_ptr + part[:, None] * HEAD_DIM + 2 * j[None, :]
-            tl.store(ob, acc_e / l_use[:, None], mask=g_mask[:, None] & e_mask[None, :])
-            tl.store(ob + 1, acc_o / l_use[:, None], mask=g_mask[:, None] & o_mask[None, :])
+            tl.store(ob, acc_e / l_use[:, None], mask=g_mask[:, None] & je_mask[None, :])
+            tl.store(ob + 1, acc_o / l_use[:, None], mask=g_mask[:, None] & jo_mask[None, :])
             tl.store(mid_lse_ptr + part, lse, mask=g_mask)
         else:
-            qb = q_ptr + kv_head * stride_qh + 2 * j
-            q_e = tl.load(qb, mask=e_mask, other=0.0).to(tl.float32) * qk_scale
-            q_o = tl.load(qb + 1, mask=o_mask, other=0.0).to(tl.float32) * qk_scale
+            qb = q_ptr + kv_head * stride_qh + 2 * jb
+            q_e = tl.load(qb, mask=e_ok, other=0.0).to(tl.float32) * qk_scale  # [GROUPS_PAD, 16]
+            q_o = tl.load(qb + 1, mask=o_ok, other=0.0).to(tl.float32) * qk_scale
             # BLOCK_N independent softmax streams, one per tile row (as the 8/16/32-bit rows path)
             m_i = tl.full([BLOCK_N], neg_inf, tl.float32)
             l_i = tl.zeros([BLOCK_N], tl.float32)
-            acc_e = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
-            acc_o = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
+            acc_e = tl.zeros([BLOCK_N, GROUPS_PAD, 16], tl.float32)
+            acc_o = tl.zeros([BLOCK_N, GROUPS_PAD, 16], tl.float32)
+            if PREFETCH:  # the first tile; each iteration then loads the next one before computing
+                first = lo + rows
+                kb_next, ksc_next = _int4_load(k_base, ks_base, first.to(tl.int64), first < hi, jb, gi, e_ok, g_ok,
+                                               FULL_GROUPS, stride_kn, stride_ksn)
+                vb_next, vsc_next = _int4_load(v_base, vs_base, first.to(tl.int64), first < hi, jb, gi, e_ok, g_ok,
+                                               FULL_GROUPS, stride_vn, stride_vsn)
             for start in range(lo, hi, BLOCK_N):
                 offs = start + rows
                 n_mask = offs < hi
-                o64 = offs.to(tl.int64)
-                k_e, k_o = _int4_tile(k_base, ks_base, o64, n_mask, j, stride_kn, stride_ksn, HEAD_DIM)
-                v_e, v_o = _int4_tile(v_base, vs_base, o64, n_mask, j, stride_vn, stride_vsn, HEAD_DIM)
-                s = tl.sum(k_e * q_e[None, :] + k_o * q_o[None, :], axis=1)  # [BLOCK_N]
+                if PREFETCH:
+                    kb, ksc, vb, vsc = kb_next, ksc_next, vb_next, vsc_next
+                    nxt = offs + BLOCK_N
+                    kb_next, ksc_next = _int4_load(k_base, ks_base, nxt.to(tl.int64), nxt < hi, jb, gi, e_ok, g_ok,
+                                                   FULL_GROUPS, stride_kn, stride_ksn)
+                    vb_next, vsc_next = _int4_load(v_base, vs_base, nxt.to(tl.int64), nxt < hi, jb, gi, e_ok, g_ok,
+                                                   FULL_GROUPS, stride_vn, stride_vsn)
+                else:
+                    o64 = offs.to(tl.int64)
+                    kb, ksc = _int4_load(k_base, ks_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_kn, stride_ksn)
+                    vb, vsc = _int4_load(v_base, vs_base, o64, n_mask, jb, gi, e_ok, g_ok, FULL_GROUPS,
+                                     stride_vn, stride_vsn)
+                part_s = tl.sum(_nibble(kb & 15) * q_e[None, :, :] + _nibble(kb >> 4) * q_o[None, :, :], axis=2)
+                s = tl.sum(part_s * ksc, axis=1)  # [BLOCK_N]: a group's scale on its partial score
                 s = tl.where(n_mask, s, neg_inf)
                 m_new = tl.maximum(m_i, s)
                 m_use = tl.where(m_new == neg_inf, 0.0, m_new)
                 alpha = tl.exp2(m_i - m_use)
                 p = tl.exp2(s - m_use)
                 l_i = l_i * alpha + p
-                acc_e = acc_e * alpha[:, None] + p[:, None] * v_e
-                acc_o = acc_o * alpha[:, None] + p[:, None] * v_o
+                pv = (p[:, None] * vsc)[:, :, None]  # [BLOCK_N, GROUPS_PAD, 1]: weight x group scale
+                acc_e = acc_e * alpha[:, None, None] + pv * _nibble(vb & 15)
+                acc_o = acc_o * alpha[:, None, None] + pv * _nibble(vb >> 4)
                 m_i = m_new
             m_max = tl.max(m_i, axis=0)
             m_use = tl.where(m_max == neg_inf, 0.0, m_max)
@@ -417,9 +574,9 @@ def _kernels():
             l_use = tl.where(l_sum > 0, l_sum, 1.0)
             lse = m_use + tl.log2(l_sum)
             part = kv_head * num_splits + split
-            ob = mid_o_ptr + part * HEAD_DIM + 2 * j
-            tl.store(ob, tl.sum(acc_e * w[:, None], axis=0) / l_use, mask=e_mask)
-            tl.store(ob + 1, tl.sum(acc_o * w[:, None], axis=0) / l_use, mask=o_mask)
+            ob = mid_o_ptr + part * HEAD_DIM + 2 * jb
+            tl.store(ob, tl.sum(acc_e * w[:, None, None], axis=0) / l_use, mask=e_ok)
+            tl.store(ob + 1, tl.sum(acc_o * w[:, None, None], axis=0) / l_use, mask=o_ok)
             tl.store(mid_lse_ptr + part, lse)
 
     @triton.jit(do_not_specialize=["n_arg", "capacity", "num_splits"])
@@ -434,7 +591,8 @@ def _kernels():
         QUANTIZED: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
         SPLIT_OPERANDS: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         FP32_PRECISION: tl.constexpr, FAST_INT8: tl.constexpr, PREFETCH: tl.constexpr,
-        IS_INT4: tl.constexpr, HALF_PAD: tl.constexpr, GROUPS: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+        IS_INT4: tl.constexpr, GROUPS_PAD: tl.constexpr, GROUPS: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+        SLOTS_AS_M: tl.constexpr,
     ):
         kv_head = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
@@ -459,7 +617,56 @@ def _kernels():
             _int4_split(q_ptr, k_base, v_base, ks_ptr + kv_head * stride_ksh, vs_ptr + kv_head * stride_vsh,
                         mid_o_ptr, mid_lse_ptr, kv_head, split, lo, hi, qk_scale, num_splits,
                         stride_qh, stride_kn, stride_vn, stride_ksn, stride_vsn,
-                        GROUP, GROUP_PAD, HEAD_DIM, BLOCK_N, HALF_PAD, GROUPS, USE_DOT, OP_DTYPE, DOT_DTYPE)
+                        GROUP, GROUP_PAD, HEAD_DIM, BLOCK_N, GROUPS, GROUPS_PAD, USE_DOT, OP_DTYPE, DOT_DTYPE,
+                        PREFETCH, SLOTS_AS_M, HEAD_DIM == GROUPS_PAD * 32)
+        elif SLOTS_AS_M:
+            # The transposed products: scores^T [BLOCK_N, GROUP_PAD] = K [BLOCK_N, D] @ q^T and
+            # out^T [D, GROUP_PAD] = V^T @ p^T, so the slots are the dot's M dimension (>= 64:
+            # Hopper's warpgroup MMA) and the widened K tile can be its register operand; only
+            # the small query and weight operands need shared memory.
+            g = tl.arange(0, GROUP_PAD)
+            g_mask = g < GROUP
+            heads = kv_head * GROUP + g  # [GROUP_PAD]
+            qt = tl.load(q_ptr + heads[None, :] * stride_qh + d[:, None],
+                         mask=g_mask[None, :] & d_mask[:, None], other=0.0).to(tl.float32) * qk_scale  # [D_PAD, G]
+            qt_hi = qt.to(OP_DTYPE)
+            qt_lo = (qt - qt_hi.to(tl.float32)).to(OP_DTYPE)
+            m_i = tl.full([GROUP_PAD], neg_inf, tl.float32)
+            l_i = tl.zeros([GROUP_PAD], tl.float32)
+            acc = tl.zeros([D_PAD, GROUP_PAD], tl.float32)
+            for start in range(lo, hi, BLOCK_N):
+                offs = start + rows
+                n_mask = offs < hi
+                tile_mask = n_mask[:, None] & d_mask[None, :]
+                o64 = offs.to(tl.int64)
+                k = tl.load(k_base + o64[:, None] * stride_kn + d[None, :], mask=tile_mask, other=0.0)
+                kw = _widen(k, FAST_INT8, False, OP_DTYPE).to(DOT_DTYPE)  # [BLOCK_N, D_PAD]
+                s = tl.dot(kw, qt_hi.to(DOT_DTYPE))
+                s = tl.dot(kw, qt_lo.to(DOT_DTYPE), s)  # [BLOCK_N, GROUP_PAD]
+                if QUANTIZED:
+                    k_scale = tl.load(ks_ptr + o64 * stride_ksn + kv_head * stride_ksh, mask=n_mask, other=0.0)
+                    s = s * k_scale[:, None]
+                s = tl.where(n_mask[:, None], s, neg_inf)
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: each tile has a valid slot
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                if QUANTIZED:
+                    v_scale = tl.load(vs_ptr + o64 * stride_vsn + kv_head * stride_vsh, mask=n_mask, other=0.0)
+                    p = p * v_scale[:, None]
+                v = tl.load(v_base + o64[:, None] * stride_vn + d[None, :], mask=tile_mask, other=0.0)
+                vt = tl.trans(_widen(v, FAST_INT8, False, OP_DTYPE).to(DOT_DTYPE))  # [D_PAD, BLOCK_N]
+                p_hi = p.to(OP_DTYPE)
+                p_lo = (p - p_hi.to(tl.float32)).to(OP_DTYPE)
+                acc = tl.dot(vt, p_hi.to(DOT_DTYPE), acc * alpha[None, :])
+                acc = tl.dot(vt, p_lo.to(DOT_DTYPE), acc)
+                m_i = m_new
+            l_use = tl.where(l_i > 0, l_i, 1.0)
+            lse = m_i + tl.log2(l_i)  # -inf for an empty split
+            part = heads * num_splits + split  # [GROUP_PAD]
+            tl.store(mid_o_ptr + part[None, :] * HEAD_DIM + d[:, None], acc / l_use[None, :],
+                     mask=g_mask[None, :] & d_mask[:, None])
+            tl.store(mid_lse_ptr + part, lse, mask=g_mask)
         elif USE_DOT:
             g = tl.arange(0, GROUP_PAD)
             g_mask = g < GROUP
@@ -726,7 +933,8 @@ def _launch(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale, out_dt
         SPLIT_OPERANDS=storage != torch.float32, OP_DTYPE=op_dtype, DOT_DTYPE=dot_dtype,
         FP32_PRECISION=cfg.fp32_precision, FAST_INT8=cfg.fast_convert and storage == torch.int8,
         PREFETCH=cfg.prefetch, IS_INT4=storage == INT4, LAZY_RESCALE=cfg.lazy_rescale,
-        HALF_PAD=max(16 if use_dot else 1, _next_pow2((head_dim + 1) // 2)),
+        SLOTS_AS_M=cfg.slots_as_m and use_dot and storage != torch.float32,
+        GROUPS_PAD=_next_pow2(math.ceil(head_dim / INT4_GROUP)),
         GROUPS=math.ceil(head_dim / INT4_GROUP),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -918,14 +1126,14 @@ def bench_case(storage, num_kv_heads, *, num_heads=32, head_dim=128, positions=1
     rows = []
     for cfg, splits in configs or [(None, None)]:
         cfg = cfg or _autotuned(*args(0), None, None)  # what decode_attention picks by itself
-        if splits is None:  # what decode_attention picks by itself
-            splits = plan_splits(*args(0), n_dev, config=cfg)
 
         def run_eager():
             for layer in range(num_layers):
                 decode_attention(*args(layer), positions, num_splits=splits, config=cfg)
 
         try:
+            if splits is None:  # what decode_attention picks by itself (compiles the kernel)
+                splits = plan_splits(*args(0), n_dev, config=cfg)
             # float32 output: the kernel's own arithmetic against float64 (and the device-count
             # variant compiled before the graph capture)
             out = decode_attention(*args(0), n_dev, out_dtype=torch.float32, num_splits=splits, config=cfg)

@@ -430,6 +430,7 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
         cluster.close()
         raise
     recorder.tags["cluster"] = cluster.address
+    cluster.warm = sweep.trial.warm_workers
     _sigterm["received"] = False
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # after ray.init: ours wins
     label = f"[{sweep.milestone}]"

@@ -80,3 +80,11 @@ def test_other_failures_are_crash_results_with_a_traceback():
     assert result["status"] == "ERROR"
     assert result["reason"].startswith("crash: ValueError: dtype must be one of")
     assert "Traceback" in result["info"]["traceback"]
+
+
+def test_a_warm_trial_that_starts_over_its_workers_memory_baseline_is_invalid():
+    from orchestrator.trial import leak_reason
+
+    assert leak_reason(at_start=1_250_000_000, baseline=1_000_000_000, margin=256 << 20) == ""
+    why = leak_reason(at_start=1_400_000_000, baseline=1_000_000_000, margin=256 << 20)
+    assert why == "memory not back at start: 1400 MB in use, 400 MB over this worker's baseline of 1000 MB (margin 268 MB)"

@@ -1110,13 +1110,21 @@ def _record_from_run(run: Any, parent_tags: Mapping[str, str]) -> TrialRecord:
 @functools.cache
 def _git_tags() -> dict[str, str]:
     """The project's git commit (and whether the tree had local changes), if it is a checkout."""
-    root = Path(__file__).resolve().parent.parent
+    return git_tags(Path(__file__).resolve().parent.parent)
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """`git_commit` and `git_dirty` of the repository whose top level is `root`; none when `root`
+    is no checkout, or only a folder inside another repository (a copy of the project there
+    would otherwise record that repository's commit)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
 
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():
+            return {}
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):

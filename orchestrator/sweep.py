@@ -71,7 +71,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from orchestrator import report
+from orchestrator import INTERRUPTED_STATUS, TERMINATED_STATUS, report
 from orchestrator.capacity import (
     Device,
     devices_from_probe,
@@ -94,8 +94,6 @@ TIMEOUT_BASE_S = 600.0  # derived deadline: this much for any trial ...
 TIMEOUT_S_PER_GB = 120.0  # ... plus this much per GB of cache and weights (8 MB/s, very slow)
 CANCEL_RETRY_S = 10.0  # a cancelled trial whose task is not gone yet is cancelled again this often
 INTERRUPT_WAIT_S = 30.0  # on Ctrl-C, how long the driver waits for cancelled trials to be gone
-INTERRUPTED_STATUS = 130  # the exit status of a sweep stopped by Ctrl-C (128 + SIGINT)
-TERMINATED_STATUS = 143  # the exit status of a sweep stopped by SIGTERM (128 + SIGTERM)
 
 
 class Terminated(KeyboardInterrupt):

@@ -11,7 +11,7 @@ The only module of the project that imports mlflow. The driver alone writes thro
     done = tracker.finished_trial_keys(parent)            # trials to skip on resume
     tracker.log_trial(parent, record)                     # once per finished trial
     tracker.finish_sweep(parent, records, status="FINISHED")
-    # also: tracker.ping(), tracker.has_run(run_id), tracker.trial_records(parent)
+    # also: tracker.has_run(run_id), tracker.trial_records(parent)
     sweep = read_sweep(uri, "3f2a9c1e")                   # a stored sweep, read back (timeline)
 
 What lands where:
@@ -520,11 +520,6 @@ class Tracker:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             return self.client.get_experiment_by_name(self.experiment).experiment_id
-
-    @_translating
-    def ping(self) -> None:
-        """Raise TrackingUnavailable unless the store answers (one cheap read)."""
-        self.client.get_experiment(self.experiment_id)
 
     @_translating
     def has_run(self, run_id: str) -> bool:

@@ -2,29 +2,40 @@
 
     cluster = Cluster.connect(settings)        # join cluster.address / $RAY_ADDRESS, or start a local Ray
     nodes = cluster.probe()                    # per node: GPUs (name, UUID, total memory), host memory, CPUs
-    ref = cluster.submit(spec, device, max_retries=2)
-    for ref in cluster.wait(refs, timeout_s=1.0): result = cluster.fetch(ref)
-    cluster.cancel(ref)                        # force: kills the task's worker
+    sub = cluster.submit(spec, device, max_retries=2)    # on the device's warm worker
+    for sub in cluster.wait(subs, timeout_s=1.0): result = cluster.fetch(sub)
+    cluster.cancel(sub)                        # kills the trial's worker
     cluster.close()
 
 Key decisions:
-- One module-level task, `_trial_task`, a thin wrapper around `orchestrator.trial.run_trial`.
-  It runs with `max_calls=1`: a fresh worker process per trial, so each trial starts with its
-  device memory back and the host's peak-memory counters belong to it alone.
+- Warm workers (default, `Cluster.warm`): one actor per device, `_TrialWorker`, a thin wrapper
+  around `orchestrator.trial.Worker`, pinned to its card (num_gpus=1) or CPU node for its
+  life, runs trial after trial: Python, torch, the CUDA context and compiled kernels are paid
+  once per card. It has no Ray restarts: a worker that dies (SIGKILL, segfault, Ray's memory
+  monitor) is forgotten and the trial runs again on a new one (up to max_retries, counted
+  here as Ray counts task attempts); a trial past its deadline is cancelled by `ray.kill` of
+  its worker; the next trial on that card starts a new worker.
+- With warm=False (trial.warm_workers=false): one module-level task, `_trial_task`, a thin
+  wrapper around `orchestrator.trial.run_trial`, with `max_calls=1`: a fresh worker process
+  per trial, so each trial starts with its device memory back.
+- `submit` returns a `Submission` (the trial, its current ref, its worker and attempt);
+  `wait`, `fetch` and `cancel` take it.
 - Placement is the driver's: each trial goes to the node of the device chosen for it
   (`NodeAffinitySchedulingStrategy`, hard), asking `num_gpus=1` on a GPU node (no two trials
   share a card) or every CPU of a CPU-only node (CPU trials run one at a time per node). The
   driver never submits more trials to a node than it has devices, so a submitted trial starts
   at once and its clock (progress, deadline) is honest.
-- Ray's retries (`max_retries`) cover worker and node death only; a trial that fails inside
-  the benchmark is a result (see orchestrator.trial), never retried. The task adds to its
-  result the attempt it was (Ray's own count, read from the core worker: Ray 2.60 has no
-  public API for it), its node id and a `device_key` (the GPU's UUID, or "<node id>:cpu").
+- Retries (`max_retries`) cover worker and node death only; a trial that fails inside
+  the benchmark is a result (see orchestrator.trial), never retried. The worker adds to its
+  result the attempt it was (a per-trial task reads Ray's own count from the core worker:
+  Ray 2.60 has no public API for it), its node id, a `device_key` (the GPU's UUID, or
+  "<node id>:cpu") and its `worker_pid`.
   A worker that died on every attempt comes back as ERROR "crash: the worker died on every
   attempt ..." with `retries_exhausted`.
-- `cancel` force-kills the task's worker; Ray resolves the task's ref (TaskCancelledError)
-  once the worker is killed, and its raylet gives the task's GPU or CPUs back only when the
-  worker process has exited, so no next trial shares the card with a lingering one.
+- `cancel` kills the trial's worker (`ray.kill`, or `ray.cancel(force=True)` of a per-trial
+  task); Ray resolves the trial's ref (ActorDiedError, TaskCancelledError) once the worker is
+  killed, and its raylet gives the GPU or CPUs back only when the worker process has exited,
+  so no next trial shares the card with a lingering one.
 - The probe asks for all of a node's GPUs, so torch sees exactly the cards Ray manages there.
 - A local Ray listens on 127.0.0.1 only: Ray picks its node address through
   `ray._private.ray_constants.ENABLE_RAY_CLUSTER` (off: loopback), which is switched off

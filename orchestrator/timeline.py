@@ -16,7 +16,8 @@ overhead per trial, per device and over the whole sweep, as median / p90 / max:
   between two trials because of the orchestration; it splits into
 - result -> next submit: the driver's own part (judging, recording to MLflow, submitting), and
 - submit -> start: Ray's part plus the trial's process start (`driver_submitted_at` to
-  `started_at`: scheduling, a fresh worker process per trial, imports);
+  `started_at`: scheduling, plus, for a new worker (the first trial on a card, one after a
+  crash, or every trial with trial.warm_workers=false), its process start and imports);
 - finish -> result: from the trial's end on the worker to its result at the driver.
 
 Key decisions:

@@ -34,10 +34,16 @@ its host name; a trial that found another process on its GPU is marked invalid (
 (orchestrator/sampler.py) records CPU, host memory and GPU utilisation, memory and power every
 second; the series come back as `system_metrics` and the driver logs them to MLflow.
 
+Warm workers: `Worker` runs trial after trial in one process (the Ray actor of
+orchestrator/scheduling.py wraps it); it records in each trial's info `worker_pid`,
+`worker_trials`, `memory_at_start_bytes` and `memory_baseline_bytes`, frees the device's memory
+after each trial (`release`), and marks invalid a trial that starts more than WARM_MARGIN_BYTES
+over the worker's baseline ("memory not back at start: ...").
+
 Fault injection, so tests inject each fault for real through this same code path: the driver
 reads $KVBENCH_INJECT_FAULT (e.g. "kill:0,hang:2,oom:1": fault kind and grid index) and hands
 the trial its fault, which `run_trial` then commits:
-- `kill`: SIGKILL this worker process at the start of the trial's first attempt (Ray retries);
+- `kill`: SIGKILL this worker process at the start of the trial's first attempt (it is retried);
 - `die`: SIGKILL it at the start of every attempt (the retries are used up);
 - `hang`: sleep forever (the driver's deadline cancels it);
 - `oom`: allocate 2^62 bytes on the trial's device, which fails as a real out-of-memory error.

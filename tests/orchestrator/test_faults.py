@@ -6,7 +6,9 @@ Run: python -m pytest tests/orchestrator/test_faults.py -q
   whose allocation fails for real (out of memory): one sweep through the session's Ray;
 - a real `mlflow server` killed mid-sweep (the rest goes to the spool), restarted, then
   `python -m orchestrator.sync` (a second sync uploads nothing twice);
-- a worker that dies on every attempt, with and without retries;
+- a worker that dies on every attempt, with and without retries (warm workers and a process per trial);
+- warm workers: one worker process runs trial after trial (the same `worker_pid`) and is replaced
+  after an injected SIGKILL (another pid from then on); without them every trial has its own;
 - a real driver that spools while MLflow is away, interrupted, then resumed with MLflow back:
   the spool is uploaded first, once, and only the rest runs.
 (The driver interrupted with SIGINT, then resumed, is the command test in test_sweep.py.)

@@ -379,6 +379,10 @@ class Cluster:
             self._retire(submission.worker, kill=True)
             if submission.cancelled:
                 return {"status": "ERROR", "reason": "cancelled", "metrics": {}, "info": {}}
+            if "memory monitor" in str(error).lower():  # Ray's OOM killer: a result, as for a task
+                line = next((l for l in str(error).splitlines() if "memory" in l.lower()), "")
+                return {"status": "ERROR", "reason": f"oom: killed by Ray's memory monitor: {line.strip()[:300]}",
+                        "metrics": {}, "info": {}}
             if submission.attempt <= submission.max_retries:
                 submission.attempt += 1
                 self._start(submission)

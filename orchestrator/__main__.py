@@ -37,10 +37,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from orchestrator import INTERRUPTED_STATUS, TERMINATED_STATUS
 from orchestrator.config import (MilestoneMissing, available_milestones, command_overrides, load_sweep,
                                  unknown_key_message)
 
-INTERRUPTED_STATUS = 130  # Ctrl-C (128 + SIGINT), as orchestrator.sweep returns it
 _state: dict = {"entered": False, "status": 0, "stderr": None}
 
 
@@ -108,7 +108,7 @@ def run(cfg: DictConfig, cwd: str) -> int:
         print("\ninterrupted; run the same command again to go on from what was recorded", file=sys.stderr)
         driver = sys.modules.get("orchestrator.sweep")
         if getattr(interrupt, "status", None) or (driver is not None and driver.received_sigterm()):
-            return 143  # SIGTERM (128 + 15)
+            return TERMINATED_STATUS
         return INTERRUPTED_STATUS
     except MilestoneMissing as error:
         print(usage())  # the how-to on stdout; the one error line on stderr

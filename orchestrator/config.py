@@ -116,6 +116,7 @@ class ClusterSchema:
 class TrialSchema:
     max_retries: int = MISSING
     timeout_s: Optional[float] = MISSING
+    warm_workers: bool = True
 
 
 @dataclass
@@ -162,6 +163,7 @@ class ClusterSettings:
 class TrialSettings:
     max_retries: int
     timeout_s: float | None  # None: derived from the trial's size
+    warm_workers: bool = True  # one long-lived worker per device; False: a fresh process per trial
 
 
 @dataclass(frozen=True)
@@ -482,7 +484,8 @@ def load_sweep(cfg: DictConfig, cwd: str | os.PathLike[str], overrides: Sequence
             gpu_memory_fraction=cluster["gpu_memory_fraction"],
             host_memory_fraction=cluster["host_memory_fraction"],
         ),
-        trial=TrialSettings(max_retries=trial["max_retries"], timeout_s=trial["timeout_s"]),
+        trial=TrialSettings(max_retries=trial["max_retries"], timeout_s=trial["timeout_s"],
+                            warm_workers=bool(trial.get("warm_workers", True))),
         tracking_uri=container["tracking"]["uri"],
         experiment=container["tracking"]["experiment"],
         resume=container["resume"],

@@ -2,29 +2,40 @@
 
     cluster = Cluster.connect(settings)        # join cluster.address / $RAY_ADDRESS, or start a local Ray
     nodes = cluster.probe()                    # per node: GPUs (name, UUID, total memory), host memory, CPUs
-    ref = cluster.submit(spec, device, max_retries=2)
-    for ref in cluster.wait(refs, timeout_s=1.0): result = cluster.fetch(ref)
-    cluster.cancel(ref)                        # force: kills the task's worker
+    sub = cluster.submit(spec, device, max_retries=2)    # on the device's warm worker
+    for sub in cluster.wait(subs, timeout_s=1.0): result = cluster.fetch(sub)
+    cluster.cancel(sub)                        # kills the trial's worker
     cluster.close()
 
 Key decisions:
-- One module-level task, `_trial_task`, a thin wrapper around `orchestrator.trial.run_trial`.
-  It runs with `max_calls=1`: a fresh worker process per trial, so each trial starts with its
-  device memory back and the host's peak-memory counters belong to it alone.
+- Warm workers (default, `Cluster.warm`): one actor per device, `_TrialWorker`, a thin wrapper
+  around `orchestrator.trial.Worker`, pinned to its card (num_gpus=1) or CPU node for its
+  life, runs trial after trial: Python, torch, the CUDA context and compiled kernels are paid
+  once per card. It has no Ray restarts: a worker that dies (SIGKILL, segfault, Ray's memory
+  monitor) is forgotten and the trial runs again on a new one (up to max_retries, counted
+  here as Ray counts task attempts); a trial past its deadline is cancelled by `ray.kill` of
+  its worker; the next trial on that card starts a new worker.
+- With warm=False (trial.warm_workers=false): one module-level task, `_trial_task`, a thin
+  wrapper around `orchestrator.trial.run_trial`, with `max_calls=1`: a fresh worker process
+  per trial, so each trial starts with its device memory back.
+- `submit` returns a `Submission` (the trial, its current ref, its worker and attempt);
+  `wait`, `fetch` and `cancel` take it.
 - Placement is the driver's: each trial goes to the node of the device chosen for it
   (`NodeAffinitySchedulingStrategy`, hard), asking `num_gpus=1` on a GPU node (no two trials
   share a card) or every CPU of a CPU-only node (CPU trials run one at a time per node). The
   driver never submits more trials to a node than it has devices, so a submitted trial starts
   at once and its clock (progress, deadline) is honest.
-- Ray's retries (`max_retries`) cover worker and node death only; a trial that fails inside
-  the benchmark is a result (see orchestrator.trial), never retried. The task adds to its
-  result the attempt it was (Ray's own count, read from the core worker: Ray 2.60 has no
-  public API for it), its node id and a `device_key` (the GPU's UUID, or "<node id>:cpu").
+- Retries (`max_retries`) cover worker and node death only; a trial that fails inside
+  the benchmark is a result (see orchestrator.trial), never retried. The worker adds to its
+  result the attempt it was (a per-trial task reads Ray's own count from the core worker:
+  Ray 2.60 has no public API for it), its node id, a `device_key` (the GPU's UUID, or
+  "<node id>:cpu") and its `worker_pid`.
   A worker that died on every attempt comes back as ERROR "crash: the worker died on every
   attempt ..." with `retries_exhausted`.
-- `cancel` force-kills the task's worker; Ray resolves the task's ref (TaskCancelledError)
-  once the worker is killed, and its raylet gives the task's GPU or CPUs back only when the
-  worker process has exited, so no next trial shares the card with a lingering one.
+- `cancel` kills the trial's worker (`ray.kill`, or `ray.cancel(force=True)` of a per-trial
+  task); Ray resolves the trial's ref (ActorDiedError, TaskCancelledError) once the worker is
+  killed, and its raylet gives the GPU or CPUs back only when the worker process has exited,
+  so no next trial shares the card with a lingering one.
 - The probe asks for all of a node's GPUs, so torch sees exactly the cards Ray manages there.
 - A local Ray listens on 127.0.0.1 only: Ray picks its node address through
   `ray._private.ray_constants.ENABLE_RAY_CLUSTER` (off: loopback), which is switched off
@@ -39,11 +50,13 @@ import logging
 import os
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from orchestrator.devicestate import cpu_name, gpu_uuid
 
 if TYPE_CHECKING:  # workers import this module to run the probe: keep it light (no torch)
     from orchestrator.capacity import Device
@@ -93,8 +106,48 @@ def _trial_task(spec: TrialSpec, fault: str | None = None) -> dict[str, Any]:
         with contextlib.suppress(Exception):  # never lose a result over its label
             uuid = _visible_gpus()[0]["uuid"]
     result["attempt"] = attempt
-    info.update(node_id=node_id, device_key=device_key(node_id, uuid))
+    info.update(node_id=node_id, device_key=device_key(node_id, uuid), worker_pid=str(os.getpid()), worker_trials="0")
     return result
+
+
+@ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=1)
+class _TrialWorker:
+    """A warm worker: a thin wrapper around `orchestrator.trial.Worker`, pinned to one card (or
+    one CPU node) for its life; it dies with the first trial that kills its process."""
+
+    def __init__(self) -> None:
+        from orchestrator.trial import Worker
+
+        self.worker = Worker()
+
+    def run(self, spec: TrialSpec, attempt: int, fault: str | None) -> dict[str, Any]:
+        result = self.worker.run(spec, attempt=attempt, fault=fault)
+        node_id = ray.get_runtime_context().get_node_id()
+        info = result.setdefault("info", {})
+        uuid = ""
+        if info.get("trial_device", "cpu") != "cpu":
+            uuid = f"{node_id}:gpu"
+            with contextlib.suppress(Exception):
+                uuid = _visible_gpus()[0]["uuid"]
+        result["attempt"] = attempt
+        info.update(node_id=node_id, device_key=device_key(node_id, uuid))
+        return result
+
+
+@dataclass(eq=False)
+class Submission:
+    """One submitted trial, as the driver holds it (hashable by identity): its current Ray ref,
+    and, with warm workers, the worker running it and the attempt it is."""
+
+    spec: TrialSpec
+    device: Device
+    max_retries: int
+    fault: str | None
+    ref: Any = None
+    worker: Any = None  # the _TrialWorker actor (warm workers only)
+    attempt: int = 1
+    cancelled: bool = False
+    outcome: dict[str, Any] | None = None  # fetched early (wait looks at a warm worker's death)
 
 
 def _attempt_number() -> int:
@@ -104,6 +157,14 @@ def _attempt_number() -> int:
         return int(ray._private.worker.global_worker.core_worker.get_current_task_attempt_number()) + 1
     except (AttributeError, TypeError, ValueError):
         return 1
+
+
+def _resources(device: Device) -> dict[str, Any]:
+    """What a trial (or a warm worker) asks of Ray on `device`: one GPU, or every CPU of the node."""
+    if device.kind == "gpu":
+        return {"num_gpus": 1, "num_cpus": 1, "scheduling_strategy": NodeAffinitySchedulingStrategy(device.node_id, soft=False)}
+    return {"num_gpus": 0, "num_cpus": device.cpus,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(device.node_id, soft=False)}
 
 
 def device_key(node_id: str, gpu_uuid: str) -> str:
@@ -118,14 +179,7 @@ def _visible_gpus() -> list[dict[str, Any]]:
     gpus = []
     for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         props = torch.cuda.get_device_properties(index)
-        uuid = str(getattr(props, "uuid", "") or "")
-        gpus.append(
-            {
-                "name": props.name,
-                "uuid": uuid if not uuid or uuid.startswith("GPU-") else f"GPU-{uuid}",
-                "total_bytes": int(props.total_memory),
-            }
-        )
+        gpus.append({"name": props.name, "uuid": gpu_uuid(props), "total_bytes": int(props.total_memory)})
     return gpus
 
 
@@ -135,15 +189,11 @@ def _probe_node(has_gpus: bool) -> dict[str, Any]:
     available host memory, CPU model."""
     import psutil
 
-    cpu_name = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     return {
         "node_id": ray.get_runtime_context().get_node_id(),
         "host": socket.gethostname(),
         "host_available_bytes": int(psutil.virtual_memory().available),
-        "cpu_name": cpu_name,
+        "cpu_name": cpu_name(),
         "gpus": _visible_gpus() if has_gpus else [],
     }
 
@@ -210,6 +260,8 @@ class Cluster:
 
     owned: bool
     address: str  # "local" or what was joined
+    warm: bool = True  # warm workers (trial.warm_workers); False: a fresh worker process per trial
+    workers: dict[Device, Any] = field(default_factory=dict)  # device -> its live _TrialWorker
 
     @classmethod
     def connect(cls, settings: ClusterSettings) -> "Cluster":
@@ -266,40 +318,93 @@ class Cluster:
             probe["cpus"] = int(node["Resources"].get("CPU", 0))
         return probes
 
-    def submit(self, spec: TrialSpec, device: Device, max_retries: int, fault: str | None = None) -> ray.ObjectRef:
-        """Start one trial on `device`'s node: one GPU there, or all of its CPUs. `fault`: a
-        fault to inject (tests only, see orchestrator.trial)."""
-        if device.kind == "gpu":
-            resources = {"num_gpus": 1, "num_cpus": 1}
-        else:
-            resources = {"num_gpus": 0, "num_cpus": device.cpus}
-        return _trial_task.options(
-            **resources,
-            max_retries=max_retries,
-            retry_exceptions=False,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(device.node_id, soft=False),
-            name=f"trial-{spec.index}-{spec.key}",
-        ).remote(spec, fault)
+    def submit(self, spec: TrialSpec, device: Device, max_retries: int, fault: str | None = None) -> Submission:
+        """Start one trial on `device`'s node: one GPU there, or all of its CPUs; with warm
+        workers, on the device's worker (started now if it has none). `fault`: a fault to
+        inject (tests only, see orchestrator.trial)."""
+        submission = Submission(spec, device, max_retries, fault)
+        if not self.warm:
+            submission.ref = _trial_task.options(
+                **_resources(device), max_retries=max_retries, retry_exceptions=False,
+                name=f"trial-{spec.index}-{spec.key}",
+            ).remote(spec, fault)
+            return submission
+        self._start(submission)
+        return submission
 
-    @staticmethod
-    def wait(refs: Sequence[ray.ObjectRef], timeout_s: float) -> list[ray.ObjectRef]:
-        """The refs that finished, first finished first: waits up to timeout_s for one, then
-        takes every other one already done."""
-        if not refs:
+    def _start(self, submission: Submission) -> None:
+        """Run the submission's attempt on its device's warm worker, started first if it has none."""
+        if submission.device not in self.workers:
+            self.workers[submission.device] = _TrialWorker.options(**_resources(submission.device)).remote()
+        submission.worker = self.workers[submission.device]
+        spec = submission.spec
+        submission.ref = submission.worker.run.options(name=f"trial-{spec.index}-{spec.key}").remote(
+            spec, submission.attempt, submission.fault)
+
+    def _retire(self, worker: Any, kill: bool) -> None:
+        """Forget a worker that died (or is killed now): the next trial on its device starts a new one."""
+        for name, live in list(self.workers.items()):
+            if live is worker:
+                del self.workers[name]
+        if kill:
+            with contextlib.suppress(Exception):
+                ray.kill(worker, no_restart=True)
+
+    def wait(self, submissions: Sequence[Submission], timeout_s: float) -> list[Submission]:
+        """The trials that finished, first finished first: waits up to timeout_s for one, then
+        takes every other one already done. A warm worker that died mid-trial is replaced and
+        the trial rerun there (up to its max_retries), as Ray reruns a task."""
+        if not submissions:
             return []
-        first, rest = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
-        if not first or not rest:
-            return first
-        more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
-        return first + more
+        by_ref = {s.ref: s for s in submissions}
+        first, rest = ray.wait(list(by_ref), num_returns=1, timeout=timeout_s)
+        if first and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            first += more
+        done = []
+        for ref in first:
+            submission = by_ref[ref]
+            if submission.worker is not None:
+                submission.outcome = self._fetch_warm(submission)
+                if submission.outcome is None:  # rerun on a fresh worker
+                    continue
+            done.append(submission)
+        return done
+
+    def _fetch_warm(self, submission: Submission) -> dict[str, Any] | None:
+        """A warm trial's result; None when its worker died and the trial was started again."""
+        try:
+            return ray.get(submission.ref)
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as error:
+            self._retire(submission.worker, kill=True)
+            if submission.cancelled:
+                return {"status": "ERROR", "reason": "cancelled", "metrics": {}, "info": {}}
+            if "memory monitor" in str(error).lower():  # Ray's OOM killer: a result, as for a task
+                line = next((l for l in str(error).splitlines() if "memory" in l.lower()), "")
+                return {"status": "ERROR", "reason": f"oom: killed by Ray's memory monitor: {line.strip()[:300]}",
+                        "metrics": {}, "info": {}}
+            if submission.attempt <= submission.max_retries:
+                submission.attempt += 1
+                self._start(submission)
+                return None
+            first = (str(error).strip().splitlines() or [""])[0]
+            reason = f"crash: the worker died on every attempt: {type(error).__name__}: {first}"[:500]
+            return {"status": "ERROR", "reason": reason, "metrics": {}, "info": {},
+                    "attempt": submission.attempt, "retries_exhausted": True}
+        except ray.exceptions.RayError as error:
+            self._retire(submission.worker, kill=True)
+            first = (str(error).strip().splitlines() or [""])[0]
+            return {"status": "ERROR", "reason": f"crash: {type(error).__name__}: {first}"[:500], "metrics": {}, "info": {}}
 
     @staticmethod
-    def fetch(ref: ray.ObjectRef) -> dict[str, Any]:
+    def fetch(submission: Submission) -> dict[str, Any]:
         """The trial's result dict; Ray's own failures become ERROR results of the same shape
         (without times: the driver knows when it submitted the trial)."""
+        if submission.outcome is not None:
+            return submission.outcome
         exhausted = False
         try:
-            return ray.get(ref)
+            return ray.get(submission.ref)
         except ray.exceptions.OutOfMemoryError as error:
             reason = f"oom: killed by Ray's memory monitor: {str(error).strip().splitlines()[0][:300]}"
         except ray.exceptions.TaskCancelledError:
@@ -312,10 +417,18 @@ class Cluster:
         result = {"status": "ERROR", "reason": reason, "metrics": {}, "info": {}}
         return {**result, "retries_exhausted": True} if exhausted else result
 
-    @staticmethod
-    def cancel(ref: ray.ObjectRef) -> None:
-        ray.cancel(ref, force=True)
+    def cancel(self, submission: Submission) -> None:
+        """Stop a trial: a warm trial's worker is killed (`ray.kill`: its card is free once the
+        process has exited, and the next trial there starts a new worker); a per-trial task is
+        force-cancelled, which kills its worker."""
+        submission.cancelled = True
+        if submission.worker is not None:
+            self._retire(submission.worker, kill=True)
+        else:
+            ray.cancel(submission.ref, force=True)
 
     def close(self) -> None:
+        for worker in list(self.workers.values()):
+            self._retire(worker, kill=True)
         if self.owned and ray.is_initialized():
             ray.shutdown()

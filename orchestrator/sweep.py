@@ -21,14 +21,16 @@
    returns the exit status: 0 when every trial passed, 1 when not, 130 when interrupted.
 
 What survives what:
-- A worker or node that dies: Ray reruns the task (trial.max_retries); the task reports its
-  attempt number, recorded as `attempts`; one record per trial, so one child run.
-- A trial that hangs: past its deadline (`trial_timeout_s`) the driver cancels the task
-  (`ray.cancel(force=True)`, again every CANCEL_RETRY_S while it lingers) and records ERROR
-  "timeout: ..." once Ray reports the task gone; only then is its device free again.
+- A worker or node that dies: the trial runs again (trial.max_retries) on a new warm worker
+  (or, with trial.warm_workers=false, Ray reruns the task); its attempt number is recorded as
+  `attempts`; one record per trial, so one child run.
+- A trial that hangs: past its deadline (`trial_timeout_s`) the driver cancels it (kills its
+  worker, again every CANCEL_RETRY_S while it lingers) and records ERROR "timeout: ..." once
+  Ray reports it gone; only then is its device free again.
 - Out of memory: the trial body turns it into ERROR "oom: ..." (orchestrator.trial); Ray's
-  memory monitor's kills become the same. Each trial runs in a fresh worker process, so the
-  next trial on that device starts with its memory back.
+  memory monitor's kills become the same. A warm worker frees its device's memory after each
+  trial, and each trial records its memory at start against the worker's baseline (too far
+  over it: invalid, see orchestrator.trial `Worker`).
 - MLflow away: the Recorder spools; a trial counts as done only once it is in MLflow or fsynced
   in the spool, so a driver killed at any moment loses at most the trials still running.
 - Ctrl-C (KeyboardInterrupt): running trials are cancelled, the parent is marked KILLED, the
@@ -71,7 +73,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from orchestrator import report
+from orchestrator import INTERRUPTED_STATUS, TERMINATED_STATUS, report
 from orchestrator.capacity import (
     Device,
     devices_from_probe,
@@ -94,8 +96,6 @@ TIMEOUT_BASE_S = 600.0  # derived deadline: this much for any trial ...
 TIMEOUT_S_PER_GB = 120.0  # ... plus this much per GB of cache and weights (8 MB/s, very slow)
 CANCEL_RETRY_S = 10.0  # a cancelled trial whose task is not gone yet is cancelled again this often
 INTERRUPT_WAIT_S = 30.0  # on Ctrl-C, how long the driver waits for cancelled trials to be gone
-INTERRUPTED_STATUS = 130  # the exit status of a sweep stopped by Ctrl-C (128 + SIGINT)
-TERMINATED_STATUS = 143  # the exit status of a sweep stopped by SIGTERM (128 + SIGTERM)
 
 
 class Terminated(KeyboardInterrupt):
@@ -430,6 +430,7 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
         cluster.close()
         raise
     recorder.tags["cluster"] = cluster.address
+    cluster.warm = sweep.trial.warm_workers
     _sigterm["received"] = False
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)  # after ray.init: ours wins
     label = f"[{sweep.milestone}]"

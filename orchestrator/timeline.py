@@ -16,13 +16,14 @@ overhead per trial, per device and over the whole sweep, as median / p90 / max:
   between two trials because of the orchestration; it splits into
 - result -> next submit: the driver's own part (judging, recording to MLflow, submitting), and
 - submit -> start: Ray's part plus the trial's process start (`driver_submitted_at` to
-  `started_at`: scheduling, a fresh worker process per trial, imports);
+  `started_at`: scheduling, plus, for a new worker (the first trial on a card, one after a
+  crash, or every trial with trial.warm_workers=false), its process start and imports);
 - finish -> result: from the trial's end on the worker to its result at the driver.
 
 Key decisions:
-- Pure functions over `TrialRecord` lists (`sweep_timeline`, `format_markdown`); reading MLflow
+- Pure functions over `TrialRecord` lists (`sweep_timeline`, `format_timelines`); reading MLflow
   (`orchestrator.tracking.read_sweep`: only the tracking module imports mlflow) or a spool file
-  is kept apart in `load_sweep`.
+  is kept apart in `load_timeline_sweep`.
 - A trial's run is its record's `started_at` .. `finished_at` (the worker's clock); SKIPPED
   trials never ran and are left out. The device is info `device_key`, else `node_id`; the
   driver's times are info `driver_submitted_at` / `driver_received_at`. Records written before
@@ -304,7 +305,7 @@ def distinct_labels(timelines: Sequence[SweepTimeline]) -> list[SweepTimeline]:
             for t in timelines]
 
 
-def format_markdown(timelines: Sequence[SweepTimeline], baseline: tuple[int, int] | None = None) -> str:
+def format_timelines(timelines: Sequence[SweepTimeline], baseline: tuple[int, int] | None = None) -> str:
     """Every sweep's section, then the speed-up of timelines[baseline[1]] over timelines[baseline[0]]."""
     timelines = distinct_labels(timelines)
     parts = ["# Sweep timelines", ""] + [format_sweep(t) for t in timelines]
@@ -334,7 +335,7 @@ class LoadedSweep:
     meta: dict[str, str]
 
 
-def load_sweep(ref: str, uri: str, experiment: str | None) -> LoadedSweep:
+def load_timeline_sweep(ref: str, uri: str, experiment: str | None) -> LoadedSweep:
     """A sweep by spool file path, parent run id, sweep key or sweep key prefix (the newest
     parent run with that key, in `experiment` or in any experiment). ValueError when none or
     several sweeps match."""
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
-        loaded = {ref: load_sweep(ref, uri, args.experiment) for ref in dict.fromkeys(refs)}
+        loaded = {ref: load_timeline_sweep(ref, uri, args.experiment) for ref in dict.fromkeys(refs)}
     except ValueError as error:
         print(f"timeline: {error}", file=sys.stderr)
         return 2
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     order = list(loaded)
     timelines = [timeline_of(loaded[ref]) for ref in order]
     pair = (order.index(args.baseline[0]), order.index(args.baseline[1])) if args.baseline else None
-    print(format_markdown(timelines, pair))
+    print(format_timelines(timelines, pair))
     return 0
 
 

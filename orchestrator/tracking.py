@@ -11,7 +11,7 @@ The only module of the project that imports mlflow. The driver alone writes thro
     done = tracker.finished_trial_keys(parent)            # trials to skip on resume
     tracker.log_trial(parent, record)                     # once per finished trial
     tracker.finish_sweep(parent, records, status="FINISHED")
-    # also: tracker.ping(), tracker.has_run(run_id), tracker.trial_records(parent)
+    # also: tracker.has_run(run_id), tracker.trial_records(parent)
     sweep = read_sweep(uri, "3f2a9c1e")                   # a stored sweep, read back (timeline)
 
 What lands where:
@@ -520,11 +520,6 @@ class Tracker:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             return self.client.get_experiment_by_name(self.experiment).experiment_id
-
-    @_translating
-    def ping(self) -> None:
-        """Raise TrackingUnavailable unless the store answers (one cheap read)."""
-        self.client.get_experiment(self.experiment_id)
 
     @_translating
     def has_run(self, run_id: str) -> bool:
@@ -1110,13 +1105,21 @@ def _record_from_run(run: Any, parent_tags: Mapping[str, str]) -> TrialRecord:
 @functools.cache
 def _git_tags() -> dict[str, str]:
     """The project's git commit (and whether the tree had local changes), if it is a checkout."""
-    root = Path(__file__).resolve().parent.parent
+    return git_tags(Path(__file__).resolve().parent.parent)
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """`git_commit` and `git_dirty` of the repository whose top level is `root`; none when `root`
+    is no checkout, or only a folder inside another repository (a copy of the project there
+    would otherwise record that repository's commit)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
 
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():
+            return {}
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):

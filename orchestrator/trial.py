@@ -34,10 +34,16 @@ its host name; a trial that found another process on its GPU is marked invalid (
 (orchestrator/sampler.py) records CPU, host memory and GPU utilisation, memory and power every
 second; the series come back as `system_metrics` and the driver logs them to MLflow.
 
+Warm workers: `Worker` runs trial after trial in one process (the Ray actor of
+orchestrator/scheduling.py wraps it); it records in each trial's info `worker_pid`,
+`worker_trials`, `memory_at_start_bytes` and `memory_baseline_bytes`, frees the device's memory
+after each trial (`release`), and marks invalid a trial that starts more than WARM_MARGIN_BYTES
+over the worker's baseline ("memory not back at start: ...").
+
 Fault injection, so tests inject each fault for real through this same code path: the driver
 reads $KVBENCH_INJECT_FAULT (e.g. "kill:0,hang:2,oom:1": fault kind and grid index) and hands
 the trial its fault, which `run_trial` then commits:
-- `kill`: SIGKILL this worker process at the start of the trial's first attempt (Ray retries);
+- `kill`: SIGKILL this worker process at the start of the trial's first attempt (it is retried);
 - `die`: SIGKILL it at the start of every attempt (the retries are used up);
 - `hang`: sleep forever (the driver's deadline cancels it);
 - `oom`: allocate 2^62 bytes on the trial's device, which fails as a real out-of-memory error.
@@ -46,6 +52,8 @@ Unset (always, outside tests), nothing is injected.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import signal
@@ -62,7 +70,7 @@ from kvcore.bench import BenchConfig, run_benchmark
 from kvcore.model_bench import SHAPE_KEYS, ModelBenchConfig, run_model_bench
 from kvcore.model_bench import release as release_model_bench
 from orchestrator.capacity import DECODE_MODES, model_mode, model_shape, trial_need_bytes
-from orchestrator.devicestate import read_device_state, shared_reason
+from orchestrator.devicestate import gpu_uuid, read_device_state, shared_reason
 from orchestrator.grid import TrialSpec
 from orchestrator.sampler import SystemSampler
 
@@ -205,8 +213,7 @@ def trial_gpu_uuid(device: str) -> str:
     """The UUID ("GPU-...") of the trial's CUDA device; "" on the CPU or when it cannot be read."""
     if not device.startswith("cuda"):
         return ""
-    uuid = str(getattr(torch.cuda.get_device_properties(torch.device(device)), "uuid", "") or "")
-    return uuid if not uuid or uuid.startswith("GPU-") else f"GPU-{uuid}"
+    return gpu_uuid(torch.cuda.get_device_properties(torch.device(device)))
 
 
 def mark_shared(metrics: dict[str, float], info: dict[str, str], state: Mapping[str, str]) -> None:
@@ -226,13 +233,13 @@ def run_trial(spec: TrialSpec, attempt: int = 1, fault: str | None = None,
     device = trial_device()
     info = {"trial_device": device, "hostname": socket.gethostname()}
     try:
-        gpu_uuid = trial_gpu_uuid(device)
-        state = read_device_state(gpu_uuid)
+        uuid = trial_gpu_uuid(device)
+        state = read_device_state(uuid)
     except Exception as error:  # the state is context for the figures, never a reason to fail
-        gpu_uuid, state = "", {"device_state": f"unreadable: {type(error).__name__}: {error}"[:300]}
+        uuid, state = "", {"device_state": f"unreadable: {type(error).__name__}: {error}"[:300]}
     info.update(state)
     interval = {} if sample_interval_s is None else {"interval_s": sample_interval_s}
-    with SystemSampler(gpu_uuid, **interval) as sampler:
+    with SystemSampler(uuid, **interval) as sampler:
         result = _run_body(spec, attempt, fault, device, info)
     result["system_metrics"] = sampler.series()
     result["started_at"] = started
@@ -271,3 +278,78 @@ def _run_body(spec: TrialSpec, attempt: int, fault: str | None, device: str, inf
         "info": {**figures_info, **info},
         "finished_at": time.time(),
     }
+
+
+# a warm worker's trial is invalid when its device holds more than this over the worker's baseline
+# at its start: on a GPU the allocator is emptied between trials, so what stays is a leak; the host's
+# resident memory moves more (the allocator keeps freed pages), so its margin is wider
+WARM_MARGIN_BYTES = {"cuda": 256 << 20, "cpu": 1 << 30}
+
+
+def memory_in_use(device: str) -> int:
+    """What a trial finds taken at its start: on a CUDA device, its used memory (total - free,
+    this process's context, kernels and allocator included); on the CPU, this process's
+    resident memory."""
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return int(total - free)
+    return int(psutil.Process().memory_info().rss)
+
+
+def release(device: str) -> None:
+    """Free what a trial left: Python garbage (graphs, tensors), cuBLAS workspaces, the allocator's cache."""
+    gc.collect()
+    if device.startswith("cuda"):
+        with contextlib.suppress(RuntimeError):  # a failed kernel: empty what can be emptied anyway
+            torch.cuda.synchronize(torch.device(device))
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
+def leak_reason(at_start: int, baseline: int, margin: int) -> str:
+    """Why a warm worker's trial is invalid: its device held more than `margin` bytes over the
+    worker's baseline at its start; "" when it did not."""
+    over = at_start - baseline
+    if over <= margin:
+        return ""
+    return (f"memory not back at start: {at_start / 1e6:.0f} MB in use, {over / 1e6:.0f} MB over this "
+            f"worker's baseline of {baseline / 1e6:.0f} MB (margin {margin / 1e6:.0f} MB)")
+
+
+class Worker:
+    """A warm worker's state: it runs trial after trial in one process (a Ray actor pinned to a
+    card or a CPU node wraps it), so imports, the CUDA context and compiled kernels are paid once.
+
+    Every trial's info records `worker_pid`, `worker_trials` (the trials this worker ran before
+    it), `memory_at_start_bytes` and the worker's `memory_baseline_bytes` (what its first trial
+    found at start); a trial that starts with more than WARM_MARGIN_BYTES over the baseline is
+    invalid (`valid` = 0, `invalid_reason` "memory not back at start: ..."). After each trial
+    the device's memory is released (`release`)."""
+
+    def __init__(self) -> None:
+        self.trials = 0
+        self.baseline: int | None = None
+
+    def run(self, spec: TrialSpec, attempt: int = 1, fault: str | None = None) -> dict[str, Any]:
+        device = trial_device()
+        if device.startswith("cuda"):
+            torch.cuda.init()  # the context belongs to the baseline, as it stays between trials
+        at_start = memory_in_use(device)
+        if self.baseline is None:
+            self.baseline = at_start
+        try:
+            result = run_trial(spec, attempt=attempt, fault=fault)
+        finally:
+            release(device)
+        info = result.setdefault("info", {})
+        info.update(worker_pid=str(os.getpid()), worker_trials=str(self.trials),
+                    memory_at_start_bytes=str(at_start), memory_baseline_bytes=str(self.baseline))
+        why = leak_reason(at_start, self.baseline, WARM_MARGIN_BYTES["cuda" if device.startswith("cuda") else "cpu"])
+        if why and result["status"] == "OK":
+            result["metrics"]["valid"] = 0.0
+            info["invalid_reason"] = "; ".join(x for x in (info.get("invalid_reason", ""), why) if x)
+        self.trials += 1
+        return result

@@ -6,7 +6,9 @@ Run: python -m pytest tests/orchestrator/test_faults.py -q
   whose allocation fails for real (out of memory): one sweep through the session's Ray;
 - a real `mlflow server` killed mid-sweep (the rest goes to the spool), restarted, then
   `python -m orchestrator.sync` (a second sync uploads nothing twice);
-- a worker that dies on every attempt, with and without retries;
+- a worker that dies on every attempt, with and without retries (warm workers and a process per trial);
+- warm workers: one worker process runs trial after trial (the same `worker_pid`) and is replaced
+  after an injected SIGKILL (another pid from then on); without them every trial has its own;
 - a real driver that spools while MLflow is away, interrupted, then resumed with MLflow back:
   the spool is uploaded first, once, and only the rest runs.
 (The driver interrupted with SIGINT, then resumed, is the command test in test_sweep.py.)
@@ -32,7 +34,7 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from mlflow_server import MlflowServer, free_port
-from orchestrator.capacity import devices_from_probe
+from orchestrator.capacity import devices_from_probe, trial_need_bytes
 from orchestrator.config import CONF_DIR, TrialSettings, load_sweep
 from orchestrator.criteria import Criterion
 from orchestrator.scheduling import Cluster
@@ -99,7 +101,8 @@ def test_killed_hung_and_oom_trials_are_each_recorded_once_and_the_sweep_goes_on
     # A real failed allocation: ERROR with reason oom, what it needed and what the device had.
     reason = oom.data.tags["reason"]
     assert oom.data.tags["verdict"] == "ERROR"
-    assert reason.startswith("oom: needed about 0.50 GB (cache + weights + margin), cpu had ")
+    need = trial_need_bytes(next(t for t in sweep.trials if t.params["cache.dtype"] == "bfloat16").params)
+    assert reason.startswith(f"oom: needed about {need / 1e9:.2f} GB (cache + weights + margin), cpu had ")
     assert "can't allocate memory" in reason
 
     # Timing fields for the timeline, on every trial: where and when it ran.
@@ -121,19 +124,59 @@ def test_killed_hung_and_oom_trials_are_each_recorded_once_and_the_sweep_goes_on
     assert parent.data.metrics["sweep_wall_s"] == pytest.approx(last - first, abs=1e-3)
 
 
-@pytest.mark.parametrize("max_retries", [0, 2])
+@pytest.mark.parametrize(("max_retries", "warm"), [(0, True), (2, True), (1, False)])
 def test_a_worker_that_dies_on_every_attempt_is_an_error_after_the_retries(ray_session, tmp_path, monkeypatch,
-                                                                          max_retries):
+                                                                          max_retries, warm):
     monkeypatch.setenv(FAULT_ENV, "die:0")  # SIGKILL at the start of every attempt
     sweep = smoke_sweep(tmp_path, "sqlite:///unused.db", "unused", "grid.cache.dtype=[float16]")
     cluster = Cluster.connect(sweep.cluster)
+    cluster.warm = warm
     devices = devices_from_probe(cluster.probe(), 0.95, 0.8)
     criteria = (Criterion("fill_rate", "fill_rate_pos_s", ">", 1.0),)
     records = run_trials(sweep.trials, devices, cluster, criteria, on_record=lambda r: None,
                          settings=TrialSettings(max_retries=max_retries, timeout_s=120))
     [record] = records
     assert record.verdict == "ERROR" and record.attempts == max_retries + 1
-    assert record.reason.startswith("crash: the worker died on every attempt: WorkerCrashedError")
+    # a warm worker's death reads as its actor's; a per-trial task's as its worker's
+    assert record.reason.startswith(("crash: the worker died on every attempt: ActorDiedError",
+                                     "crash: the worker died on every attempt: WorkerCrashedError"))
+
+
+def _worker_runs(ray_session, tmp_path, faults: str, warm: bool):
+    """A 3-trial CPU smoke sweep through run_trials; its records in grid order."""
+    os.environ[FAULT_ENV] = faults
+    try:
+        sweep = smoke_sweep(tmp_path, "sqlite:///unused.db", "unused", "grid.cache.dtype=[float32,float16,bfloat16]")
+        cluster = Cluster.connect(sweep.cluster)
+        cluster.warm = warm
+        devices = devices_from_probe(cluster.probe(), 0.95, 0.8)
+        criteria = (Criterion("fill_rate", "fill_rate_pos_s", ">", 1.0),)
+        try:
+            records = run_trials(sweep.trials, devices, cluster, criteria, on_record=lambda r: None,
+                                 settings=TrialSettings(max_retries=1, timeout_s=120, warm_workers=warm))
+        finally:
+            cluster.close()
+    finally:
+        del os.environ[FAULT_ENV]
+    return sorted(records, key=lambda r: r.index)
+
+
+def test_a_warm_worker_runs_trial_after_trial_and_is_replaced_after_a_crash(ray_session, tmp_path):
+    first, killed, after = _worker_runs(ray_session, tmp_path, "kill:1", warm=True)
+    assert [r.verdict for r in (first, killed, after)] == ["PASS"] * 3
+    assert killed.attempts == 2  # its first worker died with it; a new one ran it again
+    # trial 0 ran in the first worker; the crash replaced it; trial 2 reused the replacement
+    assert first.info["worker_pid"] != killed.info["worker_pid"] == after.info["worker_pid"]
+    assert [r.info["worker_trials"] for r in (first, killed, after)] == ["0", "0", "1"]
+    baseline = int(killed.info["memory_baseline_bytes"])
+    assert int(after.info["memory_baseline_bytes"]) == baseline and int(after.info["memory_at_start_bytes"]) > 0
+    assert "memory not back" not in after.info.get("invalid_reason", "")  # (a noisy CPU may mark it otherwise)
+
+
+def test_without_warm_workers_each_trial_gets_a_fresh_process(ray_session, tmp_path):
+    records = _worker_runs(ray_session, tmp_path, "", warm=False)
+    assert [r.verdict for r in records] == ["PASS"] * 3
+    assert len({r.info["worker_pid"] for r in records}) == 3
 
 
 @pytest.mark.slow

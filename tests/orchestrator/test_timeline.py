@@ -112,7 +112,7 @@ def test_markdown_per_device_rows_and_speedup():
                        received=109.5 + 10 * i) for i in range(4)]  # 39 s on one card
     two = two_card_sweep()  # 25 s on two
     t1, t2 = tl.sweep_timeline(one, "one", 40.0), tl.sweep_timeline(two, "two", 26.0)
-    text = tl.format_markdown([t1, t2], baseline=(0, 1))
+    text = tl.format_timelines([t1, t2], baseline=(0, 1))
     assert f"| {GPU_A} | 3 | 23.00 | 92.0 % | 0.850 | 0.890 | 0.900 | 0.400 | 0.480 | 0.500 |" in text
     assert f"| {GPU_B} | 1 | 18.00 | 72.0 % | n/a | n/a | n/a | 0.900 | 0.900 | 0.900 |" in text
     assert "| wall time, first start to last finish (s) | 39.00 | 25.00 | 1.56x |" in text
@@ -123,7 +123,7 @@ def test_markdown_per_device_rows_and_speedup():
 def test_one_sweep_key_run_twice_is_told_apart_by_run_id():
     a = tl.sweep_timeline(two_card_sweep(), "095d2c96", meta={"parent run": "6442201e" + "0" * 24})
     b = tl.sweep_timeline(two_card_sweep(), "095d2c96", meta={"parent run": "72a117e7" + "0" * 24})
-    text = tl.format_markdown([a, b], baseline=(0, 1))
+    text = tl.format_timelines([a, b], baseline=(0, 1))
     assert "## 095d2c96 run 6442201e" in text and "## 095d2c96 run 72a117e7" in text
     assert "|  | 095d2c96 run 6442201e | 095d2c96 run 72a117e7 | speed-up |" in text
 

@@ -12,6 +12,8 @@ writes to its own experiment, so tests stay independent.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -370,3 +372,23 @@ def test_an_existing_experiment_without_a_kind_gets_the_runs_view(store):
     assert "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags
     Tracker(store, experiment="made-elsewhere")
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_git_commit_is_recorded_only_for_the_projects_own_repository(tmp_path):
+    from orchestrator.tracking import git_tags
+
+    outer = tmp_path / "other-repo"
+    copy = outer / "vendor" / "kvbench"
+    shutil.copytree(REPO / "orchestrator", copy / "orchestrator", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "outer"]):
+        subprocess.run(["git", "-C", str(outer), *args], check=True, env=env)
+    outer_commit = subprocess.run(["git", "-C", str(outer), "rev-parse", "HEAD"], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+    assert git_tags(copy) == {}, "a copy inside another repository records no commit"
+    assert git_tags(outer)["git_commit"] == outer_commit  # the repository's own top level does
+    assert git_tags(outer)["git_dirty"] == "false"
+    (tmp_path / "plain").mkdir()
+    assert git_tags(tmp_path / "plain") == {}  # no repository at all

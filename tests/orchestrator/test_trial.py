@@ -6,6 +6,7 @@ Run: python -m pytest tests/orchestrator/test_trial.py -q
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -80,3 +81,40 @@ def test_other_failures_are_crash_results_with_a_traceback():
     assert result["status"] == "ERROR"
     assert result["reason"].startswith("crash: ValueError: dtype must be one of")
     assert "Traceback" in result["info"]["traceback"]
+
+
+def test_a_warm_trial_that_starts_over_its_workers_memory_baseline_is_invalid():
+    from orchestrator.trial import leak_reason
+
+    assert leak_reason(at_start=1_250_000_000, baseline=1_000_000_000, margin=256 << 20) == ""
+    why = leak_reason(at_start=1_400_000_000, baseline=1_000_000_000, margin=256 << 20)
+    assert why == "memory not back at start: 1400 MB in use, 400 MB over this worker's baseline of 1000 MB (margin 268 MB)"
+
+
+def _worker_trials(n: int) -> list[dict]:
+    from orchestrator.trial import Worker
+
+    worker = Worker()
+    return [worker.run(spec(**{"cache.dtype": dtype})) for dtype in ("float16", "bfloat16", "float32")[:n]]
+
+
+def test_a_warm_worker_records_its_process_its_count_and_its_memory_at_each_start():
+    first, second = _worker_trials(2)
+    assert first["status"] == second["status"] == "OK"
+    assert first["info"]["worker_pid"] == second["info"]["worker_pid"] == str(os.getpid())
+    assert (first["info"]["worker_trials"], second["info"]["worker_trials"]) == ("0", "1")
+    assert first["info"]["memory_baseline_bytes"] == first["info"]["memory_at_start_bytes"]
+    assert second["info"]["memory_baseline_bytes"] == first["info"]["memory_at_start_bytes"]
+
+
+@pytest.mark.gpu
+def test_a_warm_worker_gives_the_card_back_to_its_baseline_between_trials():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    results = _worker_trials(3)
+    for result in results:
+        assert result["status"] == "OK", result["reason"]
+        assert "memory not back" not in result["info"].get("invalid_reason", "")
+    baseline = int(results[0]["info"]["memory_baseline_bytes"])
+    assert all(abs(int(r["info"]["memory_at_start_bytes"]) - baseline) <= 256 << 20 for r in results)

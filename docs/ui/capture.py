@@ -55,6 +55,8 @@ def main() -> int:
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium executable")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--parent", default=None, help="parent run id (default: the newest sweep)")
+    parser.add_argument("--height", type=int, default=900, help="browser viewport height in pixels (the UI scrolls "
+                        "inside the page, so a long description table needs a taller viewport)")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -81,7 +83,7 @@ def main() -> int:
         wait_until_up(url)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, headless=True)
-            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page = browser.new_page(viewport={"width": 1440, "height": args.height})
             ml = "?workflowType=machine_learning"  # MLflow 3.17's UI mode: the URL wins over the browser's choice
             shots = {
                 "experiment.png": f"{url}/#/experiments/{eid}/runs{ml}",

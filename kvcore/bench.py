@@ -1192,8 +1192,12 @@ _HELP: dict[str, str] = {
     "head_dim": "elements per head (positive int)",
     "context_length": "positions the cache holds, its capacity and the target context (positive int); "
                       "the orchestrator takes it from the milestone (m10: 16384, smoke: 256)",
-    "dtype": "cache storage dtype: float32, float16, bfloat16, int8 or float8_e4m3fn (8-bit caches "
-             "store per-position scales and take float16 inputs)",
+    "dtype": "cache storage dtype: float32, float16, bfloat16, int8, float8_e4m3fn or int4 (8-bit "
+             "caches store per-position scales, int4 a scale per 32 values; quantized caches take "
+             "float16 inputs)",
+    "regions": "which regions to time: 'all' (copy, fill, append_all, prefill, retrieve, decode "
+               "and the peers: what the orchestrator runs) or 'decode' (copy, decode and the peers "
+               "only, for kernel work; fill, append_all, prefill and retrieve are reported empty)",
     "sink_positions": "first positions kept forever, never overwritten by the ring (StreamingLLM "
                       "attention sinks); int in [0, context length). The orchestrator runs 4 "
                       "(cache.sink_positions); 0 here keeps a plain ring, the seed's cache: pass "

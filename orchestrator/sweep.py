@@ -369,7 +369,8 @@ def _describe_devices(devices: Sequence[Device]) -> str:
 
 
 def format_ending(sweep: Sweep, records: Sequence[TrialRecord], status: str, uri: str,
-                  parent_id: str | None, spool_path: Any = None, experiment_id: str | None = None) -> str:
+                  parent_id: str | None, spool_path: Any = None, experiment_id: str | None = None,
+                  spooled: bool = False) -> str:
     """What the driver prints at the end: the table, the sweep's verdict line, the worst margin
     per criterion, and where to look (the parent run id, the UI command, or the spool)."""
     complete = status == "FINISHED"
@@ -382,7 +383,7 @@ def format_ending(sweep: Sweep, records: Sequence[TrialRecord], status: str, uri
     worst = report.format_worst_margins(records)
     if worst:
         lines.append(worst)
-    if parent_id:
+    if parent_id and not spooled:
         lines.append(f"MLflow: experiment {sweep.experiment!r}, parent run {parent_id} "
                      f"(its description holds this table; per-trial runs under it)")
     elif spool_path is not None:
@@ -478,8 +479,8 @@ def execute(sweep: Sweep, cwd: str | os.PathLike[str], out: TextIO = sys.stdout,
             signal.signal(signal.SIGTERM, previous_sigterm)
     spooled = recorder.spool_path.exists()  # left there only while MLflow is away
     experiment_id = getattr(recorder.tracker, "experiment_id", None)
-    out.write(format_ending(sweep, everything, status, uri, None if spooled else recorder.parent_id,
-                            recorder.spool_path, experiment_id))
+    out.write(format_ending(sweep, everything, status, uri, recorder.parent_id, recorder.spool_path,
+                            experiment_id, spooled=spooled))  # the parent's page opens once synced
     out.flush()
     if status == "KILLED":
         return TERMINATED_STATUS if terminated else INTERRUPTED_STATUS

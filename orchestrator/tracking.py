@@ -837,14 +837,16 @@ class SweepLock:
                 filter_string=f"tags.run_type = 'lock' and tags.sweep_key = '{self.sweep_key}'"):
             mine = other.info.run_id == self.run_id
             beat = float(other.data.tags.get("lock_heartbeat", "0") or 0)
+            if other.data.tags.get("lock_released") == "1":
+                continue  # let go by a writer that could not delete it (EDIT without MANAGE)
             gone = self._fd is not None or now - beat > LOCK_STALE_S or other.info.run_id in self.released
             if not mine and gone:
-                client.delete_run(other.info.run_id)  # its writer died (or let go of the file lock)
+                self._drop(other.info.run_id)  # its writer died (or let go of the file lock)
                 continue
             live.append(other)
         winner = min(live, key=lambda r: (r.info.start_time, r.info.run_id))
         if winner.info.run_id != self.run_id:
-            client.delete_run(self.run_id)
+            self._drop(self.run_id)
             self.run_id = None
             self._close_file()
             age = now - float(winner.data.tags.get("lock_heartbeat", "0") or 0)
@@ -863,12 +865,27 @@ class SweepLock:
         if self._beat is not None:
             self._beat.join(timeout=5)
         if self.run_id is not None:
-            try:
-                self.tracker.client.delete_run(self.run_id)
-            except Exception as error:  # the store is away: the lock goes stale by itself
-                _log.info("could not delete the lock run %s: %s", self.run_id, error)
+            self._drop(self.run_id)
             self.run_id = None
         self._close_file()
+
+    def _drop(self, run_id: str) -> None:
+        """Let go of a lock run: delete it, or, where the user may not delete runs (a team
+        server's EDIT permission without MANAGE), mark it released and end it, which every
+        writer reads as gone. A store that is away: the lock goes stale by itself."""
+        client = self.tracker.client
+        try:
+            client.delete_run(run_id)
+            return
+        except Exception as error:
+            if access_refusal(error, self.tracker.uri) is None:
+                _log.info("could not delete the lock run %s: %s", run_id, error)
+                return
+        try:
+            client.set_tag(run_id, "lock_released", "1")
+            client.set_terminated(run_id, "FINISHED")
+        except Exception as error:
+            _log.info("could not release the lock run %s: %s", run_id, error)
 
     def __enter__(self) -> "SweepLock":
         return self.acquire()

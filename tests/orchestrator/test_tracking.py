@@ -77,7 +77,7 @@ def children(client: MlflowClient, parent_id: str) -> list:
 
 def parents(client: MlflowClient, experiment_id: str) -> list:
     runs = client.search_runs([experiment_id])
-    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("run_type") != "lock"]
 
 
 # ---- URI -----------------------------------------------------------------------------------

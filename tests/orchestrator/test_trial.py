@@ -12,6 +12,7 @@ import pytest
 
 from kvcore.bench import BenchResult
 from orchestrator.grid import TrialSpec, trial_key
+from orchestrator.capacity import trial_need_bytes
 from orchestrator.trial import TRIAL_FIELDS, bench_config, run_trial, split_figures
 
 
@@ -68,10 +69,12 @@ def test_a_short_sampling_interval_gives_a_point_per_interval():
 
 def test_out_of_memory_is_an_error_result_naming_need_and_capacity():
     # 10 PB of weights: the CPU allocator refuses at once, nothing is touched (the need adds
-    # 0.5 GB and the benchmark's own overhead, kvcore.bench.overhead_bytes: 0.81 GB here)
-    result = run_trial(spec(**{"model.weights_gb": 1e7}))
+    # 0.5 GB and the benchmark's own overhead, kvcore.bench.overhead_bytes)
+    params = spec(**{"model.weights_gb": 1e7})
+    result = run_trial(params)
     assert result["status"] == "ERROR"
-    assert result["reason"].startswith("oom: needed about 10000001.31 GB (cache + weights + margin), cpu had ")
+    need = trial_need_bytes(params.params) / 1e9
+    assert result["reason"].startswith(f"oom: needed about {need:.2f} GB (cache + weights + margin), cpu had ")
     assert "can't allocate memory" in result["reason"]
     assert result["metrics"] == {}
 

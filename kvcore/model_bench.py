@@ -63,7 +63,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -80,6 +79,7 @@ from kvcore import triton_gemv
 from kvcore.bench import (WEIGHT_DTYPES, _environment, _HostPeak, _memory_seen, _release,
                           measure_copy_gbps, resolve_device)
 from kvcore.model_check import judge_logits, logit_tolerance
+from kvcore.peers import free_bytes
 from kvcore.storage import STORAGE_DTYPES, row_bytes
 
 _ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -596,20 +596,6 @@ def time_peer_generate(peer, prompt: torch.Tensor, new_tokens: int, compiled: bo
     return steps[0], steps[1:], out
 
 
-def _free_device_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def peer_need_bytes(cfg: ModelBenchConfig, peer) -> int:
     """The peer's own memory: its static cache (prompt + new tokens, the weights' dtype) and a
     margin; its weights are kvcore's (shared), so they are not counted again."""
@@ -638,7 +624,7 @@ class Peer:
         if self.kind == "none":
             figures["hf_skipped"] = "peer=none"
             return figures
-        need, free = peer_need_bytes(cfg, self.model), _free_device_bytes(device)
+        need, free = peer_need_bytes(cfg, self.model), free_bytes(device)
         if need > free:
             figures["hf_skipped"] = (f"its static cache and margin need {need / 1e9:.2f} GB, {device} has "
                                      f"{free / 1e9:.2f} GB left next to kvcore's model")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from functools import cache
@@ -44,6 +43,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from kvcore.triton_decode import _interpreting, _triton_importable
 
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
 # relative error bound (max |out - ref| / max |ref|) against a float64 product, by output dtype:
@@ -114,20 +115,6 @@ def candidates(n: int, k: int) -> list[GemvConfig]:
     programs of 32 rows: the split-4 configs are there for the 4096-row matrices)."""
     pool = [c for c in CONFIGS if even(n, k, c)] or list(CONFIGS)
     return [c for c in pool if n < 8192 or c.split_k < 4] or pool
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install that fails while loading
-        return False
-    return True
 
 
 def available(device: torch.device | str) -> bool:

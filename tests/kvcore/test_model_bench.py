@@ -71,7 +71,7 @@ def test_teacher_forcing_catches_a_model_that_differs(stand_in, monkeypatch):
 
 
 def test_peer_without_room_is_skipped_not_the_trial(stand_in, monkeypatch):
-    monkeypatch.setattr(mb, "_free_device_bytes", lambda device: 10**6)
+    monkeypatch.setattr(mb, "free_bytes", lambda device: 10**6)
     result, _ = mb.run_model_bench(make_config())
     assert "need" in result.hf_skipped and "GB" in result.hf_skipped
     assert math.isnan(result.hf_decode_eager_tok_s) and math.isfinite(result.model_decode_tok_s)

@@ -240,7 +240,15 @@ def test_the_readme_recipe_runs_a_sweep_as_a_new_user(team, tmp_path):
     assert not (tmp_path / "spool").exists(), "nothing was spooled"
 
     # Both stores are PostgreSQL's: the runs in `mlflow`, the users and grants in `mlflow_auth`.
-    assert int(team.pg.psql(f"SELECT count(*) FROM runs WHERE lifecycle_stage = 'active' AND experiment_id = {experiment.experiment_id}", "mlflow")) == 3
+    # the parent and its two trials; the sweep's lock run, which alice (EDIT, no MANAGE) may not
+    # delete, is released by its tag and ended instead
+    assert int(team.pg.psql(
+        f"SELECT count(*) FROM runs r WHERE r.lifecycle_stage = 'active' AND r.experiment_id = "
+        f"{experiment.experiment_id} AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid "
+        f"AND t.key = 'run_type' AND t.value = 'lock')", "mlflow")) == 3
+    assert team.pg.psql(
+        f"SELECT t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid WHERE r.experiment_id = "
+        f"{experiment.experiment_id} AND t.key = 'lock_released'", "mlflow").split() == ["1"]
     assert "alice" in team.pg.psql("SELECT username FROM users", "mlflow_auth").split()
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kvcore import triton_decode as td
+from interpreter import run_in_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = {("int4" if d == td.INT4 else str(d).removeprefix("torch.")): d for d in td.STORAGE_DTYPES}
@@ -139,11 +140,7 @@ CPU_CASES.update({
 @pytest.fixture(scope="module")
 def interpreter_results():
     """Run every CPU case once in a subprocess with TRITON_INTERPRET=1."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, __file__], input=json.dumps(CPU_CASES), capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__, CPU_CASES)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")

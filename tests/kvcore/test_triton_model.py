@@ -14,13 +14,11 @@ Run: `python -m pytest tests/kvcore/test_triton_model.py -q`.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreter import run_in_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -76,11 +74,7 @@ def run_checks(device: str = "cpu") -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(Path(__file__))], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None,

@@ -10,15 +10,13 @@ GPU: the same body captured in a CUDA graph is tested in tests/kvcore/test_graph
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from kvcore import triton_decode
+from interpreter import run_in_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = ["float32", "float16", "bfloat16", "int8", "float8_e4m3fn", "int4"]
@@ -180,11 +178,7 @@ def run_checks() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__)
 
 
 CHECKS = [f"{kind}-{dtype}" for kind in ("store_slots", "store_at_count") for dtype in DTYPES]

@@ -102,6 +102,7 @@ class KernelConfig(NamedTuple):
     prefetch: bool = True  # elementwise path: load the next tile before computing this one
     lazy_rescale: bool = False  # elementwise path: rescale the accumulators only when a max grows by > 2^8
     slots_as_m: bool = False  # 16/8-bit dot path: slots as the dot's M dimension (K^T q, V^T p products)
+    fused_merge: bool = False  # the last split of a KV head merges the partial results (no merge kernel)
 
 
 def _interpreting() -> bool:
@@ -181,8 +182,10 @@ def tuning_candidates(storage_dtype: torch.dtype, group: int) -> list[KernelConf
             # the previous release's rows loops (int8: bn16 with the cvt; float8: bn64) and lazy
             # rescaling; the dot paths (25 to 42% of copy on the H200) are left out
             previous = K(16, 4, 1, False, fast_convert=False) if storage_dtype == torch.int8 else K(64, 4, 1, False)
-            found = [previous, K(16, 4, 1, False), K(16, 4, 1, False, lazy_rescale=True),
-                     K(32, 4, 1, False, lazy_rescale=True)]
+            # 8 warps at 64 slots: twice the bytes in flight of bn32 at the registers per thread of
+            # bn32 x 4 warps (ncu, H200: bn64 x 4 warps holds 247 registers, 2 programs an SM)
+            found = [previous, K(16, 4, 1, False), K(32, 4, 1, False, lazy_rescale=True),
+                     K(64, 8, 1, False), K(64, 8, 1, False, lazy_rescale=True)]
         elif storage_dtype == torch.float32:
             found = [K(16, 4, 1, False), K(32, 4, 1, False, waves=2)]
         else:
@@ -199,7 +202,10 @@ def tuning_candidates(storage_dtype: torch.dtype, group: int) -> list[KernelConf
     else:
         found = [K(128, 4, 3, True), K(64, 4, 4, True), K(64, 4, 3, True, waves=2), K(128, 4, 4, True, waves=2)]
     default = default_config(storage_dtype, group)
-    return [default] + [c for c in found if c != default]
+    base = [default] + [c for c in found if c != default]
+    # the two first again with the split kernel's own merge (no merge launch; a KV head's last
+    # split merges its heads): fewer launches against one program's merge at the end
+    return base + [c._replace(fused_merge=True) for c in base[:2]]
 
 
 _TUNED: dict = {}  # (device, storage, query dtype, group, head_dim, KV heads, capacity bucket) -> config
@@ -323,7 +329,7 @@ def _resident_programs(key, kernel, make_args, kwargs) -> int:
 @cache
 def _kernels():
     """Compile-on-demand Triton kernels; triton is imported here, never at module import."""
-    global triton, tl, _widen, _load_rows, _nibble, _int4_load, _int4_split  # the kernels below look these names up in the module's globals
+    global triton, tl, _widen, _load_rows, _nibble, _int4_load, _int4_split, _merge_last  # the kernels below look these names up in the module's globals
     import triton
     import triton.language as tl
 
@@ -586,13 +592,14 @@ def _kernels():
         qk_scale, capacity, num_splits,
         stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
         stride_ksn, stride_ksh, stride_vsn, stride_vsh,
+        out_ptr, stride_oh, counter_ptr,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
         QUANTIZED: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
         SPLIT_OPERANDS: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
         FP32_PRECISION: tl.constexpr, FAST_INT8: tl.constexpr, PREFETCH: tl.constexpr,
         IS_INT4: tl.constexpr, GROUPS_PAD: tl.constexpr, GROUPS: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-        SLOTS_AS_M: tl.constexpr,
+        SLOTS_AS_M: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_CHUNK: tl.constexpr,
     ):
         kv_head = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
@@ -780,6 +787,47 @@ def _kernels():
             part = kv_head * num_splits + split
             tl.store(mid_o_ptr + part * HEAD_DIM + d, out, mask=d_mask)
             tl.store(mid_lse_ptr + part, lse)
+        if FUSED_MERGE:
+            _merge_last(mid_o_ptr, mid_lse_ptr, out_ptr, stride_oh, counter_ptr, kv_head, num_splits,
+                        GROUP, HEAD_DIM, D_PAD, MERGE_CHUNK)
+
+    @triton.jit
+    def _merge_last(mid_o_ptr, mid_lse_ptr, out_ptr, stride_oh, counter_ptr, kv_head, num_splits,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr):
+        """The split kernel's own merge: every program counts itself done on its KV head's counter
+        (after a barrier, so the whole program's partial results are written, and with release
+        ordering at GPU scope); the one that counts last reads all partials (acquire, past L1),
+        merges its heads and sets the counter back to 0 for the next launch."""
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr + kv_head, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            d = tl.arange(0, D_PAD)
+            d_mask = d < HEAD_DIM
+            sp = tl.arange(0, CHUNK)
+            for g in tl.static_range(GROUP):
+                head = kv_head * GROUP + g
+                m_vec = tl.full([CHUNK], float("-inf"), tl.float32)
+                for c in range(0, num_splits, CHUNK):
+                    lse = tl.load(mid_lse_ptr + head * num_splits + c + sp, mask=c + sp < num_splits,
+                                  other=float("-inf"), cache_modifier=".cg")
+                    m_vec = tl.maximum(m_vec, lse)
+                m = tl.max(m_vec, axis=0)
+                m_use = tl.where(m == float("-inf"), 0.0, m)
+                w_vec = tl.zeros([CHUNK], tl.float32)
+                acc = tl.zeros([D_PAD], tl.float32)
+                for c in range(0, num_splits, CHUNK):
+                    s_mask = c + sp < num_splits
+                    lse = tl.load(mid_lse_ptr + head * num_splits + c + sp, mask=s_mask,
+                                  other=float("-inf"), cache_modifier=".cg")
+                    w = tl.exp2(lse - m_use)  # 0 for empty splits
+                    parts = tl.load(mid_o_ptr + (head * num_splits + c + sp)[:, None] * HEAD_DIM + d[None, :],
+                                    mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+                    w_vec += w
+                    acc += tl.sum(parts * w[:, None], axis=0)
+                total = tl.sum(w_vec, axis=0)
+                out = acc / tl.where(total > 0, total, 1.0)
+                tl.store(out_ptr + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+            tl.atomic_xchg(counter_ptr + kv_head, 0, sem="relaxed", scope="gpu")
 
     @triton.jit(do_not_specialize=["num_splits"])
     def decode_merge_kernel(
@@ -801,6 +849,22 @@ def _kernels():
         tl.store(out_ptr + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
     return decode_split_kernel, decode_merge_kernel
+
+
+_COUNTERS: dict = {}
+
+
+def _merge_counters(device: torch.device, num_kv_heads: int) -> torch.Tensor:
+    """One int32 counter per KV head for the fused merge, zero between launches (the last split
+    of each KV head sets it back), allocated once per device and never freed, so a captured
+    graph's pointer to it stays valid. Launches on one device run in stream order; kvcore never
+    runs two decode launches at once."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < num_kv_heads:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the fused merge's counters must be allocated before a CUDA graph capture")
+        have = _COUNTERS[device] = torch.zeros(max(num_kv_heads, 256), dtype=torch.int32, device=device)
+    return have
 
 
 def _next_pow2(x: int) -> int:
@@ -934,25 +998,29 @@ def _launch(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale, out_dt
         FP32_PRECISION=cfg.fp32_precision, FAST_INT8=cfg.fast_convert and storage == torch.int8,
         PREFETCH=cfg.prefetch, IS_INT4=storage == INT4, LAZY_RESCALE=cfg.lazy_rescale,
         SLOTS_AS_M=cfg.slots_as_m and use_dot and storage != torch.float32,
+        FUSED_MERGE=cfg.fused_merge,
         GROUPS_PAD=_next_pow2(math.ceil(head_dim / INT4_GROUP)),
         GROUPS=math.ceil(head_dim / INT4_GROUP),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
+    counters = _merge_counters(device, num_kv_heads) if cfg.fused_merge else out  # never read unfused
+
     def launch_args(mid_o, mid_lse, splits):
         return (query, k_layer, v_layer, ks, vs, n_valid, mid_o, mid_lse,
                 scale * math.log2(math.e), capacity, splits,
                 query.stride(0), k_layer.stride(0), k_layer.stride(1), v_layer.stride(0), v_layer.stride(1),
-                ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1))
+                ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1), out, out.stride(0), counters)
 
     if num_splits is None:
         key = (device, cfg, storage, query.dtype, group, head_dim, on_device)
 
         def probe_args():  # compiled against, never run: allocated on the first call of a key only
+            # (MERGE_CHUNK only changes the merge's loads, not what an SM holds)
             probe = torch.empty((1, 1), dtype=torch.float32, device=device)
             return launch_args(probe, probe, 1)
 
-        resident = _resident_programs(key, split_kernel, probe_args, constexprs)
+        resident = _resident_programs(key, split_kernel, probe_args, {**constexprs, "MERGE_CHUNK": 32})
         slots = _num_sms(device) * resident * cfg.waves
         num_splits = choose_splits(capacity if on_device else n_valid, num_kv_heads, cfg.block_n, slots)
     if dry_run:
@@ -961,7 +1029,10 @@ def _launch(query, k_layer, v_layer, k_scale, v_scale, n_valid, sm_scale, out_dt
         raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     mid_o = torch.empty((num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
     mid_lse = torch.empty((num_heads, num_splits), dtype=torch.float32, device=device)
-    split_kernel[(num_kv_heads, num_splits)](*launch_args(mid_o, mid_lse, num_splits), **constexprs)
+    split_kernel[(num_kv_heads, num_splits)](*launch_args(mid_o, mid_lse, num_splits), **constexprs,
+                                             MERGE_CHUNK=min(32, _next_pow2(num_splits)))
+    if cfg.fused_merge:
+        return out
     merge_kernel[(num_heads,)](
         mid_o, mid_lse, out, out.stride(0), num_splits,
         HEAD_DIM=head_dim, D_PAD=_next_pow2(head_dim), SPLITS_PAD=_next_pow2(num_splits),

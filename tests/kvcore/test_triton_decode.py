@@ -29,7 +29,7 @@ def make_case(**overrides):
     case = dict(storage="float16", heads=8, kv_heads=2, head_dim=16, capacity=48, n_valid=37,
                 n_on_device=False, block_n=16, use_dot=None, num_splits=None, query="float32",
                 out_dtype="float32", seed=0, q_gain=2.0, default_config=False, fast_convert=True, prefetch=True,
-                data_gain=1.0, lazy_rescale=False, slots_as_m=False)
+                data_gain=1.0, lazy_rescale=False, slots_as_m=False, fused_merge=False, launches=1)
     case.update(overrides)
     return case
 
@@ -70,8 +70,14 @@ def run_case(case, device="cpu"):
         use_dot = group > 1 if case["use_dot"] is None else case["use_dot"]
         config = td.KernelConfig(block_n=case["block_n"], num_warps=4, num_stages=2, use_dot=use_dot,
                                  fast_convert=case["fast_convert"], prefetch=case["prefetch"],
-                                 lazy_rescale=case["lazy_rescale"], slots_as_m=case["slots_as_m"])
-    result = td.decode_attention(query, k, v, ks, vs, n_arg, num_splits=case["num_splits"], config=config, out=out)
+                                 lazy_rescale=case["lazy_rescale"], slots_as_m=case["slots_as_m"],
+                                 fused_merge=case["fused_merge"])
+    for _ in range(case["launches"]):  # the fused merge's counters must be back at 0 for the next launch
+        out.fill_(float("nan"))
+        result = td.decode_attention(query, k, v, ks, vs, n_arg, num_splits=case["num_splits"], config=config,
+                                     out=out)
+    if case["fused_merge"]:
+        assert not td._COUNTERS[torch.device(device)].any()
     assert result.data_ptr() == out.data_ptr()
     finite = bool(torch.isfinite(result).all())
     if valid == 0:
@@ -118,6 +124,20 @@ CPU_CASES.update({
     "int4-head-dim-70-rows": make_case(storage="int4", heads=3, kv_heads=3, head_dim=70, block_n=4, num_splits=3),
     "int4-head-dim-5-ratio3-dot": make_case(storage="int4", heads=6, kv_heads=2, head_dim=5, num_splits=2),
     "int4-n-on-device": make_case(storage="int4", kv_heads=1, n_valid=29, n_on_device=True),
+    # the split kernel's own merge: rows, dots, slots as M, int4; empty splits; several launches
+    "fused-merge-int8-rows": make_case(storage="int8", kv_heads=8, block_n=4, num_splits=5, fused_merge=True,
+                                       launches=3),
+    "fused-merge-float16-dot-empty-splits": make_case(storage="float16", kv_heads=2, n_valid=20, num_splits=5,
+                                                      fused_merge=True, launches=2),
+    "fused-merge-float8-slots-as-m-n-on-device": make_case(storage="float8_e4m3fn", kv_heads=2, slots_as_m=True,
+                                                           n_valid=29, n_on_device=True, fused_merge=True,
+                                                           launches=2, num_splits=3),
+    "fused-merge-int4-rows-one-split": make_case(storage="int4", heads=2, kv_heads=2, head_dim=64, block_n=8,
+                                                 num_splits=1, fused_merge=True, launches=2),
+    "fused-merge-bfloat16-ratio8-bf16-out": make_case(storage="bfloat16", kv_heads=1, num_splits=3, fused_merge=True,
+                                                      out_dtype="bfloat16", launches=2),
+    "fused-merge-float32-ratio4-many-splits": make_case(storage="float32", kv_heads=2, capacity=600, n_valid=577,
+                                                        num_splits=37, fused_merge=True),
     "ratio4-odd-heads-dim-40": make_case(storage="float8_e4m3fn", heads=12, kv_heads=3, head_dim=40, num_splits=3),
     "ratio8-odd-dim-24-bf16": make_case(storage="bfloat16", heads=16, kv_heads=2, head_dim=24, n_valid=45),
     "head-dim-5-rows": make_case(storage="float32", heads=6, kv_heads=6, head_dim=5, block_n=4, num_splits=4),
@@ -303,7 +323,8 @@ def test_gpu_layer_past_2_31_elements(storage):
 def test_tuning_candidates_are_few_distinct_launchable_and_start_with_the_default(storage, group):
     found = td.tuning_candidates(DTYPES[storage], group)
     assert found[0] == td.default_config(DTYPES[storage], group)
-    assert 2 <= len(found) <= 5 and len(set(found)) == len(found)  # a GPU run tunes every key in seconds
+    assert 2 <= len(found) <= 7 and len(set(found)) == len(found)  # a GPU run tunes every key in seconds
+    assert any(cfg.fused_merge for cfg in found) and not found[0].fused_merge
     for cfg in found:
         assert cfg.use_dot or group == 1  # the rows loop serves one query head per KV head
         assert not cfg.use_dot or cfg.block_n >= 16

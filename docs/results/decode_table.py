@@ -58,12 +58,16 @@ def markdown(rows: list[dict]) -> str:
                          " | | | | |")
             continue
         cfgs = r.get("decode_kernel_configs") or ""
+        # the configs the autotuner picked so far in this process: this case's own key
+        key = f"{r['dtype']} g{32 // r['kv_heads']} d128 hkv{r['kv_heads']} cap<={1 << (r['positions'] - 1).bit_length()}"
         try:
-            c = next(iter(json.loads(cfgs).values()))
+            c = r.get("decode_kernel_config") or json.loads(cfgs)[key]
             conf = (f"{'dot' if c['use_dot'] else 'rows'} bn{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
                     f"{' lazy' if c.get('lazy_rescale') else ''}{' slots-as-M' if c.get('slots_as_m') else ''}"
+                    f"{' cvt' if r['dtype'] == 'int8' and not c.get('fast_convert') else ''}"
+                    f"{' 2 waves' if c.get('waves', 1) > 1 else ''}"
                     f"{' fused merge' if c.get('fused_merge') else ''}")
-        except (ValueError, StopIteration, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError):
             conf = "-"
         peer = _fmt(r.get("baseline_decode_tok_s_32_layers"), ",.0f")
         if r.get("baseline_skipped_reason"):
@@ -80,7 +84,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="JSON lines file to write")
     parser.add_argument("--md", default=None, help="also write the markdown table here")
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no case after this many seconds")
+    parser.add_argument("--table-from", default=None, help="only print the markdown table of this JSON lines file")
     args = parser.parse_args(argv)
+    if args.table_from:
+        with open(args.table_from) as fh:
+            print(markdown([json.loads(line) for line in fh if line.strip()]), end="")
+        return 0
     start = time.monotonic()
     rows = []
     for dtype, hkv, positions, layers in CASES:

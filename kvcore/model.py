@@ -26,12 +26,15 @@ Key decisions:
   them; positions simply grow past the window (StreamingLLM's re-numbering within the cache
   is not used: it would need un-rotated keys and a rotation per read). Prefill applies the
   same rule inside a chunk with a mask, so chunking never changes what a position sees.
-- Prefill runs in chunks (`chunk_size`): each chunk goes through every layer, attending to
-  the layer's window in the cache (`get_valid`) plus the chunk's own keys (causal, within the
-  window rule); its keys/values of all layers then go into the cache with one `extend`.
-  On CUDA, while nothing is evicted, the mask is SDPA's lower-right causal bias (its fused
-  kernels run it); elsewhere, or for a chunk that crosses the window's edge, an explicit
-  window mask (the same keys).
+- Prefill runs in chunks (`chunk_size`, default PREFILL_CHUNK): each chunk goes through
+  every layer; a layer writes its keys/values into the cache (`write_ahead`; the positions
+  count once every layer has them) and attends to its window plus the chunk (causal, within
+  the window rule). While nothing is evicted the window is the cache's own slots [0, c + T)
+  in place (float storage: no copy of the past; 8/4-bit storage: the past dequantized);
+  past the window's edge the layer's window is read (`get_valid`) before its slots are
+  overwritten. On CUDA, while nothing is evicted, the mask is SDPA's lower-right causal
+  bias (its fused kernels run it); elsewhere, or for a chunk that crosses the window's
+  edge, an explicit window mask (the same keys).
   Within a chunk the chunk's keys are used before the cache's rounding (quantized caches:
   later tokens see them dequantized).
 - Decode: one position through every layer. "cuda_graph" (default on CUDA with Triton): the
@@ -84,6 +87,9 @@ from kvcore.storage import FLOAT_DTYPES, parse_dtype
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = ("llama", "mistral")
 DECODE_METHODS = ("cuda_graph", "counter", "eager")
+# Positions per prefill chunk: GEMMs of 4,096 rows run at full speed, and at the 7B shape a
+# chunk's activations stay under ~0.5 GB with a float32 cache (no copy of the past is made).
+PREFILL_CHUNK = 4096
 
 
 # ---------------------------------------------------------------------------- config
@@ -569,7 +575,7 @@ class CausalLM:
         self.cache.clear()
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
         """Append T positions: input_ids [1, T] -> logits of the last one [1, vocab] float32.
         Continues after what the cache holds (call `reset()` for a new sequence)."""
         ids = self.check_input_ids(input_ids, "input_ids")
@@ -605,7 +611,7 @@ class CausalLM:
         return self._logits
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32,
-                 chunk_size: int = 2048) -> torch.Tensor:
+                 chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
         """Greedy: [1, T] -> [1, T + max_new_tokens]; resets the cache first (kvcore/generate.py)."""
         from kvcore.generate import greedy
 
@@ -614,39 +620,58 @@ class CausalLM:
     # ------------------------------------------------------------------ prefill
 
     def _prefill_chunk(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run positions [c, c + T) (c = positions the cache holds) through every layer;
-        extend the cache with their keys/values. Returns the final normed hidden states
-        [T, hidden]."""
+        """Run positions [c, c + T) (c = positions the cache holds) through every layer,
+        writing each layer's keys/values into the cache as it goes (`write_ahead`, counted
+        at the end). Returns the final normed hidden states [T, hidden].
+
+        While nothing is evicted (c + T <= max_positions) slot p holds position p: a layer
+        writes the chunk first, then attends over its slots [0, c + T) in place (float
+        storage: views, no copy of the past; 8/4-bit storage: the past dequantized, then the
+        chunk's own keys as computed). Past the window's edge the layer's window is read
+        first (`get_valid`, a copy where the ring wrapped), the chunk's keys appended, and
+        only then the chunk written over the evicted slots."""
         cfg, cache, kv_dtype = self.config, self.cache, self._kv_dtype
-        T, Hkv, D = ids.shape[0], cfg.num_kv_heads, cfg.head_dim
+        T = ids.shape[0]
         first = cache.total_appended
         positions = torch.arange(first, first + T, device=self.device)
-        past_pos = cache.positions().to(self.device)  # [n_past], oldest first (get_valid's order)
-        key_pos = torch.cat([past_pos, positions])
-        if first + T <= cache.max_positions and past_pos.numel() == 0:
+        in_place = first + T <= cache.max_positions
+        if in_place and first == 0:
             mask = None  # causal
-        elif first + T <= cache.max_positions and self.device.type == "cuda":
-            # nothing evicted: causal aligned at the end, which SDPA's fused kernels run
+        elif in_place and self.device.type == "cuda":
+            # causal aligned at the end, which SDPA's fused kernels run
             # (imported here: torch.nn.attention.bias loads triton)
             from torch.nn.attention.bias import causal_lower_right
 
-            mask = causal_lower_right(T, key_pos.numel())
+            mask = causal_lower_right(T, first + T)
         else:
+            past_pos = cache.positions().to(self.device)  # [n_past], oldest first (get_valid's order)
+            key_pos = torch.cat([past_pos, positions])
             mask = window_mask(positions, key_pos, cache.max_positions, cache.sink_positions)
-        keys = torch.empty((cfg.num_layers, T, Hkv, D), dtype=kv_dtype, device=self.device)
-        values = torch.empty_like(keys)
+        in_store = not cache.quantized  # the store holds exactly the keys given
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys[i], values[i] = k, v
-            if past_pos.numel():
+            k, v, q = k.to(kv_dtype), v.to(kv_dtype), q.to(kv_dtype)
+            if in_place:
+                cache.write_ahead(i, k, v)
+                if in_store:
+                    keys, values = cache.read_slots(i, first + T)  # views
+                elif first:
+                    past_k, past_v = cache.read_slots(i, first)  # dequantized
+                    keys, values = torch.cat([past_k, k]), torch.cat([past_v, v])
+                else:
+                    keys, values = k, v
+                return self._prefill_attention(q, keys, values, mask)
+            if first:
                 past_k, past_v = cache.get_valid(i)  # [n_past, Hkv, D]
-                k, v = torch.cat([past_k, keys[i]]), torch.cat([past_v, values[i]])
+                keys, values = torch.cat([past_k, k]), torch.cat([past_v, v])
             else:
-                k, v = keys[i], values[i]
-            return self._prefill_attention(q.to(kv_dtype), k, v, mask)
+                keys, values = k, v
+            out = self._prefill_attention(q, keys, values, mask)
+            cache.write_ahead(i, k, v)  # over slots this layer no longer reads
+            return out
 
         x = self._layers(F.embedding(ids, self.embed), positions, attend)
-        cache.extend(keys, values)
+        cache.commit_ahead()
         return x
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

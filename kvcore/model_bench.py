@@ -120,7 +120,7 @@ class ModelBenchConfig:
     new_tokens: int = 64  # decode tokens per repetition
     repetitions: int = 5
     sink_positions: int = 0
-    prefill_chunk: int = 2048
+    prefill_chunk: int = 4096  # kvcore.model.PREFILL_CHUNK
     check_tokens: int = 32  # teacher-forced tokens compared with transformers
     logits_tolerance: float | None = None  # max |logit difference| allowed; None: kvcore.model_check.logit_tolerance
     peer: str = "compile"  # compile (static cache, compiled and eager) | eager | none

@@ -48,7 +48,8 @@ Key decisions:
   SwiGLU activation are one Triton launch each (kvcore/triton_model.py; `lm.fused_ops`,
   settable; False gives the torch ops): a 7B layer is then about 13 launches instead of 45
   (with the fused projections: 4 GEMVs, the cache write, 2 attention launches, 2 rotary,
-  2 norms, 1 activation).
+  2 norms, 1 activation). In the decode step with a float cache, the rotary of q and k and
+  the write of k and v at the device counter are one launch (`rotary_store_`): 11 a layer.
 - Weights are plain tensors with transformers' names (`state_dict()`), never copied when
   given on the right device and dtype, so a transformers model can share them (the peer
   measurement). Fused projections (`fuse_projections`, default True on CUDA, False
@@ -710,11 +711,24 @@ class CausalLM:
         count = cache.position_counter()  # the position being written
         torch.add(count, 1, out=self._n_valid)  # valid slots once it is written
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cache.write_at_counter(k[0].to(kv_dtype), v[0].to(kv_dtype), layer=i)
+        # float storage with the Triton ops: rotary of q and k and the write of k and v, one
+        # launch per layer (q, k unrotated here: _layers leaves the rotation to this step)
+        fused = self.fused_ops and not cache.quantized
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+            if fused:
+                from kvcore.triton_model import rotary_store_
+
+                k_store, v_store = cache.storage.layer(i)[:2]
+                rotary_store_(q[0], k[0], v[0], cos, sin, k_store, v_store, count,
+                              cache.sink_positions)
+            else:
+                cache.write_at_counter(k[0].to(kv_dtype), v[0].to(kv_dtype), layer=i)
             return cache.attend_slots(i, q[0].to(kv_dtype), self._n_valid)[None]  # [1, H, D]
 
-        x = self._layers(F.embedding(self._token[0], self.embed), count.view(1), attend)
+        x = self._layers(F.embedding(self._token[0], self.embed), count.view(1), attend,
+                         rotate_in_attend=fused)
         if advance:
             cache.advance_counter()
         self._logits.copy_(self.linear(x, self.lm_head))
@@ -739,14 +753,16 @@ class CausalLM:
     # ------------------------------------------------------------------ shared pieces
 
     def _layers(self, h: torch.Tensor, positions: torch.Tensor,
-                attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+                attend: Callable[..., torch.Tensor], rotate_in_attend: bool = False) -> torch.Tensor:
         """Every decoder layer over hidden states h [T, hidden] at positions [T] (a device
         tensor), then the final norm -> [T, hidden]. attend(layer, q [T, H, D], k, v
-        [T, Hkv, D]) hands K/V to the cache and returns the attention [T, H, D]. Each
-        residual add is fused into the next norm (one launch with the Triton ops)."""
+        [T, Hkv, D]) hands K/V to the cache and returns the attention [T, H, D]; with
+        `rotate_in_attend` q and k come unrotated, with cos=, sin= [T, D] to rotate them.
+        Each residual add is fused into the next norm (one launch with the Triton ops)."""
         cfg, linear = self.config, self.linear
         T, H, Hkv, D = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        rotate = self._rotation(positions)
+        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)  # once for every layer
+        rotate = self._rotation(cos, sin)
         y = None  # the MLP output not yet added to h
         I = cfg.intermediate_size
         for i, layer in enumerate(self.layers):
@@ -755,9 +771,13 @@ class CausalLM:
                 q, k, v = linear(x, layer.wq), linear(x, layer.wk), linear(x, layer.wv)
             else:  # one projection, then views: q [T, H*D], k and v [T, Hkv*D]
                 q, k, v = linear(x, layer.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q = rotate(q.view(T, H, D))
-            k = rotate(k.view(T, Hkv, D))
-            attn = attend(i, q, k, v.view(T, Hkv, D)).to(self.dtype)
+            if rotate_in_attend:
+                attn = attend(i, q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D),
+                              cos=cos, sin=sin).to(self.dtype)
+            else:
+                q = rotate(q.view(T, H, D))
+                k = rotate(k.view(T, Hkv, D))
+                attn = attend(i, q, k, v.view(T, Hkv, D)).to(self.dtype)
             h, x = self._add_norm(h, linear(attn.reshape(T, H * D), layer.wo), layer.post_norm)
             if layer.w_gate_up is None:
                 gate, up = linear(x, layer.w_gate), linear(x, layer.w_up)
@@ -778,9 +798,8 @@ class CausalLM:
             h = h + y
         return h, rms_norm(h, weight, eps)
 
-    def _rotation(self, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The rotary embedding at positions [T], for q or k [T, heads, D]."""
-        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)  # once for every layer
+    def _rotation(self, cos: torch.Tensor, sin: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The rotary embedding by cos, sin [T, D], for q or k [T, heads, D]."""
         if self.fused_ops:
             from kvcore.triton_model import rotary_
 

@@ -4,6 +4,8 @@ torch ops of transformers' Llama take several.
     add_rms_norm(h, y, weight, eps)     # h += y (if y given), then RMSNorm(h) -> x   (1 launch, 8 in torch)
     rotary_(x, cos, sin)                # x [T, heads, D] rotated in place            (1 launch, 5 in torch)
     silu_mul(gate, up)                  # silu(gate) * up, rows may be strided         (1 launch, 2 in torch)
+    rotary_store_(q, k, v, cos, sin, k_store, v_store, count, sinks)
+                                        # decode: rotary of q and k + the cache write   (1 launch, 3 before)
 
 Why: a decode step at the 7B shape is about 45 small launches per layer in plain torch,
 1,500 per token; even replayed from one CUDA graph each costs a few microseconds, a large
@@ -34,7 +36,7 @@ from kvcore.triton_decode import _next_pow2  # imports no triton
 @cache
 def _kernels():
     """Compile-on-demand kernels; triton is imported here, never at module import."""
-    global triton, tl  # the kernels look these names up in the module's globals
+    global triton, tl, _rotate  # the kernels look these names up in the module's globals
     import triton
     import triton.language as tl
 
@@ -87,7 +89,54 @@ def _kernels():
         act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
         tl.store(out_ptr + row * n_cols + cols, (act * u).to(g.dtype), mask=mask)
 
-    return add_rms_norm_kernel, rotary_kernel, silu_mul_kernel
+    @triton.jit
+    def _rotate(x1, x2, cos, sin):
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), each product rounded
+        dt = x1.dtype
+        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+        o1 = ((a1 * cos).to(dt).to(tl.float32) - (a2 * sin).to(dt).to(tl.float32)).to(dt)
+        o2 = ((a2 * cos).to(dt).to(tl.float32) + (a1 * sin).to(dt).to(tl.float32)).to(dt)
+        return o1, o2
+
+    @triton.jit
+    def rotary_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, ks_ptr, vs_ptr, count_ptr,
+                            heads, kv_heads, stride_qh, stride_kh, stride_vh, stride_kp, stride_kc,
+                            stride_vp, stride_vc, P, S, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+        # one program per head row: q heads rotated in place, then k heads rotated into the
+        # cache's slot of the position on the device counter, then v heads copied there
+        pid = tl.program_id(0)
+        j = tl.arange(0, HALF_PAD)
+        mask = j < HALF
+        pos = tl.load(count_ptr).to(tl.int64)
+        slot = tl.where(pos < P, pos, S + (pos - S) % (P - S))  # kvcore.slots.slot_of
+        if pid < heads:
+            base = q_ptr + pid.to(tl.int64) * stride_qh
+            cos = tl.load(cos_ptr + j, mask=mask, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + j, mask=mask, other=0.0).to(tl.float32)
+            o1, o2 = _rotate(tl.load(base + j, mask=mask, other=0.0),
+                             tl.load(base + HALF + j, mask=mask, other=0.0), cos, sin)
+            tl.store(base + j, o1, mask=mask)
+            tl.store(base + HALF + j, o2, mask=mask)
+        elif pid < heads + kv_heads:
+            head = (pid - heads).to(tl.int64)
+            base = k_ptr + head * stride_kh
+            cos = tl.load(cos_ptr + j, mask=mask, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + j, mask=mask, other=0.0).to(tl.float32)
+            o1, o2 = _rotate(tl.load(base + j, mask=mask, other=0.0),
+                             tl.load(base + HALF + j, mask=mask, other=0.0), cos, sin)
+            dst = ks_ptr + slot * stride_kp + head * stride_kc
+            tl.store(dst + j, o1.to(ks_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF + j, o2.to(ks_ptr.dtype.element_ty), mask=mask)
+        else:
+            head = (pid - heads - kv_heads).to(tl.int64)
+            base = v_ptr + head * stride_vh
+            dst = vs_ptr + slot * stride_vp + head * stride_vc
+            x1 = tl.load(base + j, mask=mask, other=0.0)
+            x2 = tl.load(base + HALF + j, mask=mask, other=0.0)
+            tl.store(dst + j, x1.to(vs_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF + j, x2.to(vs_ptr.dtype.element_ty), mask=mask)
+
+    return add_rms_norm_kernel, rotary_kernel, silu_mul_kernel, rotary_store_kernel
 
 
 def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -134,3 +183,31 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _kernels()[2][(n_rows, -(-n_cols // block))](g, u, out, n_cols, g.stride(0), u.stride(0),
                                                   BLOCK=block, num_warps=4)
     return out.view(shape)
+
+
+def rotary_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
+                  count: torch.Tensor, sink_positions: int) -> torch.Tensor:
+    """One decoded position of one layer, in one launch: q [H, D] rotated in place, k [Hkv, D]
+    rotated and v [Hkv, D] written into the slot of position `count` (a 0-d int64 on the
+    device, read by the kernel: capturable) of k_store / v_store [P, Hkv, D] (one layer of a
+    float cache; the rotated k cast to the store's dtype, as `k.to(kv_dtype)` after
+    `rotary_`); slots follow kvcore.slots.slot_of (sinks, then the ring). cos, sin [1, D]
+    (kvcore.model.rotary_cos_sin at the position). Rows may be strided (views of the fused
+    q/k/v projection's output), the last axis contiguous. Returns q. Replaces rotary_ on q
+    and k plus the cache's store kernel: two launches fewer per layer."""
+    H, D = q.shape
+    Hkv = k.shape[0]
+    P = k_store.shape[0]
+    assert k.shape == v.shape == (Hkv, D) and k_store.shape == v_store.shape == (P, Hkv, D)
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and k_store.stride(-1) == v_store.stride(-1) == 1
+    assert cos.shape == sin.shape == (1, D) and cos.is_contiguous() and sin.is_contiguous()
+    assert cos.dtype == sin.dtype == q.dtype == k.dtype == v.dtype and k_store.dtype == v_store.dtype
+    assert k_store.dtype.is_floating_point and k_store.element_size() >= 2, "float storage only"
+    assert count.dim() == 0 and count.dtype == torch.int64 and 0 <= sink_positions < P
+    _kernels()[3][(H + 2 * Hkv,)](q, k, v, cos, sin, k_store, v_store, count, H, Hkv,
+                                  q.stride(0), k.stride(0), v.stride(0), k_store.stride(0),
+                                  k_store.stride(1), v_store.stride(0), v_store.stride(1),
+                                  P, sink_positions, HALF=D // 2, HALF_PAD=_next_pow2(D // 2),
+                                  num_warps=1)
+    return q

@@ -49,7 +49,9 @@ Key decisions:
   settable; False gives the torch ops): a 7B layer is then about 13 launches instead of 45
   (with the fused projections: 4 GEMVs, the cache write, 2 attention launches, 2 rotary,
   2 norms, 1 activation). In the decode step with a float cache, the rotary of q and k and
-  the write of k and v at the device counter are one launch (`rotary_store_`): 11 a layer.
+  the write of k and v at the device counter are one launch (`rotary_store_`); with the
+  Triton GEMV as `lm.linear` the SwiGLU activation runs inside the down projection's GEMV
+  (`triton_gemv.swiglu_linear`): 10 a layer.
 - Weights are plain tensors with transformers' names (`state_dict()`), never copied when
   given on the right device and dtype, so a transformers model can share them (the peer
   measurement). Fused projections (`fuse_projections`, default True on CUDA, False
@@ -763,6 +765,9 @@ class CausalLM:
         T, H, Hkv, D = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)  # once for every layer
         rotate = self._rotation(cos, sin)
+        # a linear hook may carry `swiglu(gate, up, w)`: linear(silu(gate) * up, w) in one
+        # launch, or None where it does not apply (kvcore.triton_gemv's GEMV at one row)
+        swiglu = getattr(linear, "swiglu", None) if self.fused_ops else None
         y = None  # the MLP output not yet added to h
         I = cfg.intermediate_size
         for i, layer in enumerate(self.layers):
@@ -783,7 +788,9 @@ class CausalLM:
                 gate, up = linear(x, layer.w_gate), linear(x, layer.w_up)
             else:
                 gate, up = linear(x, layer.w_gate_up).split([I, I], dim=-1)
-            y = linear(self._act(gate, up), layer.w_down)
+            y = None if swiglu is None else swiglu(gate, up, layer.w_down)
+            if y is None:
+                y = linear(self._act(gate, up), layer.w_down)
         return self._add_norm(h, y, self.norm)[1]
 
     def _add_norm(self, h: torch.Tensor, y: torch.Tensor | None,

@@ -48,8 +48,8 @@ Key decisions:
   SwiGLU activation are one Triton launch each (kvcore/triton_model.py; `lm.fused_ops`,
   settable; False gives the torch ops): a 7B layer is then about 13 launches instead of 45
   (with the fused projections: 4 GEMVs, the cache write, 2 attention launches, 2 rotary,
-  2 norms, 1 activation). In the decode step with a float cache, the rotary of q and k and
-  the write of k and v at the device counter are one launch (`rotary_store_`); with the
+  2 norms, 1 activation). In the decode step (float, int8 or float8 cache), the rotary of q
+  and k and the write of k and v at the device counter are one launch (`rotary_store_`); with the
   Triton GEMV as `lm.linear` the SwiGLU activation runs inside the down projection's GEMV
   (`triton_gemv.swiglu_linear`): 10 a layer.
 - Weights are plain tensors with transformers' names (`state_dict()`), never copied when
@@ -85,7 +85,7 @@ import torch.nn.functional as F
 
 from kvcore.cache import StreamingKVCache
 from kvcore.capture import capture
-from kvcore.storage import FLOAT_DTYPES, parse_dtype
+from kvcore.storage import FLOAT_DTYPES, INT4, parse_dtype
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = ("llama", "mistral")
@@ -713,18 +713,18 @@ class CausalLM:
         count = cache.position_counter()  # the position being written
         torch.add(count, 1, out=self._n_valid)  # valid slots once it is written
 
-        # float storage with the Triton ops: rotary of q and k and the write of k and v, one
-        # launch per layer (q, k unrotated here: _layers leaves the rotation to this step)
-        fused = self.fused_ops and not cache.quantized
+        # with the Triton ops (float, int8 or float8 storage): rotary of q and k and the write
+        # of k and v, one launch per layer (q, k unrotated here: _layers leaves the rotation)
+        fused = self.fused_ops and cache.dtype != INT4
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
             if fused:
                 from kvcore.triton_model import rotary_store_
 
-                k_store, v_store = cache.storage.layer(i)[:2]
+                k_store, v_store, k_scale, v_scale = cache.storage.layer(i)
                 rotary_store_(q[0], k[0], v[0], cos, sin, k_store, v_store, count,
-                              cache.sink_positions)
+                              cache.sink_positions, k_scale, v_scale)
             else:
                 cache.write_at_counter(k[0].to(kv_dtype), v[0].to(kv_dtype), layer=i)
             return cache.attend_slots(i, q[0].to(kv_dtype), self._n_valid)[None]  # [1, H, D]
@@ -763,8 +763,10 @@ class CausalLM:
         Each residual add is fused into the next norm (one launch with the Triton ops)."""
         cfg, linear = self.config, self.linear
         T, H, Hkv, D = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)  # once for every layer
-        rotate = self._rotation(cos, sin)
+        if rotate_in_attend:
+            cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)  # once for every layer
+        else:
+            rotate = self._rotation(positions)
         # a linear hook may carry `swiglu(gate, up, w)`: linear(silu(gate) * up, w) in one
         # launch, or None where it does not apply (kvcore.triton_gemv's GEMV at one row)
         swiglu = getattr(linear, "swiglu", None) if self.fused_ops else None
@@ -805,8 +807,9 @@ class CausalLM:
             h = h + y
         return h, rms_norm(h, weight, eps)
 
-    def _rotation(self, cos: torch.Tensor, sin: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The rotary embedding by cos, sin [T, D], for q or k [T, heads, D]."""
+    def _rotation(self, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The rotary embedding at positions [T], for q or k [T, heads, D]."""
+        cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)  # once for every layer
         if self.fused_ops:
             from kvcore.triton_model import rotary_
 

@@ -48,7 +48,9 @@ Key decisions:
   peak since a reset, plus the CUDA context NVML sees beyond the pool; the CPU's peak resident
   growth plus the weights, which exist before the reset). Whatever the peer holds (its static
   cache, its compiled graphs' pool, from this or an earlier trial of the same process) is
-  subtracted, and measured apart as `hf_peak_mem_gb`.
+  subtracted, and measured apart as `hf_peak_mem_gb` (`peer_memory`): before and after the
+  peer's run pending frees are settled (`settle_memory`: garbage, and cuBLAS's workspaces,
+  which a CUDA graph capture of the peer's compile would otherwise free from under it).
 - Logit tolerance: `kvcore.model_check.logit_tolerance` (its docstring gives the reasoning):
   a relative-L2 bound per step from the weights' rounding over the layers, plus a measured
   allowance for a lossy cache dtype (the reference is transformers with a cache in the

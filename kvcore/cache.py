@@ -51,6 +51,12 @@ Key decisions:
   slots), the ring bookkeeping (kvcore/ring.py: host counts, the device-side position
   counter; kvcore/slots.py: slot math) and this front, which validates and plans.
 
+Prefill layer by layer (kvcore/model.py): `write_ahead(layer, keys, values)` writes the next
+T positions of one layer without counting them, `commit_ahead()` counts them once every layer
+has them (together one `extend`, with no buffer of every layer's keys); `read_slots(layer, n)`
+gives slots [0, n) as stored (views for float storage), which before the ring wraps are
+positions [0, n), those written ahead included.
+
 Device-side positions (for CUDA graphs, e.g. kvcore/graphs.py and kvcore/model.py): a step
 captured once and replayed for every position uses only these public methods:
     counter = cache.position_counter()          # 0-d int64: complete positions, on the device

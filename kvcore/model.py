@@ -633,7 +633,7 @@ class CausalLM:
         chunk's own keys as computed). Past the window's edge the layer's window is read
         first (`get_valid`, a copy where the ring wrapped), the chunk's keys appended, and
         only then the chunk written over the evicted slots."""
-        cfg, cache, kv_dtype = self.config, self.cache, self._kv_dtype
+        cache, kv_dtype = self.cache, self._kv_dtype
         T = ids.shape[0]
         first = cache.total_appended
         positions = torch.arange(first, first + T, device=self.device)

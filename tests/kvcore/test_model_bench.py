@@ -248,3 +248,9 @@ def test_profile_kinds_and_off_on_the_cpu():
     assert mb._kernel_kind("void at::native::elementwise_kernel<128, 2>") == "other"
     off = mb.profile_decode(None, None, make_config(profile=True), torch.device("cpu"))
     assert math.isnan(off["profile_linear_ms"]) and off["profile_top"] == ""
+
+
+def test_default_prefill_chunk_is_the_models():
+    from kvcore.model import PREFILL_CHUNK
+
+    assert mb.ModelBenchConfig().prefill_chunk == PREFILL_CHUNK

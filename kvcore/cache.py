@@ -51,6 +51,12 @@ Key decisions:
   slots), the ring bookkeeping (kvcore/ring.py: host counts, the device-side position
   counter; kvcore/slots.py: slot math) and this front, which validates and plans.
 
+Prefill layer by layer (kvcore/model.py): `write_ahead(layer, keys, values)` writes the next
+T positions of one layer without counting them, `commit_ahead()` counts them once every layer
+has them (together one `extend`, with no buffer of every layer's keys); `read_slots(layer, n)`
+gives slots [0, n) as stored (views for float storage), which before the ring wraps are
+positions [0, n), those written ahead included.
+
 Device-side positions (for CUDA graphs, e.g. kvcore/graphs.py and kvcore/model.py): a step
 captured once and replayed for every position uses only these public methods:
     counter = cache.position_counter()          # 0-d int64: complete positions, on the device
@@ -199,6 +205,7 @@ class StreamingKVCache:
         self._write_graphs = capture.GraphLRU()  # captured append_all writes (CUDA)
         self._stage: torch.Tensor | None = None  # [2L, Hkv, D]: the pending position, stacked
         self._pending_kv: list[torch.Tensor | None] = [None] * (2 * L)  # K of layers, then V
+        self._ahead: dict[int, int] = {}  # layer -> positions written ahead of the count (write_ahead)
 
     # ------------------------------------------------------------------ size and bookkeeping
 
@@ -228,6 +235,7 @@ class StreamingKVCache:
         """Forget every position (including one in progress); keep the memory."""
         self.ring.clear()
         self._pending_kv = [None] * (2 * self.num_layers)
+        self._ahead = {}
 
     def positions(self, layer: int | None = None) -> torch.Tensor:
         """Absolute positions of get_valid's rows, oldest first, as a CPU LongTensor.
@@ -295,6 +303,7 @@ class StreamingKVCache:
                 and value.dtype is dtype
                 and key.device == device
                 and value.device == device
+                and not self._ahead
             )
         except AttributeError:
             ok = False
@@ -373,6 +382,62 @@ class StreamingKVCache:
                 part = slice(offset, offset + n)
                 self.storage.write_slots(slice(None), slot, keys[:, part], values[:, part], bulk=True)
         self.ring.commit(keys.shape[1])
+
+    def write_ahead(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Prefill layer by layer: write positions [total_appended, total_appended + T) of
+        one layer, keys/values [T, num_kv_heads, head_dim] (rows may be strided), into the
+        slots `extend` would use (the survivors only), without counting them. Give every
+        layer the same T, then `commit_ahead()` counts them: together, one `extend`, with no
+        [num_layers, T, ...] buffer of every layer's keys.
+
+        Until the commit the layer's window is still the old one for `get_valid` and
+        `attend`, but its slots hold the new positions: where the ring wraps they replaced
+        evicted ones, so read a layer's old window before writing it. Before any wrap
+        (total_appended + T <= max_positions) slot p holds position p, and `read_slots(layer,
+        total_appended + T)` is the old window followed by the new positions, in place.
+        Writes other than write_ahead, and decode steps, wait for the commit (ValueError).
+        """
+        self._check_nothing_pending("write_ahead")
+        layer = self._check_layer(layer)
+        dims = {"T": None, **self._kv_dims}
+        self._check_tensor(keys, "keys", dims)
+        self._check_tensor(values, "values", {**dims, "T": keys.shape[0]})
+        n = keys.shape[0]
+        if layer in self._ahead:
+            raise ValueError(f"layer {layer} was already written ahead; write each layer once, "
+                             f"then commit_ahead()")
+        if self._ahead and n != next(iter(self._ahead.values())):
+            raise ValueError(f"write_ahead needs the same number of positions in every layer: "
+                             f"{next(iter(self._ahead.values()))} so far, got {n}")
+        runs = write_runs(self.ring.total, n, self.max_positions, self.sink_positions)
+        with torch.no_grad():
+            for offset, slot, count in runs:
+                part = slice(offset, offset + count)
+                self.storage.write_slots(slice(layer, layer + 1), slot, keys[None, part],
+                                         values[None, part], bulk=True)
+        self._ahead[layer] = n
+
+    def commit_ahead(self) -> int:
+        """Count the positions every layer was given by `write_ahead`; returns how many."""
+        if not self._ahead:
+            return 0
+        if len(self._ahead) != self.num_layers:
+            missing = sorted(set(range(self.num_layers)) - set(self._ahead))
+            raise ValueError(f"commit_ahead needs every layer written ahead; layers {missing} "
+                             f"were not")
+        n = next(iter(self._ahead.values()))
+        self._ahead = {}
+        self.ring.commit(n)
+        return n
+
+    def _check_nothing_pending(self, what: str) -> None:
+        pending = self.ring.pending
+        if pending:
+            raise ValueError(
+                f"{what} needs a complete position, but position {self.ring.total} is in progress "
+                f"(layers 0..{pending - 1} appended); append layers "
+                f"{pending}..{self.num_layers - 1} first"
+            )
 
     def _write_pending(self, upto: int) -> bool:
         """Write layers [written, upto) of the position in progress in one batch: one stack,
@@ -483,6 +548,17 @@ class StreamingKVCache:
         layer = self._check_layer(layer)
         return self.get_range(layer, 0, min(self.ring.layer_count(layer), self.max_positions))
 
+    def read_slots(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, n) of a layer as stored, [n, num_kv_heads, head_dim]
+        of out_dtype: views for float storage, a dequantized copy for 8/4-bit storage.
+        Before the ring wraps slot p holds position p, positions written ahead included
+        (`write_ahead`): what a prefill chunk attends to, without a copy of the past. No
+        pending write is flushed."""
+        layer = self._check_layer(layer)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.max_positions:
+            raise ValueError(f"n must be an int in [0, {self.max_positions}], got {n!r}")
+        return self.storage.read_runs(layer, [(0, n)] if n else [], n)
+
     def attend(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         """Decode attention of one query [num_heads, head_dim] over every valid position of
         the layer: softmax(q k^T / sqrt(head_dim)) v, query head h using KV head
@@ -546,6 +622,7 @@ class StreamingKVCache:
 
     def _check_next_layer(self, layer: object) -> int:
         index = self._check_layer(layer)
+        self._check_nothing_ahead("append")
         pending, total = self.ring.pending, self.ring.total
         if index != pending:
             raise ValueError(
@@ -559,15 +636,19 @@ class StreamingKVCache:
             )
         return index
 
-    def check_complete(self, what: str) -> None:
-        """ValueError naming `what` unless no position is in progress (layer by layer)."""
-        pending = self.ring.pending
-        if pending:
+    def _check_nothing_ahead(self, what: str) -> None:
+        if self._ahead:
+            n = next(iter(self._ahead.values()))
             raise ValueError(
-                f"{what} needs a complete position, but position {self.ring.total} is in progress "
-                f"(layers 0..{pending - 1} appended); append layers "
-                f"{pending}..{self.num_layers - 1} first"
+                f"{what} needs the {n} positions written ahead (layers {sorted(self._ahead)}) "
+                f"counted first: write_ahead the other layers, then commit_ahead()"
             )
+
+    def check_complete(self, what: str) -> None:
+        """ValueError naming `what` unless no position is in progress (layer by layer, or
+        written ahead)."""
+        self._check_nothing_ahead(what)
+        self._check_nothing_pending(what)
 
     def _check_tensor(self, x: object, name: str, dims: dict[str, int | None]) -> None:
         """Raise ValueError unless x is a tensor of out_dtype on the cache's device whose shape

@@ -26,12 +26,15 @@ Key decisions:
   them; positions simply grow past the window (StreamingLLM's re-numbering within the cache
   is not used: it would need un-rotated keys and a rotation per read). Prefill applies the
   same rule inside a chunk with a mask, so chunking never changes what a position sees.
-- Prefill runs in chunks (`chunk_size`): each chunk goes through every layer, attending to
-  the layer's window in the cache (`get_valid`) plus the chunk's own keys (causal, within the
-  window rule); its keys/values of all layers then go into the cache with one `extend`.
-  On CUDA, while nothing is evicted, the mask is SDPA's lower-right causal bias (its fused
-  kernels run it); elsewhere, or for a chunk that crosses the window's edge, an explicit
-  window mask (the same keys).
+- Prefill runs in chunks (`chunk_size`, default PREFILL_CHUNK): each chunk goes through
+  every layer; a layer writes its keys/values into the cache (`write_ahead`; the positions
+  count once every layer has them) and attends to its window plus the chunk (causal, within
+  the window rule). While nothing is evicted the window is the cache's own slots [0, c + T)
+  in place (float storage: no copy of the past; 8/4-bit storage: the past dequantized);
+  past the window's edge the layer's window is read (`get_valid`) before its slots are
+  overwritten. On CUDA, while nothing is evicted, the mask is SDPA's lower-right causal
+  bias (its fused kernels run it); elsewhere, or for a chunk that crosses the window's
+  edge, an explicit window mask (the same keys).
   Within a chunk the chunk's keys are used before the cache's rounding (quantized caches:
   later tokens see them dequantized).
 - Decode: one position through every layer. "cuda_graph" (default on CUDA with Triton): the
@@ -45,7 +48,10 @@ Key decisions:
   SwiGLU activation are one Triton launch each (kvcore/triton_model.py; `lm.fused_ops`,
   settable; False gives the torch ops): a 7B layer is then about 13 launches instead of 45
   (with the fused projections: 4 GEMVs, the cache write, 2 attention launches, 2 rotary,
-  2 norms, 1 activation).
+  2 norms, 1 activation). In the decode step (float, int8 or float8 cache), the rotary of q
+  and k and the write of k and v at the device counter are one launch (`rotary_store_`); with the
+  Triton GEMV as `lm.linear` the SwiGLU activation runs inside the down projection's GEMV
+  (`triton_gemv.swiglu_linear`): 10 a layer.
 - Weights are plain tensors with transformers' names (`state_dict()`), never copied when
   given on the right device and dtype, so a transformers model can share them (the peer
   measurement). Fused projections (`fuse_projections`, default True on CUDA, False
@@ -79,11 +85,14 @@ import torch.nn.functional as F
 
 from kvcore.cache import StreamingKVCache
 from kvcore.capture import capture
-from kvcore.storage import FLOAT_DTYPES, parse_dtype
+from kvcore.storage import FLOAT_DTYPES, INT4, parse_dtype
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = ("llama", "mistral")
 DECODE_METHODS = ("cuda_graph", "counter", "eager")
+# Positions per prefill chunk: GEMMs of 4,096 rows run at full speed, and at the 7B shape a
+# chunk's activations stay under ~0.5 GB with a float32 cache (no copy of the past is made).
+PREFILL_CHUNK = 4096
 
 
 # ---------------------------------------------------------------------------- config
@@ -569,7 +578,7 @@ class CausalLM:
         self.cache.clear()
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
         """Append T positions: input_ids [1, T] -> logits of the last one [1, vocab] float32.
         Continues after what the cache holds (call `reset()` for a new sequence)."""
         ids = self.check_input_ids(input_ids, "input_ids")
@@ -605,7 +614,7 @@ class CausalLM:
         return self._logits
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32,
-                 chunk_size: int = 2048) -> torch.Tensor:
+                 chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
         """Greedy: [1, T] -> [1, T + max_new_tokens]; resets the cache first (kvcore/generate.py)."""
         from kvcore.generate import greedy
 
@@ -614,39 +623,58 @@ class CausalLM:
     # ------------------------------------------------------------------ prefill
 
     def _prefill_chunk(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run positions [c, c + T) (c = positions the cache holds) through every layer;
-        extend the cache with their keys/values. Returns the final normed hidden states
-        [T, hidden]."""
-        cfg, cache, kv_dtype = self.config, self.cache, self._kv_dtype
-        T, Hkv, D = ids.shape[0], cfg.num_kv_heads, cfg.head_dim
+        """Run positions [c, c + T) (c = positions the cache holds) through every layer,
+        writing each layer's keys/values into the cache as it goes (`write_ahead`, counted
+        at the end). Returns the final normed hidden states [T, hidden].
+
+        While nothing is evicted (c + T <= max_positions) slot p holds position p: a layer
+        writes the chunk first, then attends over its slots [0, c + T) in place (float
+        storage: views, no copy of the past; 8/4-bit storage: the past dequantized, then the
+        chunk's own keys as computed). Past the window's edge the layer's window is read
+        first (`get_valid`, a copy where the ring wrapped), the chunk's keys appended, and
+        only then the chunk written over the evicted slots."""
+        cache, kv_dtype = self.cache, self._kv_dtype
+        T = ids.shape[0]
         first = cache.total_appended
         positions = torch.arange(first, first + T, device=self.device)
-        past_pos = cache.positions().to(self.device)  # [n_past], oldest first (get_valid's order)
-        key_pos = torch.cat([past_pos, positions])
-        if first + T <= cache.max_positions and past_pos.numel() == 0:
+        in_place = first + T <= cache.max_positions
+        if in_place and first == 0:
             mask = None  # causal
-        elif first + T <= cache.max_positions and self.device.type == "cuda":
-            # nothing evicted: causal aligned at the end, which SDPA's fused kernels run
+        elif in_place and self.device.type == "cuda":
+            # causal aligned at the end, which SDPA's fused kernels run
             # (imported here: torch.nn.attention.bias loads triton)
             from torch.nn.attention.bias import causal_lower_right
 
-            mask = causal_lower_right(T, key_pos.numel())
+            mask = causal_lower_right(T, first + T)
         else:
+            past_pos = cache.positions().to(self.device)  # [n_past], oldest first (get_valid's order)
+            key_pos = torch.cat([past_pos, positions])
             mask = window_mask(positions, key_pos, cache.max_positions, cache.sink_positions)
-        keys = torch.empty((cfg.num_layers, T, Hkv, D), dtype=kv_dtype, device=self.device)
-        values = torch.empty_like(keys)
+        in_store = not cache.quantized  # the store holds exactly the keys given
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys[i], values[i] = k, v
-            if past_pos.numel():
+            k, v, q = k.to(kv_dtype), v.to(kv_dtype), q.to(kv_dtype)
+            if in_place:
+                cache.write_ahead(i, k, v)
+                if in_store:
+                    keys, values = cache.read_slots(i, first + T)  # views
+                elif first:
+                    past_k, past_v = cache.read_slots(i, first)  # dequantized
+                    keys, values = torch.cat([past_k, k]), torch.cat([past_v, v])
+                else:
+                    keys, values = k, v
+                return self._prefill_attention(q, keys, values, mask)
+            if first:
                 past_k, past_v = cache.get_valid(i)  # [n_past, Hkv, D]
-                k, v = torch.cat([past_k, keys[i]]), torch.cat([past_v, values[i]])
+                keys, values = torch.cat([past_k, k]), torch.cat([past_v, v])
             else:
-                k, v = keys[i], values[i]
-            return self._prefill_attention(q.to(kv_dtype), k, v, mask)
+                keys, values = k, v
+            out = self._prefill_attention(q, keys, values, mask)
+            cache.write_ahead(i, k, v)  # over slots this layer no longer reads
+            return out
 
         x = self._layers(F.embedding(ids, self.embed), positions, attend)
-        cache.extend(keys, values)
+        cache.commit_ahead()
         return x
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -685,11 +713,24 @@ class CausalLM:
         count = cache.position_counter()  # the position being written
         torch.add(count, 1, out=self._n_valid)  # valid slots once it is written
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cache.write_at_counter(k[0].to(kv_dtype), v[0].to(kv_dtype), layer=i)
+        # with the Triton ops (float, int8 or float8 storage): rotary of q and k and the write
+        # of k and v, one launch per layer (q, k unrotated here: _layers leaves the rotation)
+        fused = self.fused_ops and cache.dtype != INT4
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+            if fused:
+                from kvcore.triton_model import rotary_store_
+
+                k_store, v_store, k_scale, v_scale = cache.storage.layer(i)
+                rotary_store_(q[0], k[0], v[0], cos, sin, k_store, v_store, count,
+                              cache.sink_positions, k_scale, v_scale)
+            else:
+                cache.write_at_counter(k[0].to(kv_dtype), v[0].to(kv_dtype), layer=i)
             return cache.attend_slots(i, q[0].to(kv_dtype), self._n_valid)[None]  # [1, H, D]
 
-        x = self._layers(F.embedding(self._token[0], self.embed), count.view(1), attend)
+        x = self._layers(F.embedding(self._token[0], self.embed), count.view(1), attend,
+                         rotate_in_attend=fused)
         if advance:
             cache.advance_counter()
         self._logits.copy_(self.linear(x, self.lm_head))
@@ -714,14 +755,21 @@ class CausalLM:
     # ------------------------------------------------------------------ shared pieces
 
     def _layers(self, h: torch.Tensor, positions: torch.Tensor,
-                attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+                attend: Callable[..., torch.Tensor], rotate_in_attend: bool = False) -> torch.Tensor:
         """Every decoder layer over hidden states h [T, hidden] at positions [T] (a device
         tensor), then the final norm -> [T, hidden]. attend(layer, q [T, H, D], k, v
-        [T, Hkv, D]) hands K/V to the cache and returns the attention [T, H, D]. Each
-        residual add is fused into the next norm (one launch with the Triton ops)."""
+        [T, Hkv, D]) hands K/V to the cache and returns the attention [T, H, D]; with
+        `rotate_in_attend` q and k come unrotated, with cos=, sin= [T, D] to rotate them.
+        Each residual add is fused into the next norm (one launch with the Triton ops)."""
         cfg, linear = self.config, self.linear
         T, H, Hkv, D = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        rotate = self._rotation(positions)
+        if rotate_in_attend:
+            cos, sin = rotary_cos_sin(positions, self._inv_freq, self.dtype)  # once for every layer
+        else:
+            rotate = self._rotation(positions)
+        # a linear hook may carry `swiglu(gate, up, w)`: linear(silu(gate) * up, w) in one
+        # launch, or None where it does not apply (kvcore.triton_gemv's GEMV at one row)
+        swiglu = getattr(linear, "swiglu", None) if self.fused_ops else None
         y = None  # the MLP output not yet added to h
         I = cfg.intermediate_size
         for i, layer in enumerate(self.layers):
@@ -730,15 +778,21 @@ class CausalLM:
                 q, k, v = linear(x, layer.wq), linear(x, layer.wk), linear(x, layer.wv)
             else:  # one projection, then views: q [T, H*D], k and v [T, Hkv*D]
                 q, k, v = linear(x, layer.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q = rotate(q.view(T, H, D))
-            k = rotate(k.view(T, Hkv, D))
-            attn = attend(i, q, k, v.view(T, Hkv, D)).to(self.dtype)
+            if rotate_in_attend:
+                attn = attend(i, q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D),
+                              cos=cos, sin=sin).to(self.dtype)
+            else:
+                q = rotate(q.view(T, H, D))
+                k = rotate(k.view(T, Hkv, D))
+                attn = attend(i, q, k, v.view(T, Hkv, D)).to(self.dtype)
             h, x = self._add_norm(h, linear(attn.reshape(T, H * D), layer.wo), layer.post_norm)
             if layer.w_gate_up is None:
                 gate, up = linear(x, layer.w_gate), linear(x, layer.w_up)
             else:
                 gate, up = linear(x, layer.w_gate_up).split([I, I], dim=-1)
-            y = linear(self._act(gate, up), layer.w_down)
+            y = None if swiglu is None else swiglu(gate, up, layer.w_down)
+            if y is None:
+                y = linear(self._act(gate, up), layer.w_down)
         return self._add_norm(h, y, self.norm)[1]
 
     def _add_norm(self, h: torch.Tensor, y: torch.Tensor | None,

@@ -48,7 +48,9 @@ Key decisions:
   peak since a reset, plus the CUDA context NVML sees beyond the pool; the CPU's peak resident
   growth plus the weights, which exist before the reset). Whatever the peer holds (its static
   cache, its compiled graphs' pool, from this or an earlier trial of the same process) is
-  subtracted, and measured apart as `hf_peak_mem_gb`.
+  subtracted, and measured apart as `hf_peak_mem_gb` (`peer_memory`): before and after the
+  peer's run pending frees are settled (`settle_memory`: garbage, and cuBLAS's workspaces,
+  which a CUDA graph capture of the peer's compile would otherwise free from under it).
 - Logit tolerance: `kvcore.model_check.logit_tolerance` (its docstring gives the reasoning):
   a relative-L2 bound per step from the weights' rounding over the layers, plus a measured
   allowance for a lossy cache dtype (the reference is transformers with a cache in the
@@ -120,7 +122,7 @@ class ModelBenchConfig:
     new_tokens: int = 64  # decode tokens per repetition
     repetitions: int = 5
     sink_positions: int = 0
-    prefill_chunk: int = 2048
+    prefill_chunk: int = 4096  # kvcore.model.PREFILL_CHUNK
     check_tokens: int = 32  # teacher-forced tokens compared with transformers
     logits_tolerance: float | None = None  # max |logit difference| allowed; None: kvcore.model_check.logit_tolerance
     peer: str = "compile"  # compile (static cache, compiled and eager) | eager | none
@@ -606,6 +608,33 @@ def peer_need_bytes(cfg: ModelBenchConfig, peer) -> int:
     return int(cache + PEER_MARGIN_BYTES)
 
 
+def settle_memory(device: torch.device) -> None:
+    """Free what is pending before a memory baseline: garbage, finished work, and cuBLAS's
+    per-stream workspaces (tens of MB each, allocated by whoever ran a matmul last; a CUDA
+    graph capture, torch.compile's included, frees them, so left in place they would leave
+    another party's figure during the peer's run)."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    torch.cuda.empty_cache()
+
+
+def peer_memory(held_before: int, peak: int, held_after: int, resident_before: int) -> tuple[int, int]:
+    """(the peer's peak bytes in a run, the bytes it keeps afterwards), from the device's
+    allocated bytes before the run, its peak and after it (the last two settled), and what
+    the peer kept from its earlier runs (its static cache, its graph pool: part of
+    `held_before`). Everything else allocated (`held_before - resident_before`: kvcore's
+    leftovers, the prompt) is not the peer's; it does not grow during the peer's run. Were
+    some of it freed meanwhile, the peer's figures would come out low by that much; they are
+    bounded below by 0 and by what the peer is known to hold, never negative."""
+    assert min(held_before, peak, held_after, resident_before) >= 0, "byte counts are non-negative"
+    others = max(0, held_before - resident_before)
+    resident_after = max(0, held_after - others)
+    return max(peak - others, resident_before, resident_after), resident_after
+
+
 class Peer:
     """transformers beside kvcore, kept across the trials of one process: its model, and
     whether its compiled step was already warmed (compiled once, reused)."""
@@ -636,8 +665,9 @@ class Peer:
             figures["hf_compile_skipped"] = "torch.compile is not run on the CPU (generate compiles on CUDA only)"
         else:
             figures["hf_compile_skipped"] = "peer=eager"
-        held_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if device.type == "cuda":
+            settle_memory(device)  # nothing of anyone else's is freed during the peer's run
+            held_before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         for compiled in modes:
             try:
@@ -668,9 +698,11 @@ class Peer:
             # prefill: the last mode's calls (the compiled one where it runs)
             figures["hf_prefill_tok_s"] = statistics.median(cfg.context_length / p for p, _, _ in runs)
         if device.type == "cuda":
-            _sync(device)
-            figures["hf_peak_mem_gb"] = (torch.cuda.max_memory_allocated(device) - held_before + self.resident) / 1e9
-            self.resident += torch.cuda.memory_allocated(device) - held_before
+            peak = torch.cuda.max_memory_allocated(device)
+            settle_memory(device)
+            peak_bytes, self.resident = peer_memory(held_before, peak, torch.cuda.memory_allocated(device),
+                                                    self.resident)
+            figures["hf_peak_mem_gb"] = peak_bytes / 1e9
         return figures
 
 
@@ -704,7 +736,7 @@ def _run(cfg: ModelBenchConfig, device: torch.device, peer: Peer | None, copy: t
     gc.collect()
     host_peak = _HostPeak()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        settle_memory(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
         host_peak.reset()

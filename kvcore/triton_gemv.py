@@ -135,9 +135,11 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def _gemv(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, N, K, stride_wn,
+    def _gemv(x_ptr, u_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, N, K, stride_wn,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-              EVEN: tl.constexpr):
+              EVEN: tl.constexpr, SWIGLU: tl.constexpr):
+        # SWIGLU: x_ptr is the gate, u_ptr the up projection, and the row multiplied is
+        # silu(gate) * up, each rounded to the dtype as kvcore.triton_model.silu_mul rounds
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -152,11 +154,19 @@ def _kernels():
             offs = k + cols
             if EVEN:
                 x = tl.load(x_ptr + offs)
+                if SWIGLU:
+                    u = tl.load(u_ptr + offs)
                 w = tl.load(w_rows + offs[None, :])
             else:
                 col_ok = offs < k_end
                 x = tl.load(x_ptr + offs, mask=col_ok, other=0.0)
+                if SWIGLU:
+                    u = tl.load(u_ptr + offs, mask=col_ok, other=0.0)
                 w = tl.load(w_rows + offs[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            if SWIGLU:
+                g = x.to(tl.float32)
+                act = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+                x = (act * u.to(tl.float32)).to(x.dtype)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         part = tl.sum(acc, axis=1)  # [BLOCK_N]
         if SPLIT_K == 1:
@@ -187,9 +197,11 @@ def _kernels():
         keep = set(candidates(named_args["N"], named_args["K"]))
         return [c for c in configs if _as_gemv_config(c) in keep] or configs
 
-    tuned = triton.autotune(configs=[as_config(c) for c in CONFIGS], key=["N", "K"],
-                            prune_configs_by={"early_config_prune": prune})(kernel)
-    return kernel, tuned
+    def autotuned():  # one per SWIGLU value: each keeps its own choices
+        return triton.autotune(configs=[as_config(c) for c in CONFIGS], key=["N", "K"],
+                               prune_configs_by={"early_config_prune": prune})(kernel)
+
+    return kernel, autotuned(), autotuned()
 
 
 _WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -231,28 +243,36 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [K] or [..., K] with one row, weight [N, K] -> x @ weight.T, shaped x.shape[:-1] + (N,).
-    `config` None: the autotuned choice on a GPU (the first of CONFIGS in the interpreter)."""
+    `config` None: the autotuned choice on a GPU (the first of CONFIGS in the interpreter).
+    With `up` (x's shape and dtype): the row multiplied is silu(x) * up, computed as the
+    weights are read (x the gate of a SwiGLU MLP, weight its down projection), rounded as
+    kvcore.triton_model.silu_mul rounds: the activation's launch goes."""
     _check(x, weight)
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.device != x.device):
+        raise ValueError(f"up must match the gate's shape, dtype and device {tuple(x.shape)} {x.dtype} "
+                         f"{x.device}, got {tuple(up.shape)} {up.dtype} {up.device}")
     if not available(x.device):
         raise ValueError(f"the Triton GEMV needs CUDA (or TRITON_INTERPRET=1 on the CPU), got {x.device}")
     n, k = weight.shape
     x = x.contiguous()
+    u = x if up is None else up.contiguous()
     if out is None:
         out = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
     ws, counts = workspace(x.device, n)
-    kernel, tuned = _kernels()
+    kernel, tuned, tuned_swiglu = _kernels()
     if config is None and _interpreting():
         config = CONFIGS[0]
     if config is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        tuned[grid](x, weight, out, ws, counts, n, k, weight.stride(0))
+        (tuned if up is None else tuned_swiglu)[grid](x, u, weight, out, ws, counts, n, k, weight.stride(0),
+                                                      SWIGLU=up is not None)
     else:
         grid = (triton.cdiv(n, config.block_n), config.split_k)
-        kernel[grid](x, weight, out, ws, counts, n, k, weight.stride(0), BLOCK_N=config.block_n,
-                     BLOCK_K=config.block_k, SPLIT_K=config.split_k, num_warps=config.num_warps,
-                     num_stages=config.num_stages)
+        kernel[grid](x, u, weight, out, ws, counts, n, k, weight.stride(0), BLOCK_N=config.block_n,
+                     BLOCK_K=config.block_k, SPLIT_K=config.split_k, SWIGLU=up is not None,
+                     num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
@@ -267,12 +287,12 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def ready(n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
+def ready(n: int, k: int, dtype: torch.dtype, device: torch.device, swiglu: bool = False) -> bool:
     """Whether a launch for (N, K) needs nothing that a graph capture forbids: its workspace
     exists and the autotuner already chose its config (or there is no autotuning here)."""
     if (torch.device(device), n) not in _WORKSPACES:
         return False
-    return _interpreting() or chosen_config(n, k, dtype) is not None
+    return _interpreting() or chosen_config(n, k, dtype, swiglu) is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -284,6 +304,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return gemv(x, weight)
         CAPTURE_FALLBACKS[tuple(weight.shape)] = CAPTURE_FALLBACKS.get(tuple(weight.shape), 0) + 1
     return F.linear(x, weight)
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """(silu(gate) * up) @ weight.T by the GEMV with the activation in its prologue, for one
+    row where `linear` would take the GEMV (a capture: where that shape is ready); None
+    otherwise: the caller runs its activation and `linear`. `linear.swiglu` is this function
+    (the model looks for it on its linear hook)."""
+    if usable(gate, weight) and up.shape == gate.shape and up.dtype == gate.dtype:
+        if not _capturing(gate.device) or ready(weight.shape[0], weight.shape[1], weight.dtype, gate.device,
+                                                 swiglu=True):
+            return gemv(gate, weight, up=up)
+    return None
+
+
+linear.swiglu = swiglu_linear
 
 
 def prepare(weights, device: torch.device | str | None = None) -> int:
@@ -305,11 +340,13 @@ def _as_gemv_config(config) -> GemvConfig:
     return GemvConfig(kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"], config.num_warps, config.num_stages)
 
 
-def chosen_config(n: int, k: int, dtype: torch.dtype | None = None) -> GemvConfig | None:
-    """The config the autotuner picked for (N, K) (and `dtype`, if given), if it ran."""
+def chosen_config(n: int, k: int, dtype: torch.dtype | None = None, swiglu: bool = False) -> GemvConfig | None:
+    """The config the autotuner picked for (N, K) (and `dtype`, if given; `swiglu`: of the
+    GEMV with the SwiGLU prologue), if it ran."""
     if not _triton_importable():
         return None
-    _, tuned = _kernels()
+    _, plain, with_swiglu = _kernels()
+    tuned = with_swiglu if swiglu else plain
     for key, config in getattr(tuned, "cache", {}).items():
         if tuple(key[:2]) == (n, k) and (dtype is None or str(dtype) in map(str, key[2:])):
             return _as_gemv_config(config)

@@ -196,6 +196,14 @@ def _kernels():
     return store_rows_kernel, load_rows_kernel
 
 
+def jit_helpers():
+    """(saturate, round_e4m3): the Triton device functions of this file's quantization, for
+    another kernel that quantizes rows exactly as the store does (kvcore/triton_model.py's
+    rotary_store_). Imports triton."""
+    _kernels()
+    return _saturate, _round_e4m3
+
+
 def store_slots(
     kv: torch.Tensor,  # [2, L, P, Hkv, D] storage dtype (the cache's allocation, or a layer slice of it)
     kv_scale: torch.Tensor | None,  # [2, L, P, Hkv] float32 for int8/float8, else None

@@ -724,3 +724,119 @@ def test_logit_tolerance_values_and_judgement():
     nan[0, 0] = float("nan")
     assert not judge_logits(nan, ref, int4)["logits_ok"]
     assert judge_logits(ref + noise, ref, int4)["logits_ok"]  # int4: finiteness only
+
+
+# ---------------------------------------------------------------------- prefill into the cache
+
+
+def test_prefill_attends_over_the_cache_in_place_without_a_copy_of_the_past(monkeypatch):
+    """While nothing is evicted a chunk writes each layer into the cache and attends over the
+    layer's own slots: the keys SDPA gets are views of the store (no get_valid, no cat of
+    the past, no buffer of every layer), and the logits equal one chunk's and transformers'."""
+    model = hf_model(seed=11)
+    lm = CausalLM.from_state_dict(model.config, model.state_dict(), max_positions=40)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 23), generator=torch.Generator().manual_seed(11))
+    seen = []
+    attention = lm._prefill_attention
+
+    def spy(q, k, v, mask):
+        seen.append((k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr(), k.shape[0]))
+        return attention(q, k, v, mask)
+
+    def no_get_valid(layer):
+        raise AssertionError("prefill copied the past with get_valid")
+
+    monkeypatch.setattr(lm, "_prefill_attention", spy)
+    monkeypatch.setattr(lm.cache, "get_valid", no_get_valid)
+    got = lm.prefill(ids, chunk_size=5)
+    store = lm.cache.storage.kv.untyped_storage().data_ptr()
+    assert seen and all(k == v == store for k, v, _ in seen)  # the store itself
+    assert [n for _, _, n in seen[::3]] == [5, 10, 15, 20, 23]  # the past and the chunk
+    assert lm.cache.total_appended == 23
+    with torch.no_grad():
+        want = model(ids).logits[0, -1]
+    torch.testing.assert_close(got[0], want, rtol=0, atol=FLOAT32_ATOL)
+    monkeypatch.undo()
+    lm.reset()
+    torch.testing.assert_close(lm.prefill(ids, chunk_size=23), got, rtol=0, atol=FLOAT32_ATOL)
+
+
+@pytest.mark.parametrize("cache_dtype", ["int8", "int4"])
+def test_prefill_of_a_quantized_cache_in_chunks_stays_close(cache_dtype):
+    """8/4-bit storage: the past is dequantized from the cache, the chunk's own keys used as
+    computed; close to transformers, and the cache holds what one extend would hold."""
+    model = hf_model(seed=12)
+    made = dict(max_positions=40, cache_dtype=cache_dtype)
+    lm = CausalLM.from_state_dict(model.config, model.state_dict(), **made)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 30), generator=torch.Generator().manual_seed(12))
+    got = lm.prefill(ids, chunk_size=7)
+    with torch.no_grad():
+        want = model(ids).logits[0, -1:]
+    assert rel_l2_per_step(got, want) <= CACHE_REL_L2[cache_dtype]
+    one = CausalLM.from_state_dict(model.config, model.state_dict(), **made)
+    one.prefill(ids[:, :7], chunk_size=7)  # the first chunk: the same keys, the same rounding
+    for layer in range(3):
+        a, b = lm.cache.read_slots(layer, 7), one.cache.read_slots(layer, 7)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def _cache(**overrides):
+    from kvcore.cache import StreamingKVCache
+
+    made = dict(num_layers=3, max_positions=7, num_heads=4, head_dim=5, num_kv_heads=2,
+                dtype="float32", sink_positions=2, out_dtype="float32")
+    return StreamingKVCache(**{**made, **overrides})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("steps", [[3, 2], [4, 9], [12]])  # no wrap; wrap; more than the window
+def test_write_ahead_layer_by_layer_equals_extend(dtype, steps):
+    gen = torch.Generator().manual_seed(sum(steps))
+    ahead, whole = _cache(dtype=dtype), _cache(dtype=dtype)
+    for n in steps:
+        keys, values = torch.randn(2, 3, n, 2, 5, generator=gen).unbind(0)
+        for layer in (2, 0, 1):  # any order; strided rows
+            ahead.write_ahead(layer, keys[layer], values.transpose(0, 1)[:, layer])
+        assert ahead.total_appended == whole.total_appended  # not counted yet
+        assert ahead.commit_ahead() == n
+        whole.extend(keys, values.contiguous())
+        assert ahead.total_appended == whole.total_appended
+        for layer in range(3):
+            for a, b in zip(ahead.get_valid(layer), whole.get_valid(layer)):
+                assert torch.equal(a, b)
+    first = _cache(dtype=dtype, max_positions=20)
+    keys = torch.randn(3, 6, 2, 5, generator=gen)
+    first.extend(keys, keys)
+    k, v = first.read_slots(1, 6)  # before a wrap: slot p holds position p
+    torch.testing.assert_close(k, first.get_valid(1)[0], rtol=0, atol=0)
+    if dtype == "float32":
+        assert k.data_ptr() == first.k_store[1].data_ptr()  # a view
+
+
+def test_write_ahead_errors_leave_the_cache_usable():
+    cache = _cache()
+    k = torch.randn(4, 2, 5)
+    cache.write_ahead(0, k, k)
+    with pytest.raises(ValueError, match="already written ahead"):
+        cache.write_ahead(0, k, k)
+    with pytest.raises(ValueError, match="same number of positions"):
+        cache.write_ahead(1, k[:3], k[:3])
+    with pytest.raises(ValueError, match="every layer"):
+        cache.commit_ahead()
+    with pytest.raises(ValueError, match="written ahead"):
+        cache.extend(torch.zeros(3, 1, 2, 5), torch.zeros(3, 1, 2, 5))
+    with pytest.raises(ValueError, match="written ahead"):
+        cache.append(0, k[0], k[0])
+    with pytest.raises(ValueError, match="shape"):
+        cache.write_ahead(1, k[:, :1], k[:, :1])
+    with pytest.raises(ValueError, match="n must be"):
+        cache.read_slots(0, 8)
+    cache.write_ahead(1, k, k)
+    cache.write_ahead(2, k, k)
+    assert cache.commit_ahead() == 4 and cache.commit_ahead() == 0
+    cache.append(0, k[0], k[0])  # usable again
+    cache.clear()
+    cache.write_ahead(0, k, k)
+    cache.clear()  # forgets what was written ahead
+    cache.extend(torch.zeros(3, 1, 2, 5), torch.zeros(3, 1, 2, 5))
+    assert cache.total_appended == 1

@@ -109,6 +109,40 @@ def test_compare_logits_counts_only_decisive_steps():
     assert out["logits_max_abs_diff"] == pytest.approx(6.5) and not out["logits_ok"]
 
 
+MB = 10**6
+
+
+def test_peer_memory_counts_its_own_growth_and_what_it_keeps():
+    # kvcore's leftovers 1000 MB; the peer peaks 500 MB above them and keeps 200 MB
+    peak, resident = mb.peer_memory(1000 * MB, 1500 * MB, 1200 * MB, 0)
+    assert (peak, resident) == (500 * MB, 200 * MB)
+    # next trial: other leftovers (900 MB) beside the 200 MB it kept; it peaks 300 MB higher
+    peak, resident = mb.peer_memory(1100 * MB, 1400 * MB, 1100 * MB, resident)
+    assert (peak, resident) == (500 * MB, 200 * MB)  # its peak counts what it kept
+
+
+def test_peer_memory_is_never_negative_when_others_free_memory_during_its_run():
+    """The H200 failure: a graph capture in the peer's compile freed 66 MB that was not the
+    peer's (cuBLAS workspaces). The old arithmetic, resident += after - before, went negative
+    and so did the next trial's figure; the peer's figures are now bounded below."""
+    before, freed, grown = 1000 * MB, 66 * MB, 50 * MB
+    after = before - freed + grown
+    old_resident = after - before
+    assert old_resident < 0  # what the old code kept
+    peak, resident = mb.peer_memory(before, before, after, 0)
+    assert peak >= 0 and resident == 0
+    # the second trial: the peer's own run allocates 10 MB more than it had
+    before2 = 700 * MB + resident
+    assert (before2 + 10 * MB - before2 + old_resident) < 0  # the old figure of the second trial
+    peak2, resident2 = mb.peer_memory(before2, before2 + 10 * MB, before2, resident)
+    assert peak2 == 10 * MB and resident2 == 0
+    # what it is known to hold bounds its peak from below even if the run freed others' memory
+    peak3, resident3 = mb.peer_memory(900 * MB, 900 * MB, 850 * MB, 200 * MB)
+    assert peak3 == 200 * MB and resident3 == 150 * MB
+    with pytest.raises(AssertionError):
+        mb.peer_memory(-1, 0, 0, 0)
+
+
 @pytest.mark.parametrize("name, billions", [("llama7b", 6.738), ("llama3_8b", 8.030)])
 def test_parameter_count_of_the_real_shapes(name, billions):
     assert mb.parameter_count(mb.SHAPES[name]) / 1e9 == pytest.approx(billions, abs=1e-3)
@@ -214,3 +248,9 @@ def test_profile_kinds_and_off_on_the_cpu():
     assert mb._kernel_kind("void at::native::elementwise_kernel<128, 2>") == "other"
     off = mb.profile_decode(None, None, make_config(profile=True), torch.device("cpu"))
     assert math.isnan(off["profile_linear_ms"]) and off["profile_top"] == ""
+
+
+def test_default_prefill_chunk_is_the_models():
+    from kvcore.model import PREFILL_CHUNK
+
+    assert mb.ModelBenchConfig().prefill_chunk == PREFILL_CHUNK

@@ -27,7 +27,7 @@ HAS_TRITON = tg._triton_importable()
 def make_case(**overrides):
     """One product; defaults: N=37 rows, K=53 columns (odd), float16, 3 splits of K."""
     case = dict(n=37, k=53, dtype="float16", block_n=8, block_k=16, split_k=3, x_shape="row",
-                row_pad=0, seed=0, default_config=False, gain=1.0)
+                row_pad=0, seed=0, default_config=False, gain=1.0, swiglu=False)
     case.update(overrides)
     return case
 
@@ -41,17 +41,27 @@ def run_case(case, device="cpu"):
     weight = wide.to(dtype)[:, :k]  # row stride k + row_pad: rows need not be packed
     x = torch.randn(k, generator=gen, device=device).to(dtype)
     x = {"row": x[None, :], "flat": x, "3d": x[None, None, :]}[case["x_shape"]]
+    up, multiplied = None, x
+    if case["swiglu"]:  # x is the gate; gate and up: the two halves of one row, as the model has them
+        both = (torch.randn(2 * k, generator=gen, device=device) * 3).to(dtype)
+        x, up = both[None, :k], both[None, k:]
+        multiplied = swiglu_reference(x, up)
     out = torch.full(x.shape[:-1] + (n,), float("nan"), dtype=dtype, device=device)
     config = None if case["default_config"] else tg.GemvConfig(case["block_n"], case["block_k"], case["split_k"])
     results = []
     for _ in range(2):  # twice: the second launch finds the workspace the first left
-        y = tg.gemv(x, weight, out=out, config=config)
+        y = tg.gemv(x, weight, out=out, config=config, up=up)
         assert y.data_ptr() == out.data_ptr()
-        results.append(tg.relative_error(y, tg.reference_gemv(x, weight)))
+        results.append(tg.relative_error(y, tg.reference_gemv(multiplied, weight)))
         out.fill_(float("nan"))
     ws, counts = tg.workspace(torch.device(device), n)
     return {"err": max(results), "tol": tg.TOLERANCE[dtype], "shape": list(y.shape),
             "clean": bool((ws == 0).all() and (counts == 0).all())}
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up rounded as kvcore.triton_model.silu_mul (and transformers) round it."""
+    return (F.silu(gate.float()).to(gate.dtype).float() * up.float()).to(gate.dtype)
 
 
 CPU_CASES = {
@@ -72,6 +82,11 @@ CPU_CASES = {
     "split4-block64": make_case(n=48, k=512, block_n=16, block_k=64, split_k=4),
     "split2-block128-wide-n": make_case(n=96, k=256, block_n=32, block_k=128, split_k=2),
     "split1-block512": make_case(n=40, k=1024, block_n=8, block_k=512, split_k=1),
+    # silu(gate) * up in the prologue (the down projection of a SwiGLU MLP)
+    "swiglu-odd-split3": make_case(swiglu=True),
+    "swiglu-even-split2-bf16": make_case(n=64, k=128, block_n=16, block_k=32, split_k=2, dtype="bfloat16",
+                                         swiglu=True),
+    "swiglu-split1": make_case(n=29, k=301, block_n=4, block_k=32, split_k=1, swiglu=True),
 }
 
 
@@ -177,6 +192,22 @@ def test_candidates_keep_every_config_where_none_tiles_exactly():
 
 
 gpu = pytest.mark.skipif(not tg.available("cuda"), reason="needs CUDA and triton")
+
+
+def test_swiglu_linear_declines_where_the_gemv_does_not_run():
+    """On the CPU without the interpreter (or for several rows) swiglu_linear gives None: the
+    model then runs its activation and `linear`; the hook carries it."""
+    gate, up, w = torch.randn(2, 1, 8).half(), torch.randn(1, 8).half(), torch.randn(5, 8).half()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert tg.swiglu_linear(gate[0], up, w) is None
+    assert tg.swiglu_linear(torch.randn(3, 8).half(), torch.randn(3, 8).half(), w) is None
+    assert tg.linear.swiglu is tg.swiglu_linear
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_swiglu_up_of_another_shape_is_a_value_error():
+    with pytest.raises(ValueError, match="up must match"):
+        tg.gemv(torch.randn(1, 8).half(), torch.randn(5, 8).half(), up=torch.randn(1, 7).half())
 
 
 @pytest.mark.gpu

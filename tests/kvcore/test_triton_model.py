@@ -31,7 +31,8 @@ def run_checks(device: str = "cpu") -> dict[str, float]:
     import torch.nn.functional as F
 
     from kvcore.model import apply_rotary, rms_norm, rotary_cos_sin
-    from kvcore.triton_model import add_rms_norm, rotary_, silu_mul
+    from kvcore.storage import dequantize, quantize
+    from kvcore.triton_model import add_rms_norm, rotary_, rotary_store_, silu_mul
 
     gen = torch.Generator().manual_seed(0)
     worst = {}
@@ -66,6 +67,53 @@ def run_checks(device: str = "cpu") -> dict[str, float]:
         rotary_(strided, cos, sin)
         worst[f"rotary-view-{name}"] = err(strided, want)
 
+        # the decode step's rotary of q and k plus the cache write of k and v, one launch:
+        # rows of a fused q/k/v output (strided), a ring of 7 slots after 2 sinks
+        H, Hkv, P, S = 6, 2, 7, 2
+        qkv = torch.randn(1, (H + 2 * Hkv) * D, generator=gen).to(device, dtype)
+        q, k, v = (t.view(heads_, D) for t, heads_ in
+                   zip(qkv[0].split([H * D, Hkv * D, Hkv * D]), (H, Hkv, Hkv)))
+        other = "float32" if name != "float32" else "float16"  # a store of another dtype
+        for store_name, position in ((name, 1), (name, 9), (other, 11)):
+            store_dtype = getattr(torch, store_name)
+            cos1, sin1 = rotary_cos_sin(torch.tensor([position], device=device), inv_freq, dtype)
+            stores = torch.randn(2, P, Hkv, D, generator=gen).to(device, store_dtype)
+            want_stores = stores.clone()
+            slot = position if position < P else S + (position - S) % (P - S)
+            want_q = apply_rotary(q[None], cos1, sin1)[0]
+            want_stores[0, slot] = apply_rotary(k[None], cos1, sin1)[0].to(store_dtype)
+            want_stores[1, slot] = v.to(store_dtype)
+            q_in, k_in, v_in = qkv.clone()[0].split([H * D, Hkv * D, Hkv * D])
+            q_in = q_in.view(H, D)
+            count = torch.tensor(position, device=device)
+            rotary_store_(q_in, k_in.view(Hkv, D), v_in.view(Hkv, D), cos1, sin1, stores[0],
+                          stores[1], count, S)
+            key = f"rotary_store-{'mixed' if store_name != name else 'same'}-p{position}-{name}"
+            worst[key] = max(err(q_in, want_q), err(stores, want_stores))
+        # 8-bit storage: the rows quantized as the cache's own write quantizes them
+        for store_dtype in (torch.int8, torch.float8_e4m3fn):
+            position = 10
+            cos1, sin1 = rotary_cos_sin(torch.tensor([position], device=device), inv_freq, dtype)
+            slot = S + (position - S) % (P - S)
+            stores = torch.zeros(2, P, Hkv, D, device=device).to(store_dtype)
+            scales = torch.ones(2, P, Hkv, device=device)
+            q_in, k_in, v_in = qkv.clone()[0].split([H * D, Hkv * D, Hkv * D])
+            rotary_store_(q_in.view(H, D), k_in.view(Hkv, D), v_in.view(Hkv, D), cos1, sin1,
+                          stores[0], stores[1], torch.tensor(position, device=device), S,
+                          scales[0], scales[1])
+            rows = torch.stack([apply_rotary(k[None], cos1, sin1)[0], v])  # [2, Hkv, D]
+            want_q8, want_scale = quantize(rows, store_dtype)
+            others = [p for p in range(P) if p != slot]
+            untouched = (not stores[:, others].view(torch.uint8).any()
+                         and bool((scales[:, others] == 1).all()))
+            same = (torch.equal(stores[:, slot].view(torch.uint8), want_q8.view(torch.uint8))
+                    and torch.equal(scales[:, slot], want_scale))
+            got_rows = dequantize(stores[:, slot], scales[:, slot], torch.float64)
+            want_rows = dequantize(want_q8, want_scale, torch.float64)
+            key = f"rotary_store-{str(store_dtype)[6:]}-{name}"
+            worst[key] = 0.0 if same else err(got_rows, want_rows)  # bytes equal: 0
+            worst[key] += 0.0 if untouched else 1.0
+
         gate = torch.randn(1500, generator=gen).to(device, dtype) * 4  # not a multiple of the block
         up = torch.randn(1500, generator=gen).to(device, dtype)
         worst[f"silu_mul-{name}"] = err(silu_mul(gate, up), F.silu(gate) * up)
@@ -84,6 +132,27 @@ def interpreter_results():
 def test_kernels_match_the_torch_ops(interpreter_results, kernel, dtype):
     got = interpreter_results[f"{kernel}-{dtype}"]
     assert got <= INTERPRETER_BOUND[dtype], f"{kernel} {dtype}: {got:.2e}"
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None,
+                    reason="triton is not importable")
+@pytest.mark.parametrize("case", ["same-p1", "same-p9", "mixed-p11", "int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_and_cache_write_in_one_launch_match_the_torch_ops(interpreter_results, case, dtype):
+    """q rotated in place, k rotated and v written into the slot of the counter's position
+    (p9, p11: past the ring's wrap; a store of another dtype, p11: cast as the eager path
+    casts); every other slot left as it was (a slot off by one fails at the store's own
+    magnitude). int8 / float8_e4m3fn stores: bytes and scales equal to kvcore.storage's
+    quantization of the rotated row, the other slots untouched (1 added if not)."""
+    got = interpreter_results[f"rotary_store-{case}-{dtype}"]
+    if case in ("int8", "float8_e4m3fn"):
+        # the same bytes where the rotated row is the same; the interpreter's bfloat16 casts
+        # (an ulp off the GPU's) may move a value by one level: of amax / 127 (int8), or of
+        # 2^-3 of the value (float8)
+        bound = 0.0 if dtype != "bfloat16" else {"int8": 2 / 127, "float8_e4m3fn": 0.125}[case]
+    else:
+        bound = INTERPRETER_BOUND[dtype]
+    assert got <= bound, f"{case} {dtype}: {got:.2e}"
 
 
 @pytest.mark.gpu

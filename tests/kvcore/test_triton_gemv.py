@@ -254,6 +254,11 @@ def test_gpu_graph_replays_with_split_k():
 def test_gpu_capture_of_a_shape_never_run_takes_f_linear():
     w = torch.randn(3001, 1237, device="cuda", dtype=torch.float16)  # a shape no other test tunes
     x = torch.randn(1, 1237, device="cuda", dtype=torch.float16)
+    # cuBLAS makes its handle on a stream's first matmul, which a capture cannot do (as every
+    # captured model runs eagerly once first): a matmul of another shape, outside the capture
+    torch.nn.functional.linear(torch.randn(2, 8, device="cuda", dtype=torch.float16),
+                               torch.randn(8, 8, device="cuda", dtype=torch.float16))
+    torch.cuda.synchronize()
     tg.CAPTURE_FALLBACKS.clear()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

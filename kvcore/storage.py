@@ -213,6 +213,15 @@ def store_layout(
     return (2, L, P, H, packed_dim(dtype, D)), dtype, scales
 
 
+def cache_bytes(name: str, num_layers: int, max_positions: int, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes a cache of this shape allocates in storage `name` (stores and scales), from
+    `store_layout`, the layout `KVStorage` allocates: what `StreamingKVCache.memory_bytes()`
+    returns, known before anything is allocated (capacity planning asks here)."""
+    store, store_dtype, scales = store_layout(parse_dtype(name, STORAGE_DTYPES, "dtype"), num_layers,
+                                              max_positions, num_kv_heads, head_dim)
+    return math.prod(store) * store_dtype.itemsize + (0 if scales is None else 4 * math.prod(scales))
+
+
 def triton_kernels_usable(device: torch.device) -> bool:
     """Whether kvcore's Triton kernels can run on tensors of `device`: CUDA with Triton
     importable, or any device under Triton's interpreter (TRITON_INTERPRET=1, tests)."""

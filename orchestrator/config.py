@@ -1,14 +1,17 @@
 """The sweep's configuration: Hydra's composed config checked and turned into frozen data.
 
 The only module that reads Hydra/OmegaConf. `conf/config.yaml` holds the values (defaults,
-one comment per key), `Schema` below their types: it is registered in Hydra's ConfigStore as
-`kvbench_schema` and merged right after config.yaml's own values (its fields are all `???`,
-so it adds types, not values), so a wrongly typed override (`model.num_layers=abc`) fails at
-compose time. `load_sweep(cfg)` then checks what types cannot (non-positive sizes, unknown
-dtype, heads not divisible, sinks not below the context, a missing criterion, a grid key
-that is not a trial parameter, a figure no benchmark produces) and returns a `Sweep` the rest
-of the orchestrator takes; every problem is one `ValueError` naming the key, the value and
-the fix, raised before Ray starts or MLflow is touched.
+one comment per key, the criteria's metric and op included), `Schema` below their types: it is
+registered in Hydra's ConfigStore as `kvbench_schema` and merged right after config.yaml's own
+values (its fields are all `???`, so it adds types, not values), so a wrongly typed override
+(`model.num_layers=abc`) fails at compose time. The schema's trial sections (milestone, model,
+cache, bench) are built from kvcore's `BenchConfig` and `ModelBenchConfig`: each field that
+orchestrator/settings.py places in a section takes the dataclass's type, so a trial's settings
+are declared once. `load_sweep(cfg)` then checks what types cannot (non-positive sizes, unknown
+dtype, heads not divisible, sinks not below the context, a missing criterion or threshold, a
+grid key that is not a trial parameter, a figure no benchmark produces) and returns a `Sweep`
+the rest of the orchestrator takes; every problem is one `ValueError` naming the key, the value
+and the fix, raised before Ray starts or MLflow is touched.
 
 Key decisions:
 - Trial parameters are dotted config paths (`model.num_layers`), the names users override;
@@ -67,6 +70,11 @@ def default_criteria(conf_dir: Path = CONF_DIR) -> dict[str, dict[str, Any]]:
     return raw
 
 
+def _missing(kind: Any) -> tuple[Any, Any]:
+    """A schema field's type and its value `???` (conf/config.yaml gives the value)."""
+    return kind, field(default=MISSING)
+
+
 def _typed(source: type, names: Sequence[str]) -> list[tuple[str, Any, Any]]:
     """Schema fields for fields of a kvcore config dataclass, typed as it types them (no
     values: conf/config.yaml holds those)."""
@@ -91,10 +99,6 @@ def _section(section: str, *own: tuple[str, Any, Any]) -> type:
     if section == "model":
         fields += _shape_typed()
     return dataclasses.make_dataclass(f"{section.title()}Schema", fields)
-
-
-def _missing(kind: Any) -> tuple[Any, Any]:
-    return kind, field(default=MISSING)
 
 
 MilestoneSchema = _section("milestone", ("name", *_missing(str)), ("title", *_missing(str)),

@@ -73,6 +73,7 @@ def test_every_milestone_file_runs_and_judges_the_default_criteria(path):
     for name, default in default_criteria().items():
         metric = MODEL_METRICS.get(default["metric"], default["metric"]) if model else default["metric"]
         assert judged[name] == (metric, default["op"]), name
+        assert sweep.params[f"milestone.criteria.{name}.metric"] == metric  # the logged config says what is judged
 
 
 @pytest.mark.parametrize("path", MILESTONE_FILES, ids=lambda p: p.stem)
@@ -312,3 +313,24 @@ def test_wrong_types_fail_at_compose_time(override):
 def test_unknown_key_fails_at_compose_time():
     with pytest.raises(ConfigCompositionException):
         composed("+milestone=smoke", "model.layers=3")
+
+
+def test_the_trial_sections_take_kvcore_s_types():
+    """The schema types a trial's settings as kvcore's dataclasses do (orchestrator/settings.py
+    places them): BenchConfig's num_kv_heads may be null (num_heads), its floats take ints."""
+    import typing
+
+    from kvcore.bench import BenchConfig
+    from orchestrator.config import Schema
+    from orchestrator.settings import BENCH_PATHS
+
+    hints = typing.get_type_hints(BenchConfig)
+    for path, name in BENCH_PATHS.items():
+        section, key = path.split(".")
+        assert typing.get_type_hints(typing.get_type_hints(Schema)[section])[key] == hints[name], path
+    p = sweep_of("+milestone=smoke", "model.num_kv_heads=null", "bench.rep_budget_s=1").trials[0].params
+    assert p["model.num_kv_heads"] is None and p["bench.rep_budget_s"] == 1.0
+    from orchestrator.capacity import cache_bytes
+    assert cache_bytes(p) == 2 * 3 * 256 * 6 * 16 * 4  # None: one KV head per query head (6), float32
+    with pytest.raises(ConfigCompositionException):
+        composed("+milestone=smoke", "bench.rep_budget_s=abc")

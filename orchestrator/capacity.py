@@ -7,7 +7,7 @@ the devices, this module decides, before anything is submitted, which trials fit
     fits = fitting_devices(need, devices)       # [] -> the trial is SKIPPED with skip_reason
 
 Byte arithmetic (GB are 10^9 bytes, as the milestone table counts them):
-- cache = what kvcore's storage allocates for the trial's BenchConfig (orchestrator/settings.py):
+- cache = what kvcore's storage allocates for the trial's shape and cache dtype:
   `kvcore.storage.cache_bytes`, from the layout the cache allocates (K and V rows of head_dim
   elements; int8 / float8 add one float32 scale per row, int4 stores ceil(head_dim / 2) bytes
   and a float32 scale per 32 values), so it equals `StreamingKVCache.memory_bytes()` (a test checks).
@@ -42,7 +42,7 @@ from typing import Any
 from kvcore.bench import overhead_bytes
 from kvcore.model_bench import cache_bytes as model_cache_bytes, weight_bytes
 from kvcore.storage import cache_bytes as storage_cache_bytes
-from orchestrator.settings import bench_config, model_config, model_mode, model_shape
+from orchestrator.settings import model_config, model_mode, model_shape
 
 GB = 1e9
 MARGIN_BYTES = 0.5 * GB  # fixed part of the margin: CUDA context, torch
@@ -71,9 +71,9 @@ class Device:
 
 def cache_bytes(params: Mapping[str, Any]) -> int:
     """Bytes of the KV cache of a trial (dotted-path parameters, see orchestrator.settings)."""
-    cfg = bench_config(params, device="cpu")
-    return storage_cache_bytes(cfg.dtype, cfg.num_layers, cfg.context_length, cfg.num_kv_heads or cfg.num_heads,
-                               cfg.head_dim)
+    kv_heads = params["model.num_kv_heads"] or params["model.num_heads"]  # None: one per query head
+    return storage_cache_bytes(params["cache.dtype"], params["model.num_layers"], params["milestone.context_length"],
+                               kv_heads, params["model.head_dim"])
 
 
 def _model_need_parts(params: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -86,11 +86,11 @@ def _model_need_parts(params: Mapping[str, Any]) -> tuple[int, int, int]:
 
 def trial_need_parts(params: Mapping[str, Any]) -> tuple[int, int, int]:
     """(cache, weights, margin) bytes of a trial (the real model's where larger)."""
-    cfg = bench_config(params, device="cpu")
     cache = cache_bytes(params)
-    weights = int(cfg.weights_gb * GB)
-    overhead = overhead_bytes(cfg.num_layers, cfg.context_length, cfg.num_heads, cfg.num_kv_heads or cfg.num_heads,
-                              cfg.head_dim, cfg.dtype)
+    weights = int(params["model.weights_gb"] * GB)
+    overhead = overhead_bytes(params["model.num_layers"], params["milestone.context_length"],
+                              params["model.num_heads"], params["model.num_kv_heads"] or params["model.num_heads"],
+                              params["model.head_dim"], params["cache.dtype"])
     margin = int(MARGIN_BYTES) + overhead
     if model_mode(params):
         model = _model_need_parts(params)

@@ -28,8 +28,7 @@ def params(**overrides):
     p = {
         "milestone.context_length": 7, "model.num_layers": 3, "model.num_heads": 6,
         "model.num_kv_heads": 2, "model.head_dim": 5, "model.weights_gb": 0.0,
-        "cache.dtype": "float32", "cache.sink_positions": 1, "bench.repetitions": 1,
-        "bench.decode_steps": 1, "bench.rep_budget_s": 0.1,
+        "cache.dtype": "float32", "cache.sink_positions": 1,
     }
     p.update(overrides)
     return p

@@ -65,7 +65,7 @@ def test_the_table_s_milestones_have_their_files():
 
 
 @pytest.mark.parametrize("path", MILESTONE_FILES, ids=lambda p: p.stem)
-def test_every_milestone_file_runs_and_judges_the_default_criteria(path):
+def test_every_milestone_file_composes_and_judges_the_default_criteria(path):
     sweep = sweep_of(f"+milestone={path.stem}")
     assert sweep.milestone == path.stem and sweep.title and sweep.trials
     model = sweep.trials[0].params.get("bench.decode") == "model"

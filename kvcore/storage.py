@@ -4,7 +4,8 @@ and `KVStorage`, the preallocated tensors with their writes and reads.
 
 Two parts, one concept (where and how the cache's bytes live):
 - Formats (the one place that knows about storage dtypes; a new dtype is added here):
-  `STORAGE_DTYPES`, `store_layout` (allocation shapes of the stores and scales),
+  `STORAGE_DTYPES`, `store_layout` (allocation shapes of the stores and scales) and
+  `cache_bytes` (their bytes, known before allocating),
   `quantize_into` / `quantize` / `dequantize`.
 - `KVStorage`: the allocation [2, L, P, Hkv, D] (K and V halves) and its scales, written at
   host-planned slot runs or at the slot of a position counter kept on the device, read along
@@ -117,17 +118,6 @@ def scale_shape(dtype: torch.dtype, head_dim: int) -> tuple[int, ...]:
     """Trailing shape of the scales per (position, head) row: () for 8-bit (one scale),
     (ceil(head_dim / INT4_GROUP),) for int4; float storage has no scales."""
     return (math.ceil(head_dim / INT4_GROUP),) if dtype == INT4 else ()
-
-
-def row_bytes(name: str, head_dim: int) -> int:
-    """Bytes one (position, KV head) row of K or V takes in storage `name`, scales included:
-    what the cache allocates per row (`StreamingKVCache.memory_bytes()` = 2 x L x P x Hkv x
-    this), and what capacity arithmetic counts."""
-    dtype = parse_dtype(name, STORAGE_DTYPES, "dtype")
-    data = packed_dim(dtype, head_dim) * dtype.itemsize
-    if not is_quantized(dtype):
-        return data
-    return data + 4 * math.prod(scale_shape(dtype, head_dim))
 
 
 def _finite_amax(x: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ from kvcore.bench import (WEIGHT_DTYPES, _environment, _HostPeak, _memory_seen, 
                           measure_copy_gbps, resolve_device)
 from kvcore.model_check import judge_logits, logit_tolerance
 from kvcore.peers import free_bytes
-from kvcore.storage import STORAGE_DTYPES, row_bytes
+from kvcore.storage import STORAGE_DTYPES, cache_bytes as storage_cache_bytes
 
 _ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -209,10 +209,9 @@ def weight_bytes(shape: Mapping[str, Any], dtype: str) -> int:
 
 def cache_bytes(shape: Mapping[str, Any], positions: int, cache_dtype: str) -> int:
     """Bytes of kvcore's cache for this shape (K and V rows, scales included, as
-    `kvcore.storage.row_bytes` counts them and orchestrator.capacity too)."""
+    `kvcore.storage.cache_bytes` counts them for orchestrator.capacity too)."""
     d = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
-    rows = 2 * shape["num_hidden_layers"] * positions * shape["num_key_value_heads"]
-    return rows * row_bytes(cache_dtype, d)
+    return storage_cache_bytes(cache_dtype, shape["num_hidden_layers"], positions, shape["num_key_value_heads"], d)
 
 
 def _dtype(name: str) -> torch.dtype:

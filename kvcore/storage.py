@@ -4,7 +4,8 @@ and `KVStorage`, the preallocated tensors with their writes and reads.
 
 Two parts, one concept (where and how the cache's bytes live):
 - Formats (the one place that knows about storage dtypes; a new dtype is added here):
-  `STORAGE_DTYPES`, `store_layout` (allocation shapes of the stores and scales),
+  `STORAGE_DTYPES`, `store_layout` (allocation shapes of the stores and scales) and
+  `cache_bytes` (their bytes, known before allocating),
   `quantize_into` / `quantize` / `dequantize`.
 - `KVStorage`: the allocation [2, L, P, Hkv, D] (K and V halves) and its scales, written at
   host-planned slot runs or at the slot of a position counter kept on the device, read along
@@ -119,17 +120,6 @@ def scale_shape(dtype: torch.dtype, head_dim: int) -> tuple[int, ...]:
     return (math.ceil(head_dim / INT4_GROUP),) if dtype == INT4 else ()
 
 
-def row_bytes(name: str, head_dim: int) -> int:
-    """Bytes one (position, KV head) row of K or V takes in storage `name`, scales included:
-    what the cache allocates per row (`StreamingKVCache.memory_bytes()` = 2 x L x P x Hkv x
-    this), and what capacity arithmetic counts."""
-    dtype = parse_dtype(name, STORAGE_DTYPES, "dtype")
-    data = packed_dim(dtype, head_dim) * dtype.itemsize
-    if not is_quantized(dtype):
-        return data
-    return data + 4 * math.prod(scale_shape(dtype, head_dim))
-
-
 def _finite_amax(x: torch.Tensor) -> torch.Tensor:
     """amax of |x| over the last axis, non-finite values left out, as float32."""
     xa = x.abs().to(torch.float32)
@@ -211,6 +201,15 @@ def store_layout(
     L, P, H, D = num_layers, max_positions, num_kv_heads, head_dim
     scales = (2, L, P, H, *scale_shape(dtype, D)) if is_quantized(dtype) else None
     return (2, L, P, H, packed_dim(dtype, D)), dtype, scales
+
+
+def cache_bytes(name: str, num_layers: int, max_positions: int, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes a cache of this shape allocates in storage `name` (stores and scales), from
+    `store_layout`, the layout `KVStorage` allocates: what `StreamingKVCache.memory_bytes()`
+    returns, known before anything is allocated (capacity planning asks here)."""
+    store, store_dtype, scales = store_layout(parse_dtype(name, STORAGE_DTYPES, "dtype"), num_layers,
+                                              max_positions, num_kv_heads, head_dim)
+    return math.prod(store) * store_dtype.itemsize + (0 if scales is None else 4 * math.prod(scales))
 
 
 def triton_kernels_usable(device: torch.device) -> bool:

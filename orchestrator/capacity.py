@@ -7,21 +7,22 @@ the devices, this module decides, before anything is submitted, which trials fit
     fits = fitting_devices(need, devices)       # [] -> the trial is SKIPPED with skip_reason
 
 Byte arithmetic (GB are 10^9 bytes, as the milestone table counts them):
-- cache = 2 (K and V) x layers x positions x KV heads x bytes per (position, KV head) row,
-  `kvcore.storage.row_bytes` (head_dim elements; int8 / float8 add one float32 scale, int4
-  stores ceil(head_dim / 2) bytes and a float32 scale per 32 values). This is exactly what
-  `kvcore.StreamingKVCache.memory_bytes()` allocates (a test checks).
+- cache = what kvcore's storage allocates for the trial's shape and cache dtype:
+  `kvcore.storage.cache_bytes`, from the layout the cache allocates (K and V rows of head_dim
+  elements; int8 / float8 add one float32 scale per row, int4 stores ceil(head_dim / 2) bytes
+  and a float32 scale per 32 values), so it equals `StreamingKVCache.memory_bytes()` (a test checks).
 - weights = model.weights_gb (the benchmark allocates and streams them).
 - margin = 0.5 GB (CUDA context or interpreter and torch) + the benchmark's own overhead,
   `kvcore.bench.overhead_bytes` (one layer read back, the bounded float64 checks, the input
   pools): what the trial holds beyond cache and weights, so a trial that cannot fit is
   SKIPPED with its need and the device's capacity before it allocates anything.
-- bench.decode=model: the real model's cache (prompt + the longest run after it) and weights
-  (`kvcore.model_bench`'s arithmetic, from the model config's shape or the checkpoint's
-  config.json), 0.5 GB + 10 % of its cache + 1.5 GB of activations (a prefill chunk's MLP, the
-  teacher-forcing pass, logits); the proxy benchmark runs first and frees its memory, so the
-  larger of the two is the need. transformers' own copy (its static cache) is not counted: the
-  trial runs the peer only where it still fits, and says so where it does not.
+- bench.decode=model: the real model's cache (`ModelBenchConfig.max_positions`: the prompt and the
+  longest run after it) and weights (`kvcore.model_bench`'s cache_bytes and weight_bytes, from the
+  model config's shape or the checkpoint's config.json), 0.5 GB + 10 % of its cache + 1.5 GB of
+  activations (a prefill chunk's MLP, the teacher-forcing pass, logits); the proxy benchmark
+  runs first and frees its memory, so the larger of the two is the need. transformers' own copy
+  (its static cache) is not counted: the trial runs the peer only where it still fits, and says
+  so where it does not.
 
 Key decisions:
 - What a device offers: a GPU's total memory x `gpu_memory_fraction` (it runs one trial at a
@@ -38,22 +39,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import json
-from pathlib import Path
-
 from kvcore.bench import overhead_bytes
-from kvcore.model_bench import SHAPE_KEYS, SHAPES, cache_bytes as model_cache_bytes, weight_bytes
-from kvcore.storage import STORAGE_DTYPES, row_bytes
+from kvcore.model_bench import cache_bytes as model_cache_bytes, weight_bytes
+from kvcore.storage import cache_bytes as storage_cache_bytes
+from orchestrator.settings import model_config, model_mode, model_shape
 
 GB = 1e9
 MARGIN_BYTES = 0.5 * GB  # fixed part of the margin: CUDA context, torch
 MARGIN_CACHE_FRACTION = 0.10  # bench.decode=model: part of the margin that grows with the cache
 MODEL_ACTIVATION_BYTES = 1.5 * GB  # bench.decode=model: activations, logits, the teacher-forcing pass
-MODEL_CHECK_TOKENS = 32  # tokens kvcore.model_bench feeds after the prompt to compare logits
-DECODE_MODES = ("proxy", "model")  # bench.decode: the cache and a weights blob, or also the real model
-# model.* config keys -> transformers' LlamaConfig names, where they differ
-_HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-             "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
 
 
 @dataclass(frozen=True)
@@ -76,48 +70,17 @@ class Device:
 
 
 def cache_bytes(params: Mapping[str, Any]) -> int:
-    """Bytes of the KV cache of a trial (dotted-path parameters, see orchestrator.trial)."""
-    dtype = params["cache.dtype"]
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"cache.dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
-    rows = 2 * params["model.num_layers"] * params["milestone.context_length"] * params["model.num_kv_heads"]
-    return rows * row_bytes(dtype, params["model.head_dim"])
-
-
-def model_mode(params: Mapping[str, Any]) -> bool:
-    """Whether a trial runs the real model too (bench.decode=model)."""
-    return params.get("bench.decode", "proxy") == "model"
-
-
-def model_shape(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The LlamaConfig shape of a bench.decode=model trial: the checkpoint's config.json, else
-    the model config's keys (model.num_layers -> num_hidden_layers, ...)."""
-    checkpoint = params.get("model.checkpoint")
-    if checkpoint:
-        path = Path(checkpoint, "config.json")
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise ValueError(f"model.checkpoint: cannot read {path}: {error}") from None
-        base = SHAPES["llama7b"]
-        shape = {key: config.get(key, base[key]) for key in SHAPE_KEYS}
-        shape["head_dim"] = config.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
-        return shape
-    shape = {hf: params[f"model.{key}"] for key, hf in _HF_NAMES.items()}
-    for key in SHAPE_KEYS:
-        if key not in shape and key != "rope_scaling":
-            shape[key] = params[f"model.{key}"]
-    prefix = "model.rope_scaling."
-    scaling = {p[len(prefix):]: v for p, v in params.items() if p.startswith(prefix)}
-    shape["rope_scaling"] = scaling or None
-    return shape
+    """Bytes of the KV cache of a trial (dotted-path parameters, see orchestrator.settings)."""
+    kv_heads = params["model.num_kv_heads"] or params["model.num_heads"]  # None: one per query head
+    return storage_cache_bytes(params["cache.dtype"], params["model.num_layers"], params["milestone.context_length"],
+                               kv_heads, params["model.head_dim"])
 
 
 def _model_need_parts(params: Mapping[str, Any]) -> tuple[int, int, int]:
+    cfg = model_config(params, device="cpu")
     shape = model_shape(params)
-    positions = params["milestone.context_length"] + max(params["bench.new_tokens"], MODEL_CHECK_TOKENS)
-    cache = model_cache_bytes(shape, positions, params["cache.dtype"])
-    weights = weight_bytes(shape, params["model.weights_dtype"])
+    cache = model_cache_bytes(shape, cfg.max_positions, cfg.cache_dtype)
+    weights = weight_bytes(shape, cfg.weights_dtype)
     return cache, weights, int(MARGIN_BYTES + MODEL_ACTIVATION_BYTES + MARGIN_CACHE_FRACTION * cache)
 
 
@@ -126,7 +89,7 @@ def trial_need_parts(params: Mapping[str, Any]) -> tuple[int, int, int]:
     cache = cache_bytes(params)
     weights = int(params["model.weights_gb"] * GB)
     overhead = overhead_bytes(params["model.num_layers"], params["milestone.context_length"],
-                              params["model.num_heads"], params["model.num_kv_heads"],
+                              params["model.num_heads"], params["model.num_kv_heads"] or params["model.num_heads"],
                               params["model.head_dim"], params["cache.dtype"])
     margin = int(MARGIN_BYTES) + overhead
     if model_mode(params):

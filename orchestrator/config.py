@@ -1,14 +1,17 @@
 """The sweep's configuration: Hydra's composed config checked and turned into frozen data.
 
 The only module that reads Hydra/OmegaConf. `conf/config.yaml` holds the values (defaults,
-one comment per key), `Schema` below their types: it is registered in Hydra's ConfigStore as
-`kvbench_schema` and merged right after config.yaml's own values (its fields are all `???`,
-so it adds types, not values), so a wrongly typed override (`model.num_layers=abc`) fails at
-compose time. `load_sweep(cfg)` then checks what types cannot (non-positive sizes, unknown
-dtype, heads not divisible, sinks not below the context, a missing criterion, a grid key
-that is not a trial parameter, a figure no benchmark produces) and returns a `Sweep` the rest
-of the orchestrator takes; every problem is one `ValueError` naming the key, the value and
-the fix, raised before Ray starts or MLflow is touched.
+one comment per key, the criteria's metric and op included), `Schema` below their types: it is
+registered in Hydra's ConfigStore as `kvbench_schema` and merged right after config.yaml's own
+values (its fields are all `???`, so it adds types, not values), so a wrongly typed override
+(`model.num_layers=abc`) fails at compose time. The schema's trial sections (milestone, model,
+cache, bench) are built from kvcore's `BenchConfig` and `ModelBenchConfig`: each field that
+orchestrator/settings.py places in a section takes the dataclass's type, so a trial's settings
+are declared once. `load_sweep(cfg)` then checks what types cannot (non-positive sizes, unknown
+dtype, heads not divisible, sinks not below the context, a missing criterion or threshold, a
+grid key that is not a trial parameter, a figure no benchmark produces) and returns a `Sweep`
+the rest of the orchestrator takes; every problem is one `ValueError` naming the key, the value
+and the fix, raised before Ray starts or MLflow is touched.
 
 Key decisions:
 - Trial parameters are dotted config paths (`model.num_layers`), the names users override;
@@ -39,11 +42,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from kvcore.bench import BenchResult
-from kvcore.model_bench import ModelBenchResult
-from orchestrator.criteria import REQUIRED_CRITERIA, Criterion, for_model_decode
+from kvcore.bench import BenchConfig, BenchResult
+from kvcore.model_bench import SHAPES, ModelBenchConfig, ModelBenchResult
+from orchestrator.criteria import Criterion, for_model_decode
 from orchestrator.grid import Axis, TrialSpec, flatten, make_trials
-from orchestrator.trial import MODEL_FIELDS, TRIAL_FIELDS, check_params, trial_paths
+from orchestrator.settings import MODEL_PLACES, MODEL_SHAPE_KEYS, PLACES, check_params, config_path, trial_paths
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SCHEMA_NAME = "kvbench_schema"
@@ -59,48 +62,53 @@ class CriterionSchema:
     threshold: float = MISSING
 
 
-@dataclass
-class MilestoneSchema:
-    name: str = MISSING
-    title: str = MISSING
-    context_length: int = MISSING
-    criteria: Dict[str, CriterionSchema] = MISSING
+def default_criteria(conf_dir: Path = CONF_DIR) -> dict[str, dict[str, Any]]:
+    """The criteria every milestone judges, with their metric and op: conf/config.yaml's
+    milestone.criteria (a milestone file gives their thresholds)."""
+    raw = OmegaConf.to_container(OmegaConf.load(conf_dir / "config.yaml").milestone.criteria, resolve=False)
+    assert isinstance(raw, dict) and raw, "conf/config.yaml declares the default criteria"
+    return raw
 
 
-@dataclass
-class ModelSchema:
-    name: str = MISSING
-    num_layers: int = MISSING
-    num_heads: int = MISSING
-    num_kv_heads: int = MISSING
-    head_dim: int = MISSING
-    weights_gb: float = MISSING
-    # the real model's shape and weights (bench.decode=model)
-    hidden_size: int = MISSING
-    intermediate_size: int = MISSING
-    vocab_size: int = MISSING
-    rope_theta: float = MISSING
-    rope_scaling: Optional[Dict[str, Any]] = MISSING
-    tie_word_embeddings: bool = MISSING
-    rms_norm_eps: float = MISSING
-    weights_dtype: str = MISSING
-    checkpoint: Optional[str] = MISSING
+def _missing(kind: Any) -> tuple[Any, Any]:
+    """A schema field's type and its value `???` (conf/config.yaml gives the value)."""
+    return kind, field(default=MISSING)
 
 
-@dataclass
-class CacheSchema:
-    dtype: str = MISSING
-    sink_positions: int = MISSING
+def _typed(source: type, names: Sequence[str]) -> list[tuple[str, Any, Any]]:
+    """Schema fields for fields of a kvcore config dataclass, typed as it types them (no
+    values: conf/config.yaml holds those)."""
+    hints = typing.get_type_hints(source)
+    return [(name, *_missing(hints[name])) for name in names]
 
 
-@dataclass
-class BenchSchema:
-    repetitions: int = MISSING
-    decode_steps: int = MISSING
-    rep_budget_s: float = MISSING
-    decode: str = MISSING
-    new_tokens: int = MISSING
-    peer: str = MISSING
+def _shape_typed() -> list[tuple[str, Any, Any]]:
+    """Schema fields of the real model's shape keys (kvcore.model_bench.SHAPES), typed as its
+    tiny shape's values are (a mapping, rope_scaling, may be null)."""
+    sample = SHAPES["tiny"]
+    return [(key, *_missing(Optional[Dict[str, Any]] if isinstance(sample[key], dict) else type(sample[key])))
+            for key in MODEL_SHAPE_KEYS]
+
+
+def _section(section: str, *own: tuple[str, Any, Any]) -> type:
+    """A trial section of the schema: its own keys, then the kvcore fields orchestrator/settings.py
+    places in it (BenchConfig's, and ModelBenchConfig's for bench.decode=model), then in the model
+    section the real model's shape keys."""
+    fields = [*own, *_typed(BenchConfig, PLACES.get(section, ())),
+              *_typed(ModelBenchConfig, MODEL_PLACES.get(section, ()))]
+    if section == "model":
+        fields += _shape_typed()
+    return dataclasses.make_dataclass(f"{section.title()}Schema", fields)
+
+
+MilestoneSchema = _section("milestone", ("name", *_missing(str)), ("title", *_missing(str)),
+                           # typed entries for the defaults, so config.yaml's values and a milestone's
+                           # thresholds merge into CriterionSchema and a wrong type fails at compose time
+                           ("criteria", Dict[str, CriterionSchema],
+                            field(default_factory=lambda: {name: CriterionSchema() for name in default_criteria()})))
+ModelSchema = _section("model", ("name", *_missing(str)))
+CacheSchema = _section("cache")
+BenchSchema = _section("bench", ("decode", *_missing(str)))  # proxy | model (orchestrator/settings.py)
 
 
 @dataclass
@@ -227,19 +235,29 @@ def _figure_names() -> set[str]:
             if f.type in numeric}
 
 
+def _check_thresholds_given(cfg: DictConfig) -> None:
+    """A milestone that gives no threshold at all: one message naming what to add."""
+    given = []
+    if "criteria" in cfg.milestone and not OmegaConf.is_missing(cfg.milestone, "criteria"):
+        criteria = cfg.milestone.criteria
+        given = [name for name in criteria if not OmegaConf.is_missing(criteria[name], "threshold")]
+    if not given:
+        name = cfg.milestone.name
+        raise ValueError(
+            f"milestone {name!r} has no criteria; add milestone.criteria to conf/milestone/{name}.yaml "
+            f"with a threshold for each of {list(default_criteria())}, e.g. fill_rate: {{threshold: 125}}"
+        )
+
+
 def _criteria(milestone: Mapping[str, Any]) -> tuple[Criterion, ...]:
     name = milestone["name"]
     raw = milestone["criteria"]
-    if not raw:
-        raise ValueError(
-            f"milestone {name!r} has no criteria; add milestone.criteria to "
-            f"conf/milestone/{name}.yaml, e.g. fill_rate: {{metric: fill_rate_pos_s, op: \">\", threshold: 125}}"
-        )
-    absent = [c for c in REQUIRED_CRITERIA if c not in raw]
+    required = list(default_criteria())
+    absent = [c for c in required if c not in raw]
     if absent:
         raise ValueError(
             f"milestone {name!r} lacks the criteria {absent}; every milestone judges "
-            f"{list(REQUIRED_CRITERIA)}: add them to milestone.criteria in conf/milestone/{name}.yaml"
+            f"{required} (conf/config.yaml): give their thresholds in conf/milestone/{name}.yaml"
         )
     figures = _figure_names()
     criteria = []
@@ -299,10 +317,7 @@ def _check_trial(trial: TrialSpec, axes: Sequence[Axis]) -> None:
         check_params(trial.params)
     except ValueError as error:
         message = str(error)
-        field_name = message.split(" ", 1)[0]
-        fields = {**TRIAL_FIELDS, **MODEL_FIELDS, "bench.decode": "decode"}
-        paths = [p for p, f in fields.items() if f == field_name] or ["the trial"]
-        path = paths[0]
+        path = config_path(message.split(" ", 1)[0]) or "the trial"
         if path in dict(axes):
             where = f"grid.{path} (grid point {trial.index}: {path}={trial.params[path]!r})"
         else:
@@ -432,6 +447,7 @@ def load_sweep(cfg: DictConfig, cwd: str | os.PathLike[str], overrides: Sequence
             f"no milestone given; run e.g. `python -m orchestrator +milestone=m10` "
             f"(available: {names})"
         )
+    _check_thresholds_given(cfg)
     try:
         container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as error:
@@ -454,6 +470,8 @@ def load_sweep(cfg: DictConfig, cwd: str | os.PathLike[str], overrides: Sequence
     base = {path: flat[path] for path in trial_paths(flat)}
     if flat.get("bench.decode") == "model":  # the token-generation criterion judges the real model
         criteria = for_model_decode(criteria)
+        for criterion in criteria:  # the logged config names the figure judged
+            milestone["criteria"][criterion.name]["metric"] = criterion.metric
     axes = _axes(container["grid"], base, pinned=_overridden(overrides))
     trials = make_trials(base, axes)
     for trial in trials:

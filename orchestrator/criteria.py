@@ -5,6 +5,10 @@ A criterion names the benchmark figure it reads, e.g. `fill_rate: fill_rate_pos_
 `CriterionOutcome` per criterion; `verdict(status, outcomes)` turns a trial's status and
 outcomes into PASS / FAIL / ERROR / SKIPPED.
 
+The criteria every milestone judges and their defaults (metric, op) are declared once, in
+conf/config.yaml's `milestone.criteria` (the columns of the milestone table); a milestone file
+gives their thresholds, and may change a metric or op or add criteria (orchestrator/config.py).
+
 Key decisions:
 - Comparisons are strict, as the milestone table writes them ("fill rate > 125").
 - A missing or non-finite figure fails its criterion with value and margin None: a benchmark
@@ -22,8 +26,6 @@ from dataclasses import dataclass
 from orchestrator.record import CriterionOutcome
 
 OPS = (">", "<")
-# Every milestone judges these five (the columns of the milestone table); more may be added.
-REQUIRED_CRITERIA = ("fill_rate", "retrieve_rate", "kv_cache", "token_gen", "total_vram")
 
 
 def _is_finite_number(value: object) -> bool:

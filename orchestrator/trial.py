@@ -19,12 +19,12 @@ Key decisions:
   `info["traceback"]`.
 - Numbers of the benchmark's result are metrics (booleans as 0/1 too, so a failed check shows
   in MLflow's charts); strings are info.
-- Trial parameters are dotted config paths (`model.num_layers`); `TRIAL_FIELDS` maps each to
-  the BenchConfig field it sets. `model.name` is a label only.
+- Trial parameters are dotted config paths (`model.num_layers`); orchestrator/settings.py turns
+  them into kvcore's BenchConfig (and ModelBenchConfig), the one declaration of a trial's settings.
 - `bench.decode=model` (default `proxy`): the trial also runs the real model through kvcore
   beside transformers (`kvcore.model_bench`, random weights at the model config's shape or
   `model.checkpoint`), after the proxy benchmark has freed its memory; its figures join the
-  result. Only then are `MODEL_FIELDS` trial parameters, so proxy trials keep their keys.
+  result.
 
 Device state and system metrics (README "Reproducible figures"): at start the trial records
 its device's state in `info` (orchestrator/devicestate.py: GPU clocks, power limit,
@@ -66,39 +66,15 @@ from typing import Any
 import psutil
 import torch
 
-from kvcore.bench import BenchConfig, run_benchmark
-from kvcore.model_bench import SHAPE_KEYS, ModelBenchConfig, run_model_bench
+from kvcore.bench import run_benchmark
+from kvcore.model_bench import run_model_bench
 from kvcore.model_bench import release as release_model_bench
-from orchestrator.capacity import DECODE_MODES, model_mode, model_shape, trial_need_bytes
+from orchestrator.capacity import trial_need_bytes
 from orchestrator.devicestate import gpu_uuid, read_device_state, shared_reason
 from orchestrator.grid import TrialSpec
 from orchestrator.sampler import SystemSampler
+from orchestrator.settings import bench_config, model_config, model_mode
 
-# config path of a trial parameter -> the BenchConfig field it sets
-TRIAL_FIELDS: dict[str, str] = {
-    "milestone.context_length": "context_length",
-    "model.num_layers": "num_layers",
-    "model.num_heads": "num_heads",
-    "model.num_kv_heads": "num_kv_heads",
-    "model.head_dim": "head_dim",
-    "model.weights_gb": "weights_gb",
-    "cache.dtype": "dtype",
-    "cache.sink_positions": "sink_positions",
-    "bench.repetitions": "repetitions",
-    "bench.decode_steps": "decode_steps",
-    "bench.rep_budget_s": "rep_budget_s",
-}
-LABELS = ("model.name",)  # trial parameters that name things but do not change the benchmark
-# what a bench.decode=model trial adds: config path -> ModelBenchConfig field (None: read here)
-MODEL_FIELDS: dict[str, str | None] = {
-    "bench.decode": None,
-    "bench.new_tokens": "new_tokens",
-    "bench.peer": "peer",
-    "model.checkpoint": "checkpoint",
-    "model.weights_dtype": "weights_dtype",
-    **{f"model.{key}": None for key in SHAPE_KEYS if key not in
-       ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")},
-}
 FAULT_ENV = "KVBENCH_INJECT_FAULT"
 FAULTS = ("kill", "hang", "oom", "die")
 
@@ -126,46 +102,6 @@ def _commit_fault(fault: str | None, attempt: int, device: str) -> None:
             time.sleep(3600)
     elif fault == "oom":
         torch.empty(1 << 62, dtype=torch.uint8, device=device)
-
-
-def bench_config(params: Mapping[str, Any], device: str) -> BenchConfig:
-    """The BenchConfig of a trial's parameters on `device` (not validated here)."""
-    missing = sorted(set(TRIAL_FIELDS) - set(params))
-    assert not missing, f"trial parameters lack {missing}"
-    return BenchConfig(device=device, **{field: params[path] for path, field in TRIAL_FIELDS.items()})
-
-
-def trial_paths(flat: Mapping[str, Any]) -> list[str]:
-    """The config paths that are a trial's parameters, given the flattened config: the proxy's,
-    plus MODEL_FIELDS (and a rope scaling mapping's keys) with bench.decode=model."""
-    paths = [*TRIAL_FIELDS, *LABELS]
-    mode = flat.get("bench.decode", "proxy")
-    if mode not in DECODE_MODES:
-        raise ValueError(f"bench.decode must be one of {list(DECODE_MODES)}, got {mode!r}")
-    if mode == "model":
-        paths += [p for p in flat if p in MODEL_FIELDS or p.startswith("model.rope_scaling.")]
-    return paths
-
-
-def model_config(params: Mapping[str, Any], device: str) -> ModelBenchConfig:
-    """The ModelBenchConfig of a bench.decode=model trial on `device` (not validated here)."""
-    shape = () if params["model.checkpoint"] else tuple(sorted(model_shape(params).items()))
-    return ModelBenchConfig(
-        shape=params["model.name"], shape_overrides=shape, device=device,
-        cache_dtype=params["cache.dtype"], context_length=params["milestone.context_length"],
-        repetitions=params["bench.repetitions"], sink_positions=params["cache.sink_positions"],
-        **{field: params[path] for path, field in MODEL_FIELDS.items() if field is not None},
-    )
-
-
-def check_params(params: Mapping[str, Any]) -> None:
-    """ValueError for a trial the benchmark(s) would refuse; the message starts with the field."""
-    bench_config(params, device="cpu").validate()
-    mode = params.get("bench.decode", "proxy")
-    if mode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {list(DECODE_MODES)}, got {mode!r}")
-    if model_mode(params):
-        model_config(params, device="cpu").validate()
 
 
 def trial_device() -> str:

@@ -12,6 +12,8 @@ from tests.kvcore.conftest import element_bound
 from kvcore.storage import (
     FLOAT_DTYPES,
     STORAGE_DTYPES,
+    KVStorage,
+    cache_bytes,
     dequantize,
     is_quantized,
     parse_dtype,
@@ -182,3 +184,14 @@ def test_a_row_of_only_non_finite_values_stays_finite_where_it_can(device, stora
     x = torch.tensor([[float("inf"), float("-inf"), 0.0]], device=device)
     q, scale, x_hat = round_trip(x, storage, torch.float32)
     assert torch.isfinite(scale).all() and torch.isfinite(x_hat).all()
+
+
+@pytest.mark.parametrize("storage", sorted(STORAGE_DTYPES))
+@pytest.mark.parametrize("head_dim", [5, 33])
+def test_cache_bytes_are_what_the_storage_allocates(storage, head_dim):
+    """Capacity planning asks cache_bytes before allocating: it must equal the allocation
+    (odd head dims: int4's half byte and its second group of 32)."""
+    allocated = KVStorage(3, 7, 2, head_dim, STORAGE_DTYPES[storage], torch.float32, torch.device("cpu"))
+    assert cache_bytes(storage, 3, 7, 2, head_dim) == allocated.memory_bytes()
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        cache_bytes("float64", 3, 7, 2, head_dim)

@@ -77,7 +77,7 @@ def test_need_is_cache_plus_weights_plus_margin():
 
 
 def test_unknown_dtype_is_a_value_error():
-    with pytest.raises(ValueError, match="cache.dtype must be one of"):
+    with pytest.raises(ValueError, match="dtype must be one of"):
         cache_bytes(params(**{"cache.dtype": "float64"}))
 
 

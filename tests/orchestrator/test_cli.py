@@ -48,7 +48,7 @@ CASES = {
                                     "error: bad configuration: milestone.criteria.fill_rate.threshold is missing "
                                     "(???); set it in conf/milestone/nothreshold.yaml"),
     "criterion without metric": (broken("nometric"),
-                                 "error: bad configuration: milestone.criteria.token_gen.metric is missing (???)"),
+                                 "error: bad configuration: milestone.criteria.same_tokens.metric is missing (???)"),
     "criterion with a bad op": (["+milestone=smoke", "milestone.criteria.kv_cache.op=at_most"],
                                 "error: bad configuration: criterion 'kv_cache': op must be one of ['>', '<'], "
                                 "got 'at_most'"),
@@ -134,13 +134,14 @@ SMOKE = (REPO / "conf" / "milestone" / "smoke.yaml").read_text()
 
 
 def write_broken_milestones(directory: Path) -> Path:
-    """Milestone files that break the smoke milestone's criteria in three ways, under
+    """Milestone files that break the smoke milestone's criteria in three ways (no thresholds at
+    all, one default criterion without its threshold, a criterion of its own without a metric), under
     <directory>/milestone/ (added to Hydra's search path by the cases that use them)."""
     (directory / "milestone").mkdir(parents=True)
     broken = {
         "nocriteria": SMOKE.split("  criteria:")[0] + "  criteria: {}\n",
-        "nothreshold": SMOKE.replace('op: ">", threshold: 100}', 'op: ">"}'),
-        "nometric": SMOKE.replace("token_gen: {metric: decode_tok_s, op:", "token_gen: {op:"),
+        "nothreshold": SMOKE.replace("    fill_rate: {threshold: 100}\n", ""),  # the default criterion stays
+        "nometric": SMOKE.replace("    total_vram:", '    same_tokens: {op: ">", threshold: 0.5}\n    total_vram:'),
     }
     for name, text in broken.items():
         assert text != SMOKE

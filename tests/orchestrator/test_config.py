@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from orchestrator.config import CONF_DIR, MilestoneMissing, Sweep, available_milestones, load_sweep
+from orchestrator.config import CONF_DIR, MilestoneMissing, Sweep, available_milestones, default_criteria, load_sweep
+from orchestrator.criteria import MODEL_METRICS
 
 # The milestone table (README / MILESTONES.md), written out independently of conf/:
 # name: (context, KV dtype, fill >, retrieve >, KV cache < GB, token gen >, total VRAM < GB)
@@ -56,8 +57,64 @@ def sweep_of(*overrides: str, cwd="/tmp") -> Sweep:
 M13 = (1_048_576, "float8_e4m3fn", 1.9, 19, 75, 0.3, 100)
 
 
-def test_every_milestone_file_is_listed():
-    assert set(available_milestones()) == {*TABLE, "m13", "smoke", "m10-model"}
+MILESTONE_FILES = sorted(CONF_DIR.glob("milestone/*.yaml"))
+
+
+def test_the_table_s_milestones_have_their_files():
+    assert set(TABLE) | {"m13"} <= set(available_milestones())
+
+
+@pytest.mark.parametrize("path", MILESTONE_FILES, ids=lambda p: p.stem)
+def test_every_milestone_file_composes_and_judges_the_default_criteria(path):
+    sweep = sweep_of(f"+milestone={path.stem}")
+    assert sweep.milestone == path.stem and sweep.title and sweep.trials
+    model = sweep.trials[0].params.get("bench.decode") == "model"
+    judged = {c.name: (c.metric, c.op) for c in sweep.criteria}
+    for name, default in default_criteria().items():
+        metric = MODEL_METRICS.get(default["metric"], default["metric"]) if model else default["metric"]
+        assert judged[name] == (metric, default["op"]), name
+        assert sweep.params[f"milestone.criteria.{name}.metric"] == metric  # the logged config says what is judged
+
+
+@pytest.mark.parametrize("path", MILESTONE_FILES, ids=lambda p: p.stem)
+def test_milestone_files_give_thresholds_and_leave_metric_and_op_to_the_defaults(path):
+    criteria = OmegaConf.to_container(OmegaConf.load(path).milestone.criteria)
+    for name, default in default_criteria().items():
+        given = criteria[name]
+        assert "threshold" in given, f"{path.name}: {name} has no threshold"
+        for key in ("metric", "op"):
+            assert given.get(key, None) != default[key], f"{path.name}: {name}.{key} restates conf/config.yaml"
+
+
+def test_the_criteria_defaults_are_the_table_s_columns():
+    assert {name: (c["metric"], c["op"]) for name, c in default_criteria().items()} == COLUMNS
+
+
+def _readme_milestone_rows() -> dict[str, list[str]]:
+    """The README's milestone table: name -> its cells after the name."""
+    text = (CONF_DIR.parent / "README.md").read_text()
+    table = text[text.index("| milestone | title |"):].split("\n\n")[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def _number(cell: str) -> float:
+    return float(cell.split()[0].replace(",", ""))
+
+
+@pytest.mark.parametrize("name", sorted(_readme_milestone_rows()))
+def test_the_readme_s_milestone_table_reads_as_the_files_say(name):
+    """Rows the README shows agree with their files (a new milestone needs no row)."""
+    title, context, grid, *thresholds = _readme_milestone_rows()[name]
+    sweep = sweep_of(f"+milestone={name}")
+    assert title.startswith(sweep.title)
+    assert _number(context) == sweep.trials[0].params["milestone.context_length"]
+    assert grid.split(", ") == [t.params["cache.dtype"] for t in sweep.trials]
+    judged = {c.name: c.threshold for c in sweep.criteria}
+    assert [_number(cell) for cell in thresholds] == [judged[n] for n in COLUMNS]
 
 
 def test_m13_composes_one_million_positions_of_llama3_8b_in_8_and_4_bit():
@@ -256,3 +313,24 @@ def test_wrong_types_fail_at_compose_time(override):
 def test_unknown_key_fails_at_compose_time():
     with pytest.raises(ConfigCompositionException):
         composed("+milestone=smoke", "model.layers=3")
+
+
+def test_the_trial_sections_take_kvcore_s_types():
+    """The schema types a trial's settings as kvcore's dataclasses do (orchestrator/settings.py
+    places them): BenchConfig's num_kv_heads may be null (num_heads), its floats take ints."""
+    import typing
+
+    from kvcore.bench import BenchConfig
+    from orchestrator.config import Schema
+    from orchestrator.settings import BENCH_PATHS
+
+    hints = typing.get_type_hints(BenchConfig)
+    for path, name in BENCH_PATHS.items():
+        section, key = path.split(".")
+        assert typing.get_type_hints(typing.get_type_hints(Schema)[section])[key] == hints[name], path
+    p = sweep_of("+milestone=smoke", "model.num_kv_heads=null", "bench.rep_budget_s=1").trials[0].params
+    assert p["model.num_kv_heads"] is None and p["bench.rep_budget_s"] == 1.0
+    from orchestrator.capacity import cache_bytes
+    assert cache_bytes(p) == 2 * 3 * 256 * 6 * 16 * 4  # None: one KV head per query head (6), float32
+    with pytest.raises(ConfigCompositionException):
+        composed("+milestone=smoke", "bench.rep_budget_s=abc")

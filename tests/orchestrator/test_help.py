@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from kvcore.bench import BenchConfig, _parser
 from orchestrator.config import CONF_DIR, available_milestones
-from orchestrator.trial import TRIAL_FIELDS
+from orchestrator.settings import BENCH_PATHS
 from test_config import sweep_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def test_bench_help_explains_every_flag_and_its_defaults_match_the_orchestrators
     conf = OmegaConf.merge(OmegaConf.load(CONF_DIR / "config.yaml"),
                            {"model": OmegaConf.load(CONF_DIR / "model" / "llama7b.yaml")},
                            OmegaConf.load(CONF_DIR / "milestone" / "m10.yaml"))
-    for path, field in TRIAL_FIELDS.items():
+    for path, field in BENCH_PATHS.items():
         value = OmegaConf.select(conf, path)
         default = actions[field].default
         if field == "num_kv_heads" and default is None:

@@ -18,11 +18,12 @@ from hydra import compose, initialize_config_dir
 
 from kvcore import model_bench as mb
 from model_standin import stand_in  # noqa: F401  (tests/model_standin.py)
-from orchestrator.capacity import Device, fitting_devices, model_shape, skip_reason, trial_need_parts
+from orchestrator.capacity import Device, fitting_devices, skip_reason, trial_need_parts
 from orchestrator.config import CONF_DIR, load_sweep
 from orchestrator.criteria import judge, verdict
 from orchestrator.grid import TrialSpec
-from orchestrator.trial import model_config, run_trial
+from orchestrator.settings import model_config, model_shape
+from orchestrator.trial import run_trial
 
 pytest.importorskip("transformers")
 

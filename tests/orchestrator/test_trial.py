@@ -13,7 +13,8 @@ import pytest
 from kvcore.bench import BenchResult
 from orchestrator.grid import TrialSpec, trial_key
 from orchestrator.capacity import trial_need_bytes
-from orchestrator.trial import TRIAL_FIELDS, bench_config, run_trial, split_figures
+from orchestrator.settings import BENCH_PATHS, bench_config
+from orchestrator.trial import run_trial, split_figures
 
 
 def spec(**overrides) -> TrialSpec:
@@ -33,7 +34,7 @@ def test_bench_config_maps_every_trial_parameter():
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (3, 6, 2, 5)
     assert (cfg.context_length, cfg.dtype, cfg.sink_positions, cfg.weights_gb) == (24, "float16", 2, 0.0001)
     assert (cfg.repetitions, cfg.decode_steps, cfg.rep_budget_s, cfg.device) == (2, 4, 0.05, "cpu")
-    assert set(TRIAL_FIELDS.values()) <= {f for f in cfg.__dataclass_fields__}
+    assert set(BENCH_PATHS.values()) <= {f for f in cfg.__dataclass_fields__}
 
 
 def test_split_figures_numbers_to_metrics_strings_to_info():

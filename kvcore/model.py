@@ -49,9 +49,10 @@ Key decisions:
   settable; False gives the torch ops): a 7B layer is then about 13 launches instead of 45
   (with the fused projections: 4 GEMVs, the cache write, 2 attention launches, 2 rotary,
   2 norms, 1 activation). In the decode step (float, int8 or float8 cache), the rotary of q
-  and k and the write of k and v at the device counter are one launch (`rotary_store_`); with the
-  Triton GEMV as `lm.linear` the SwiGLU activation runs inside the down projection's GEMV
-  (`triton_gemv.swiglu_linear`): 10 a layer.
+  and k and the write of k and v at the device counter are one launch (`rotary_store_`): 11 a
+  layer. `lm.swiglu_in_gemv = True` (with the Triton GEMV as `lm.linear`) runs the SwiGLU
+  activation inside the down projection's GEMV (`triton_gemv.swiglu_linear`), one launch fewer,
+  off by default: on an H200 that GEMV read slower than the launch it saves.
 - Weights are plain tensors with transformers' names (`state_dict()`), never copied when
   given on the right device and dtype, so a transformers model can share them (the peer
   measurement). Fused projections (`fuse_projections`, default True on CUDA, False
@@ -371,6 +372,10 @@ class CausalLM:
         self._decode_method = "eager"
         # Triton ops for the norms, rotary and activation: CUDA with Triton (or the interpreter)
         self.fused_ops = self.cache.fused_writes
+        # SwiGLU inside the down projection's GEMV (where `linear` carries `swiglu`): off by
+        # default, as it measured slower on an H200 than the GEMV plus the activation kernel
+        # (7B shape, 16K: 3.66 against 3.47 ms of linear per token; docs/results/h200-2026-12-02.md)
+        self.swiglu_in_gemv = False
         if decode_method is None:
             graph_ok = self.device.type == "cuda" and self.cache.fused_writes
             decode_method = "cuda_graph" if graph_ok else "eager"
@@ -739,7 +744,7 @@ class CausalLM:
         """The captured decode step for the current attention backend and linear hook: warm
         up once on a side stream (compiles every kernel; writes the same slot the first
         replay rewrites, and does not move the counter), then capture."""
-        key = (self.cache.attention_fn, self.linear, self.fused_ops)
+        key = (self.cache.attention_fn, self.linear, self.fused_ops, self.swiglu_in_gemv)
         graph = self._graphs.get(key)
         if graph is None:
             self.cache.position_counter()  # in step with the host before capture
@@ -769,7 +774,7 @@ class CausalLM:
             rotate = self._rotation(positions)
         # a linear hook may carry `swiglu(gate, up, w)`: linear(silu(gate) * up, w) in one
         # launch, or None where it does not apply (kvcore.triton_gemv's GEMV at one row)
-        swiglu = getattr(linear, "swiglu", None) if self.fused_ops else None
+        swiglu = getattr(linear, "swiglu", None) if self.fused_ops and self.swiglu_in_gemv else None
         y = None  # the MLP output not yet added to h
         I = cfg.intermediate_size
         for i, layer in enumerate(self.layers):

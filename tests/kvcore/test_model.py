@@ -492,6 +492,7 @@ for cache_dtype in ("float16", "int8"):
     ours = CausalLM.from_state_dict(cfg, ref.state_dict(), **made, decode_method="counter")
     ours.fuse_projections()  # strided q/k/v views, strided gate/up rows through the kernels
     ours.linear = triton_gemv.linear  # the split-K GEMV at decode, fused shapes (N = 60 and 28)
+    ours.swiglu_in_gemv = True  # and the SwiGLU activation inside the down projection's GEMV
     ref.cache.attention, ours.cache.attention = "torch", "triton"
     ref.fused_ops = False  # torch norms, rotary and activation: the reference
     assert ours.cache.fused_writes and ours.cache.attention_backend == "triton"

@@ -56,8 +56,6 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.devicestate import cpu_name, gpu_uuid
-
 if TYPE_CHECKING:  # workers import this module to run the probe: keep it light (no torch)
     from orchestrator.capacity import Device
     from orchestrator.config import ClusterSettings
@@ -176,6 +174,8 @@ def _visible_gpus() -> list[dict[str, Any]]:
     """The CUDA devices this process sees: name, UUID ("GPU-..."), total memory."""
     import torch
 
+    from kvcore.bench.probes import gpu_uuid
+
     gpus = []
     for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         props = torch.cuda.get_device_properties(index)
@@ -185,9 +185,11 @@ def _visible_gpus() -> list[dict[str, Any]]:
 
 @ray.remote(num_cpus=0, max_calls=1)
 def _probe_node(has_gpus: bool) -> dict[str, Any]:
-    """What this node offers: its GPUs (torch is imported only where Ray counts GPUs),
-    available host memory, CPU model."""
+    """What this node offers: its GPUs, available host memory, CPU model (the probe imports
+    kvcore, and so torch, only when it runs)."""
     import psutil
+
+    from kvcore.bench.probes import cpu_name
 
     return {
         "node_id": ray.get_runtime_context().get_node_id(),

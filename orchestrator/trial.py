@@ -67,10 +67,11 @@ import psutil
 import torch
 
 from kvcore.bench import BenchConfig, run_benchmark
+from kvcore.bench.probes import gpu_uuid
 from kvcore.model_bench import SHAPE_KEYS, ModelBenchConfig, run_model_bench
 from kvcore.model_bench import release as release_model_bench
 from orchestrator.capacity import DECODE_MODES, model_mode, model_shape, trial_need_bytes
-from orchestrator.devicestate import gpu_uuid, read_device_state, shared_reason
+from orchestrator.devicestate import read_device_state, shared_reason
 from orchestrator.grid import TrialSpec
 from orchestrator.sampler import SystemSampler
 

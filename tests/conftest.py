@@ -18,6 +18,14 @@ RAY_CPUS = 2
 RAY_OBJECT_STORE_BYTES = 80 * 1024 * 1024
 
 
+def pytest_configure(config):
+    """MLflow's HTTP retries, timeout and telemetry as the commands set them before MLflow is
+    imported (orchestrator/tracking_env.py): a test of a dead server fails in seconds."""
+    from orchestrator.tracking_env import set_mlflow_defaults
+
+    set_mlflow_defaults()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The session's Ray (started on first use, stopped at the end of the session)."""

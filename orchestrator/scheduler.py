@@ -5,7 +5,7 @@
     records = run_trials(runnable, devices, cluster, criteria, on_record=recorder.record,
                          settings=sweep.trial, progress=Progress(...))
 
-`cluster` is the Ray adapter (orchestrator/scheduling.py `Cluster`: submit, wait, fetch,
+`cluster` is the Ray adapter (orchestrator/ray_cluster.py `Cluster`: submit, wait, fetch,
 cancel); this module decides placement, deadlines and what a lost or late trial becomes, and
 hands each result, judged (orchestrator/verdict.py), to `on_record` as it arrives.
 
@@ -40,7 +40,7 @@ from orchestrator.grid import TrialSpec
 from orchestrator.progress import Progress
 from orchestrator.record import TrialRecord
 from orchestrator.result import TrialResult
-from orchestrator.scheduling import Cluster, device_key
+from orchestrator.ray_cluster import Cluster, device_key
 from orchestrator.trial import injected_fault
 from orchestrator.verdict import make_record
 

@@ -57,7 +57,7 @@ Each record's `info` carries where and when it ran, for orchestrator/timeline.py
 Key decisions:
 - The driver alone talks to MLflow; trials return plain dicts (orchestrator.trial), typed as
   a `TrialResult` (orchestrator/result.py) when they arrive.
-- This module wires the parts together: the Ray adapter (orchestrator/scheduling.py), the
+- This module wires the parts together: the Ray adapter (orchestrator/ray_cluster.py), the
   scheduler (placement, deadlines, retries: orchestrator/scheduler.py), the verdict
   (orchestrator/verdict.py) and the recorder (orchestrator/recorder.py).
 - Faults for tests come from $KVBENCH_INJECT_FAULT (orchestrator.trial): the driver checks it
@@ -80,7 +80,7 @@ from orchestrator.progress import Progress
 from orchestrator.record import TrialRecord
 from orchestrator.recorder import Recorder
 from orchestrator.scheduler import run_trials, split_by_capacity
-from orchestrator.scheduling import Cluster
+from orchestrator.ray_cluster import Cluster
 from orchestrator.tracking import MODEL_TRAINING_VIEW, open_hint, redact_override, redact_text, resolve_tracking_uri
 from orchestrator.trial import injected_fault
 from orchestrator.verdict import exit_status, skipped_record, sweep_verdict

@@ -35,7 +35,7 @@ its host name; a trial that found another process on its GPU is marked invalid (
 second; the series come back as `system_metrics` and the driver logs them to MLflow.
 
 Warm workers: `Worker` runs trial after trial in one process (the Ray actor of
-orchestrator/scheduling.py wraps it); it records in each trial's info `worker_pid`,
+orchestrator/ray_cluster.py wraps it); it records in each trial's info `worker_pid`,
 `worker_trials`, `memory_at_start_bytes` and `memory_baseline_bytes`, frees the device's memory
 after each trial (`release`), and marks invalid a trial that starts more than WARM_MARGIN_BYTES
 over the worker's baseline ("memory not back at start: ...").

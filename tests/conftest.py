@@ -5,7 +5,7 @@ Run: `python -m pytest -q` (everything) or `python -m pytest tests/orchestrator 
 Key decisions:
 - Ray starts at most once per session (about 5 s on 2 cores), and only when a test asks for
   the `ray_session` fixture; tests that need no Ray never import it.
-- It is the orchestrator's own local start (`orchestrator.scheduling.start_local_ray`): 127.0.0.1
+- It is the orchestrator's own local start (`orchestrator.ray_cluster.start_local_ray`): 127.0.0.1
   only, no dashboard, 2 CPUs, an 80 MB object store (results are small dicts). Code under test
   that connects (`Cluster.connect`) finds it initialized and reuses it without stopping it.
 """
@@ -31,7 +31,7 @@ def ray_session():
     """The session's Ray (started on first use, stopped at the end of the session)."""
     import ray
 
-    from orchestrator.scheduling import start_local_ray
+    from orchestrator.ray_cluster import start_local_ray
 
     started = not ray.is_initialized()
     if started:

@@ -56,7 +56,7 @@ def device(name: str, gb: float) -> Device:
 
 
 class ScriptedCluster:
-    """Stands in for scheduling.Cluster: records submissions, finishes the running trial
+    """Stands in for ray_cluster.Cluster: records submissions, finishes the running trial
     submitted first on each wait, returns a fill rate equal to 100 x the trial's index."""
 
     def __init__(self):

@@ -1,4 +1,5 @@
-"""Ray: connect to a cluster, probe its devices, run trials as tasks. The only module importing ray.
+"""The Ray adapter: connect to a cluster, probe its devices, run trials on its workers. The only
+module importing ray (which trial runs where and when is orchestrator/scheduler.py's).
 
     cluster = Cluster.connect(settings)        # join cluster.address / $RAY_ADDRESS, or start a local Ray
     nodes = cluster.probe()                    # per node: GPUs (name, UUID, total memory), host memory, CPUs

@@ -522,3 +522,17 @@ def test_cli_prints_figures_that_were_not_measured_as_dashes(monkeypatch, capsys
     assert fill.split()[-4:] == ["-", "-", "-", "-"]
     assert "(skipped, the peer's head-major torch.float32 copy needs" in out[1]
     assert json.loads(out[-1])["baseline_decode_tok_s"] is None
+
+
+# ---------------------------------------------------------------------- package layout
+
+
+def test_the_names_other_modules_import_from_kvcore_bench_still_resolve():
+    import kvcore.bench.cli
+    import kvcore.bench.probes
+
+    assert bench._parser is kvcore.bench.cli.make_parser and bench.main is kvcore.bench.cli.main
+    assert bench._HostPeak is kvcore.bench.probes.HostPeak and bench._release is kvcore.bench.probes.release
+    for name in ("BenchConfig", "BenchResult", "overhead_bytes", "chunked_reference", "measure_copy_gbps",
+                 "WEIGHT_DTYPES", "resolve_device", "_environment", "_memory_seen"):
+        assert getattr(bench, name) is not None, name

@@ -185,3 +185,19 @@ def test_a_sweep_passes_only_when_it_ran_to_the_end_and_every_trial_passed():
         assert sweep_verdict([rec("PASS"), rec(other)], "FINISHED") == "FAIL"
         assert exit_status([rec("PASS"), rec(other)]) == 1
     assert exit_status([rec("PASS")]) == 0 and exit_status([]) == 1
+
+
+def test_gpu_uuid_and_cpu_name_are_declared_once_and_normalised():
+    from types import SimpleNamespace
+
+    import orchestrator.devicestate
+    import orchestrator.ray_cluster
+    import orchestrator.trial
+    from kvcore.bench.probes import cpu_name, gpu_uuid
+
+    assert gpu_uuid(SimpleNamespace(uuid="3f2a-77")) == "GPU-3f2a-77"
+    assert gpu_uuid(SimpleNamespace(uuid="GPU-3f2a-77")) == "GPU-3f2a-77"
+    assert gpu_uuid(SimpleNamespace(uuid="")) == gpu_uuid(SimpleNamespace()) == ""
+    assert isinstance(cpu_name(), str)
+    assert orchestrator.trial.gpu_uuid is gpu_uuid  # the orchestrator takes kvcore's, no copy of its own
+    assert not hasattr(orchestrator.devicestate, "gpu_uuid") and not hasattr(orchestrator.devicestate, "cpu_name")

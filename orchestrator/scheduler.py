@@ -38,9 +38,9 @@ from orchestrator.config import TrialSettings
 from orchestrator.criteria import Criterion
 from orchestrator.grid import TrialSpec
 from orchestrator.progress import Progress
+from orchestrator.ray_cluster import Cluster, device_key
 from orchestrator.record import TrialRecord
 from orchestrator.result import TrialResult
-from orchestrator.ray_cluster import Cluster, device_key
 from orchestrator.trial import injected_fault
 from orchestrator.verdict import make_record
 

@@ -96,7 +96,13 @@ def _trial_task(spec: TrialSpec, fault: str | None = None) -> dict[str, Any]:
     from orchestrator.trial import run_trial
 
     attempt = _attempt_number()
-    result = run_trial(spec, attempt=attempt, fault=fault)
+    result = _labelled(run_trial(spec, attempt=attempt, fault=fault), attempt)
+    result["info"].update(worker_pid=str(os.getpid()), worker_trials="0")
+    return result
+
+
+def _labelled(result: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """A worker's result with where it ran (node id, device key) and which attempt it was."""
     node_id = ray.get_runtime_context().get_node_id()
     info = result.setdefault("info", {})
     uuid = ""
@@ -105,7 +111,7 @@ def _trial_task(spec: TrialSpec, fault: str | None = None) -> dict[str, Any]:
         with contextlib.suppress(Exception):  # never lose a result over its label
             uuid = _visible_gpus()[0]["uuid"]
     result["attempt"] = attempt
-    info.update(node_id=node_id, device_key=device_key(node_id, uuid), worker_pid=str(os.getpid()), worker_trials="0")
+    info.update(node_id=node_id, device_key=device_key(node_id, uuid))
     return result
 
 
@@ -120,17 +126,7 @@ class _TrialWorker:
         self.worker = Worker()
 
     def run(self, spec: TrialSpec, attempt: int, fault: str | None) -> dict[str, Any]:
-        result = self.worker.run(spec, attempt=attempt, fault=fault)
-        node_id = ray.get_runtime_context().get_node_id()
-        info = result.setdefault("info", {})
-        uuid = ""
-        if info.get("trial_device", "cpu") != "cpu":
-            uuid = f"{node_id}:gpu"
-            with contextlib.suppress(Exception):
-                uuid = _visible_gpus()[0]["uuid"]
-        result["attempt"] = attempt
-        info.update(node_id=node_id, device_key=device_key(node_id, uuid))
-        return result
+        return _labelled(self.worker.run(spec, attempt=attempt, fault=fault), attempt)
 
 
 @dataclass(eq=False)

@@ -5,7 +5,7 @@ way it runs best, on a copy of the same data.
     peer.steps(n); out = peer.step()          # out [L, H, D]
     peer.close()                              # frees the copy
 
-What the peer is (`baseline_kind` in kvcore/bench.py):
+What the peer is (`baseline_kind` in kvcore/bench/result.py):
 - "sdpa_head_major_graph": torch SDPA (`F.scaled_dot_product_attention`, backend as torch
   chooses: flash / memory-efficient on CUDA) on a head-major contiguous copy of the cache,
   `[Hkv, S, D]` per layer (the layout of transformers' static cache), grouped-query attention

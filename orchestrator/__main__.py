@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 from orchestrator import INTERRUPTED_STATUS, TERMINATED_STATUS
 from orchestrator.config import (MilestoneMissing, available_milestones, command_overrides, load_sweep,
                                  unknown_key_message)
+from orchestrator.tracking_env import set_mlflow_defaults
 
 _state: dict = {"entered": False, "status": 0, "stderr": None}
 
@@ -82,6 +83,7 @@ def run(cfg: DictConfig, cwd: str) -> int:
     """Check the composed config and run its sweep; the command's exit status."""
     try:
         sweep = load_sweep(cfg, cwd=cwd, overrides=command_overrides())
+        set_mlflow_defaults()  # before MLflow is imported
         from orchestrator.spool import SpoolFull, check_spool_dir  # MLflow loads only for a valid config
         from orchestrator.tracking import (AccessRefused, check_local_store, check_server_access,
                                            resolve_tracking_uri)

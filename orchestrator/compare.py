@@ -39,6 +39,7 @@ from pathlib import Path
 
 from orchestrator import report
 from orchestrator.record import TrialRecord
+from orchestrator.tracking_env import set_mlflow_defaults
 
 MEMORY_FIGURES = ("kv_cache_gb", "peak_mem_gb", "total_vram_gb")
 MEMORY_TOLERANCE = 0.02  # relative change a memory figure (no spread) may have
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-log", action="store_true", help="do not attach the comparison to B's parent run")
     args = parser.parse_args(argv)  # argparse exits 2 on its own errors
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per trial read
+    set_mlflow_defaults()  # before MLflow is imported
     from orchestrator.tracking import TrackingUnavailable, last_sweeps, log_comparison, read_sweep, resolve_tracking_uri
 
     try:

@@ -140,22 +140,6 @@ def cpu_state() -> dict[str, str]:
     return state
 
 
-def gpu_uuid(props: Any) -> str:
-    """The UUID ("GPU-...") of a CUDA device from torch's device properties; "" when unknown
-    (torch spells it without the "GPU-" that NVML and nvidia-smi use)."""
-    uuid = str(getattr(props, "uuid", "") or "")
-    return uuid if not uuid or uuid.startswith("GPU-") else f"GPU-{uuid}"
-
-
-def cpu_name() -> str:
-    """The host CPU's model name from /proc/cpuinfo; "" when it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return ""
-
-
 def shared_reason(state: dict[str, str]) -> str:
     """Why the trial's figures cannot be trusted because it shared its GPU ('' when it did not)."""
     others = state.get("gpu_other_processes", "")

@@ -6,15 +6,16 @@
 1. resolves the tracking URI (a bad scheme is a configuration error, before anything starts);
 2. connects to Ray (joins cluster.address / $RAY_ADDRESS or starts a local Ray on 127.0.0.1)
    and probes the devices;
-3. opens the sweep's parent run through a `Recorder` (orchestrator/spool.py): a spool this sweep
+3. opens the sweep's parent run through a `Recorder` (orchestrator/recorder.py): a spool this sweep
    left earlier is uploaded first, an unfinished parent with the same sweep key is reopened
    when `resume`, and trials that already have a verdict there (or in the spool) are left out;
 4. records as SKIPPED every trial that fits on no device (its reason names its need and the
    largest device), without submitting it;
-5. runs the rest (`run_trials`): each trial is submitted when a device that can hold it is
-   free, results are gathered in completion order, judged against the criteria and recorded
-   one by one as they arrive (MLflow, or the spool while MLflow is away); a progress line
-   (done / running / pending, elapsed, ETA) goes to stderr;
+5. runs the rest (orchestrator/scheduler.py `run_trials`): each trial is submitted when a
+   device that can hold it is free, results are gathered in completion order, judged against
+   the criteria (orchestrator/verdict.py) and recorded one by one as they arrive (MLflow, or
+   the spool while MLflow is away); a progress line (orchestrator/progress.py: done / running /
+   pending, elapsed, ETA) goes to stderr;
 6. ends the parent run (FINISHED, or KILLED after Ctrl-C) with the driver's metrics
    `sweep_wall_s` and `num_devices`, prints the table of every trial of the sweep and what to
    open to see it (a server's page of the parent run, or `mlflow ui` for a local store), and
@@ -24,7 +25,7 @@ What survives what:
 - A worker or node that dies: the trial runs again (trial.max_retries) on a new warm worker
   (or, with trial.warm_workers=false, Ray reruns the task); its attempt number is recorded as
   `attempts`; one record per trial, so one child run.
-- A trial that hangs: past its deadline (`trial_timeout_s`) the driver cancels it (kills its
+- A trial that hangs: past its deadline (scheduler `trial_timeout_s`) the driver cancels it (kills its
   worker, again every CANCEL_RETRY_S while it lingers) and records ERROR "timeout: ..." once
   Ray reports it gone; only then is its device free again.
 - Out of memory: the trial body turns it into ERROR "oom: ..." (orchestrator.trial); Ray's
@@ -54,13 +55,14 @@ Each record's `info` carries where and when it ran, for orchestrator/timeline.py
 (unix seconds on the driver), next to the worker's own `started_at` / `finished_at`.
 
 Key decisions:
-- The driver alone talks to MLflow; trials return plain dicts (orchestrator.trial).
-- Placement is decided here, not left to Ray's queue: a trial is submitted only to a free
-  device that can hold it (first fit in grid order), so a submitted trial runs at once and
-  its elapsed time (progress, deadline) is its own. A trial that fits only large devices waits.
-- ETA: mean wall time of the trials finished so far, times the work left, over the devices.
-- Faults for tests come from $KVBENCH_INJECT_FAULT (orchestrator.trial): the driver reads it
-  and hands each trial its fault, so the tests run this same code path.
+- The driver alone talks to MLflow; trials return plain dicts (orchestrator.trial), typed as
+  a `TrialResult` (orchestrator/result.py) when they arrive.
+- This module wires the parts together: the Ray adapter (orchestrator/ray_cluster.py), the
+  scheduler (placement, deadlines, retries: orchestrator/scheduler.py), the verdict
+  (orchestrator/verdict.py) and the recorder (orchestrator/recorder.py).
+- Faults for tests come from $KVBENCH_INJECT_FAULT (orchestrator.trial): the driver checks it
+  here before anything starts, and the scheduler hands each trial its fault, so the tests run
+  this same code path.
 """
 
 from __future__ import annotations
@@ -68,34 +70,20 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from orchestrator import INTERRUPTED_STATUS, TERMINATED_STATUS, report
-from orchestrator.capacity import (
-    Device,
-    devices_from_probe,
-    fitting_devices,
-    skip_reason,
-    trial_need_bytes,
-    trial_need_parts,
-)
-from orchestrator.config import ConfigurationError, Sweep, TrialSettings
-from orchestrator.criteria import Criterion, judge, verdict
-from orchestrator.grid import TrialSpec
+from orchestrator.capacity import Device, devices_from_probe
+from orchestrator.config import ConfigurationError, Sweep
+from orchestrator.progress import Progress
 from orchestrator.record import TrialRecord
-from orchestrator.scheduling import Cluster, device_key
-from orchestrator.spool import Recorder
+from orchestrator.recorder import Recorder
+from orchestrator.scheduler import run_trials, split_by_capacity
+from orchestrator.ray_cluster import Cluster
 from orchestrator.tracking import MODEL_TRAINING_VIEW, open_hint, redact_override, redact_text, resolve_tracking_uri
 from orchestrator.trial import injected_fault
-
-POLL_S = 1.0  # how often the progress line refreshes and deadlines are checked while trials run
-TIMEOUT_BASE_S = 600.0  # derived deadline: this much for any trial ...
-TIMEOUT_S_PER_GB = 120.0  # ... plus this much per GB of cache and weights (8 MB/s, very slow)
-CANCEL_RETRY_S = 10.0  # a cancelled trial whose task is not gone yet is cancelled again this often
-INTERRUPT_WAIT_S = 30.0  # on Ctrl-C, how long the driver waits for cancelled trials to be gone
+from orchestrator.verdict import exit_status, skipped_record, sweep_verdict
 
 
 class Terminated(KeyboardInterrupt):
@@ -115,240 +103,6 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def received_sigterm() -> bool:
     """Whether the running driver got SIGTERM (its interrupt then exits 143, not 130)."""
     return _sigterm["received"]
-
-
-def make_record(spec: TrialSpec, result: dict[str, Any], criteria: Sequence[Criterion], attempts: int | None = None) -> TrialRecord:
-    """Judge a trial's result dict (see orchestrator.trial) into its record; a trial that did
-    not run to the end (ERROR, SKIPPED) is not judged: it has no criterion outcomes.
-    `attempts`: how many times it ran (default: the result's `attempt`, else 1)."""
-    status = result["status"]
-    outcomes = judge(result.get("metrics", {}), criteria) if status == "OK" else ()
-    return TrialRecord(
-        trial_key=spec.key,
-        index=spec.index,
-        params=dict(spec.params),
-        status=status,
-        verdict=verdict(status, outcomes),
-        reason=result.get("reason", ""),
-        metrics=dict(result.get("metrics", {})),
-        info={k: str(v) for k, v in result.get("info", {}).items()},
-        criteria=outcomes,
-        attempts=int(result.get("attempt", 1)) if attempts is None else attempts,
-        started_at=result.get("started_at", 0.0),
-        finished_at=result.get("finished_at", 0.0),
-        system_metrics={k: [list(p) for p in v] for k, v in result.get("system_metrics", {}).items()},
-    )
-
-
-def skipped_record(spec: TrialSpec, reason: str, criteria: Sequence[Criterion]) -> TrialRecord:
-    now = time.time()
-    result = {"status": "SKIPPED", "reason": reason, "started_at": now, "finished_at": now}
-    return make_record(spec, result, criteria, attempts=0)
-
-
-def split_by_capacity(
-    trials: Sequence[TrialSpec], devices: Sequence[Device]
-) -> tuple[list[TrialSpec], list[tuple[TrialSpec, str]]]:
-    """(trials that fit some device, [(trial, skip reason)] for those that fit none)."""
-    runnable, skipped = [], []
-    for spec in trials:
-        if fitting_devices(trial_need_bytes(spec.params), devices):
-            runnable.append(spec)
-        else:
-            skipped.append((spec, skip_reason(spec.params, devices)))
-    return runnable, skipped
-
-
-def exit_status(records: Sequence[TrialRecord]) -> int:
-    """0 when there are trials and every one passed; 1 otherwise."""
-    return 0 if records and all(r.verdict == "PASS" for r in records) else 1
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-class Progress:
-    """The live progress line on `stream`: rewritten in place on a terminal; elsewhere (a log
-    file) one line per change of the counts, and at least one a minute."""
-
-    HEARTBEAT_S = 60.0
-
-    def __init__(self, label: str, total: int, stream: TextIO):
-        self.label, self.total, self.stream = label, total, stream
-        self.start = time.monotonic()
-        self.tty = stream.isatty()
-        self.last = ""
-        self.last_written = 0.0
-
-    def line(self, done: int, running: Sequence[float], pending: int, durations: Sequence[float], slots: int) -> str:
-        """`running`: how long each running trial has run; `durations`: wall times of done trials."""
-        text = (
-            f"[{self.label}] {done}/{self.total} done, {len(running)} running, {pending} pending, "
-            f"elapsed {_duration(time.monotonic() - self.start)}"
-        )
-        if durations and (running or pending):
-            mean = sum(durations) / len(durations)
-            left = pending * mean + sum(max(mean - r, 0.0) for r in running)
-            text += f", ETA {_duration(left / max(1, slots))}"
-        return text
-
-    def show(self, *args: Any) -> None:
-        text = self.line(*args)
-        now = time.monotonic()
-        if self.tty:
-            self.stream.write("\r\033[K" + text)
-        elif text.split(", elapsed")[0] != self.last.split(", elapsed")[0] or now - self.last_written >= self.HEARTBEAT_S:
-            self.stream.write(text + "\n")
-            self.last_written = now
-        self.stream.flush()
-        self.last = text
-
-    def close(self) -> None:
-        if self.tty and self.last:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def trial_timeout_s(params: Mapping[str, Any], settings: TrialSettings) -> float:
-    """A trial's deadline, seconds from submission: trial.timeout_s, else derived from its size,
-    generously: TIMEOUT_BASE_S + TIMEOUT_S_PER_GB per GB of cache and weights + 20 time boxes
-    per repetition (m10 float32, 21 GB: about 54 min; smoke: about 10 min)."""
-    if settings.timeout_s is not None:
-        return float(settings.timeout_s)
-    cache, weights, _ = trial_need_parts(params)
-    boxes = 20 * params["bench.repetitions"] * params["bench.rep_budget_s"]
-    return TIMEOUT_BASE_S + TIMEOUT_S_PER_GB * (cache + weights) / 1e9 + boxes
-
-
-@dataclass
-class _Running:
-    spec: TrialSpec
-    device: Device
-    started: float  # time.monotonic() at submission
-    submitted_at: float  # unix seconds at submission
-    timeout_s: float
-    cancelled: float | None = None  # time.monotonic() of the last cancel, once past the deadline
-
-    def result(self, raw: dict[str, Any], settings: TrialSettings) -> dict[str, Any]:
-        """The task's result with the driver's side added: times, where it ran, why it ended."""
-        received = time.time()
-        result = {**raw, "info": dict(raw.get("info", {}))}
-        result.setdefault("started_at", self.submitted_at)
-        result.setdefault("finished_at", received)
-        info = result["info"]
-        info.setdefault("node_id", self.device.node_id)
-        info.setdefault("device_key", device_key(self.device.node_id, self.device.uuid))
-        info["driver_submitted_at"] = f"{self.submitted_at:.6f}"
-        info["driver_received_at"] = f"{received:.6f}"
-        exhausted = result.pop("retries_exhausted", False)
-        if self.cancelled is not None and result["status"] != "OK":
-            source = "trial.timeout_s" if settings.timeout_s is not None else "derived from its size; set trial.timeout_s"
-            result["status"] = "ERROR"
-            result["reason"] = f"timeout: no result within {self.timeout_s:.0f} s ({source}); the task was cancelled"
-        elif exhausted:
-            result["attempt"] = settings.max_retries + 1
-        return result
-
-
-def run_trials(
-    trials: Sequence[TrialSpec],
-    devices: Sequence[Device],
-    cluster: Cluster,
-    criteria: Sequence[Criterion],
-    on_record: Callable[[TrialRecord], None],
-    settings: TrialSettings,
-    progress: Progress | None = None,
-) -> list[TrialRecord]:
-    """Run trials that each fit at least one of `devices`; records in completion order.
-
-    A trial past its deadline is cancelled (again every CANCEL_RETRY_S until its task is gone)
-    and recorded as ERROR "timeout: ..." once it is; its device is free again only then. On
-    KeyboardInterrupt every running trial is cancelled, the driver waits up to INTERRUPT_WAIT_S
-    for their tasks to be gone, and the interrupt goes on to the caller."""
-    needs = {spec.key: trial_need_bytes(spec.params) for spec in trials}
-    assert all(fitting_devices(needs[s.key], devices) for s in trials), "a trial fits no device"
-    free = list(devices)
-    pending = list(trials)
-    running: dict[Any, _Running] = {}
-    records: list[TrialRecord] = []
-    durations: list[float] = []
-    try:
-        while pending or running:
-            for spec in list(pending):
-                device = next((d for d in free if needs[spec.key] <= d.usable_bytes), None)
-                if device is None:
-                    continue
-                free.remove(device)
-                pending.remove(spec)
-                submitted_at = time.time()
-                ref = cluster.submit(spec, device, max_retries=settings.max_retries, fault=injected_fault(spec.index))
-                running[ref] = _Running(spec, device, time.monotonic(), submitted_at, trial_timeout_s(spec.params, settings))
-            for ref in cluster.wait(list(running), timeout_s=POLL_S):
-                trial = running.pop(ref)
-                free.append(trial.device)
-                result = trial.result(cluster.fetch(ref), settings)
-                durations.append(time.monotonic() - trial.started)
-                record = make_record(trial.spec, result, criteria)
-                on_record(record)  # returns once the record is in MLflow or the spool
-                records.append(record)
-            now = time.monotonic()
-            for ref, trial in running.items():
-                overdue = now - trial.started >= trial.timeout_s
-                if overdue and (trial.cancelled is None or now - trial.cancelled >= CANCEL_RETRY_S):
-                    cluster.cancel(ref)
-                    trial.cancelled = now
-            if progress is not None:
-                progress.show(len(records), [now - r.started for r in running.values()], len(pending), durations, len(devices))
-    except KeyboardInterrupt:
-        _cancel_all(cluster, list(running))
-        raise
-    except Exception as error:
-        if isinstance(error, OSError):  # nowhere to record (a full spool disk): don't wait
-            _cancel_all(cluster, list(running))
-        else:
-            _drain(running, cluster, criteria, on_record, settings, records)
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
-    return records
-
-
-def _drain(running: dict[Any, _Running], cluster: Cluster, criteria: Sequence[Criterion],
-           on_record: Callable[[TrialRecord], None], settings: TrialSettings, records: list[TrialRecord]) -> None:
-    """After an error: wait for the running trials (up to their deadlines, then cancel) and
-    record them; stop at the first one that cannot be recorded, cancelling the rest."""
-    while running:
-        for ref in cluster.wait(list(running), timeout_s=POLL_S):
-            trial = running.pop(ref)
-            record = make_record(trial.spec, trial.result(cluster.fetch(ref), settings), criteria)
-            try:
-                on_record(record)
-            except Exception:
-                _cancel_all(cluster, list(running))
-                return
-            records.append(record)
-        now = time.monotonic()
-        for ref, trial in running.items():
-            if now - trial.started >= trial.timeout_s and (trial.cancelled is None or now - trial.cancelled >= CANCEL_RETRY_S):
-                cluster.cancel(ref)
-                trial.cancelled = now
-
-
-def _cancel_all(cluster: Cluster, refs: list[Any]) -> None:
-    """Cancel every running trial and wait (up to INTERRUPT_WAIT_S) until their tasks are gone."""
-    for ref in refs:
-        cluster.cancel(ref)
-    deadline = time.monotonic() + INTERRUPT_WAIT_S
-    while refs and time.monotonic() < deadline:
-        for ref in cluster.wait(refs, timeout_s=POLL_S):
-            refs.remove(ref)
 
 
 def sweep_timing(records: Sequence[TrialRecord]) -> dict[str, float]:
@@ -374,7 +128,7 @@ def format_ending(sweep: Sweep, records: Sequence[TrialRecord], status: str, uri
     """What the driver prints at the end: the table, the sweep's verdict line, the worst margin
     per criterion, and where to look (the parent run id, the UI command, or the spool)."""
     complete = status == "FINISHED"
-    verdict = "PASS" if complete and records and all(r.verdict == "PASS" for r in records) else "FAIL"
+    verdict = sweep_verdict(records, status)
     n = len(records)
     lines = [f"\n{sweep.milestone} {sweep.title}: {n} trial{'s' * (n != 1)}",
              report.format_table(records), ""]

@@ -29,12 +29,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.spool import DEFAULT_SPOOL_DIR, sync_spool, sync_turn
-from orchestrator.tracking import (AccessRefused, SweepBusy, TrackingUnavailable, check_local_store,
-                                   resolve_tracking_uri)
+from orchestrator.tracking_env import set_mlflow_defaults
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_mlflow_defaults()  # before MLflow is imported
+    from orchestrator.spool import DEFAULT_SPOOL_DIR, sync_turn
+    from orchestrator.tracking import check_local_store, resolve_tracking_uri
+
     parser = argparse.ArgumentParser(prog="python -m orchestrator.sync", description=__doc__.split("\n")[0])
     parser.add_argument("--spool", default=DEFAULT_SPOOL_DIR,
                         help=f"spool directory (default: ./{DEFAULT_SPOOL_DIR})")
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sync_all(directory: Path, uri: str | None) -> int:
+    from orchestrator.spool import sync_spool
+    from orchestrator.tracking import AccessRefused, SweepBusy, TrackingUnavailable
+
     files = sorted(directory.glob("*.jsonl"))
     if not files:
         print(f"sync: {directory} holds nothing to upload")

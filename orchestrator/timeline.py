@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from orchestrator.record import TrialRecord
+from orchestrator.tracking_env import set_mlflow_defaults
 
 NA = "n/a"
 
@@ -378,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     refs = list(args.sweeps) + list(args.baseline or [])
     if not refs:
         parser.error("expected at least one sweep (a parent run id, a sweep key or a spool file), received none")
+    set_mlflow_defaults()  # before MLflow is imported
     from orchestrator.tracking import TrackingUnavailable, resolve_tracking_uri
 
     try:

@@ -50,16 +50,11 @@ Key decisions:
 - Unreachable tracking: every public method raises `TrackingUnavailable` (never a raw MLflow,
   requests or SQLAlchemy error) when the store cannot be reached: connection refused or reset,
   timeouts, HTTP 5xx after retries, a locked or unwritable database. Other MLflow errors (a
-  bug, a bad value) propagate unchanged. To make a dead HTTP server fail within seconds rather
-  than MLflow's default of minutes (7 retries, exponential backoff, 120 s timeout), this module
-  sets defaults, unless the environment already sets them: MLFLOW_HTTP_REQUEST_MAX_RETRIES=2,
-  MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER=0.5 and
-  MLFLOW_HTTP_REQUEST_TIMEOUT=10. A refused connection then fails in about 2-3 s; a server
-  that accepts but never answers in about 35 s (3 x 10 s + backoff). The driver should switch
-  to the spool (`orchestrator/spool.py`) on the first `TrackingUnavailable` rather than pay
-  that again for every trial; `ping()` tells when the store is back. It also sets
-  MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true: MLflow's per-run "View run ... at" lines would
-  break the driver's progress line.
+  bug, a bad value) propagate unchanged. So that a dead HTTP server fails within seconds rather
+  than MLflow's default of minutes, the commands set MLflow's HTTP retries and timeout before
+  they import this module (orchestrator/tracking_env.py; importing this module leaves
+  `os.environ` alone). The driver switches to the spool (orchestrator/recorder.py) on the first
+  `TrackingUnavailable` rather than pay that again for every trial.
 - Secrets: params, tags and the record's info pass through `redact`: keys that name a secret
   are dropped (a word password, secret, credential(s), auth, apikey, cookie, bearer, ... anywhere;
   a dotted part ending in the word token(s), as in `ray.token` or `cluster.auth_token`; a bare
@@ -146,36 +141,21 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import unquote, urlparse
 
-# Read by MLflow at request time; set before any request. The user's environment wins.
-MLFLOW_ENV_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    # MLflow prints "View run ... at: <url>" for every run ended on a server; the driver's
-    # progress line and final table say what matters.
-    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-    # MLflow's usage telemetry sends nothing the user asked for, and its thread edits
-    # os.environ while the driver reads it (a KeyError at start-up, seen twice).
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}
-for _name, _value in MLFLOW_ENV_DEFAULTS.items():
-    os.environ.setdefault(_name, _value)
-
-import requests  # noqa: E402  (after the HTTP defaults, which MLflow reads from the environment)
-import sqlalchemy.exc  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.utils.validation import (  # noqa: E402
+import requests
+import sqlalchemy.exc
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
 
-from orchestrator import report  # noqa: E402
-from orchestrator.record import TrialRecord  # noqa: E402
+from orchestrator import report
+from orchestrator.record import VERDICTS, TrialRecord
+from orchestrator.verdict import sweep_verdict
 
 _log = logging.getLogger(__name__)
 # urllib3's "Retrying (Retry(total=1 ...))" warnings say what TrackingUnavailable says in one line
@@ -603,9 +583,9 @@ class Tracker:
         merged.update(given)
         everything = sorted(merged.values(), key=lambda r: (r.index, r.trial_key))
         counts = {f"n_{v.lower()}": sum(r.verdict == v for r in everything)
-                  for v in ("PASS", "FAIL", "ERROR", "SKIPPED")}
+                  for v in VERDICTS}
         complete = status == "FINISHED"  # a KILLED or FAILED sweep has trials it never ran
-        verdict = "PASS" if complete and everything and counts["n_pass"] == len(everything) else "FAIL"
+        verdict = sweep_verdict(everything, status)
         milestone = self._parent_sweep_tags(parent_id).get("milestone", "")
         with tempfile.TemporaryDirectory(prefix="kvbench-summary-") as tmp:
             out = Path(tmp)

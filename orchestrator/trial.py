@@ -35,7 +35,7 @@ its host name; a trial that found another process on its GPU is marked invalid (
 second; the series come back as `system_metrics` and the driver logs them to MLflow.
 
 Warm workers: `Worker` runs trial after trial in one process (the Ray actor of
-orchestrator/scheduling.py wraps it); it records in each trial's info `worker_pid`,
+orchestrator/ray_cluster.py wraps it); it records in each trial's info `worker_pid`,
 `worker_trials`, `memory_at_start_bytes` and `memory_baseline_bytes`, frees the device's memory
 after each trial (`release`), and marks invalid a trial that starts more than WARM_MARGIN_BYTES
 over the worker's baseline ("memory not back at start: ...").
@@ -67,10 +67,11 @@ import psutil
 import torch
 
 from kvcore.bench import run_benchmark
+from kvcore.bench.probes import gpu_uuid
 from kvcore.model_bench import run_model_bench
 from kvcore.model_bench import release as release_model_bench
 from orchestrator.capacity import trial_need_bytes
-from orchestrator.devicestate import gpu_uuid, read_device_state, shared_reason
+from orchestrator.devicestate import read_device_state, shared_reason
 from orchestrator.grid import TrialSpec
 from orchestrator.sampler import SystemSampler
 from orchestrator.settings import bench_config, model_config, model_mode

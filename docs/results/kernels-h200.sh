@@ -16,7 +16,7 @@
 #           over 8 KV heads: the "8 KV heads" case); the 16-bit SDPA peer's copy does
 #           not fit next to these caches and is recorded as skipped, with the reason
 #   tests   python -m pytest -m gpu tests/kvcore -q (as two runs: test_triton_decode.py, then the rest)
-#   kernel  python -m kvcore.triton_decode (kernel alone, the autotuned configs, float64 check)
+#   kernel  python -m kvcore.bench.kernels (kernel alone, the autotuned configs, float64 check)
 #           for every dtype at 32, 8 and 4 KV heads: optional, ~1-2 min
 # Expected time on one H200 (estimates, not measured): m10 ~2 min, gqa ~2 min, 1m ~1.5 min
 # (most of it process start-up and the autotuner's compiles, <= 5 candidates per shape; about
@@ -83,7 +83,7 @@ phase_tests() {  # in two parts, each a few minutes: the decode kernel's tests, 
 }
 
 phase_kernel() {
-    "$PYTHON" -m kvcore.triton_decode --dtypes float32,float16,bfloat16,int8,float8_e4m3fn,int4 \
+    "$PYTHON" -m kvcore.bench.kernels --dtypes float32,float16,bfloat16,int8,float8_e4m3fn,int4 \
         --kv-heads 32,8,4 --reps 10 --json "$OUT_DIR/kernel.jsonl" >"$OUT_DIR/kernel.log" 2>&1
     echo "kernel table: exit $? ($OUT_DIR/kernel.log)"
 }

@@ -4,7 +4,7 @@
 
 For each case (storage dtype, KV heads, positions; 32 query heads of 128, in the order of `CASES`:
 8-bit and int4 at 16,384 and 1,048,576 positions with 32 and 8 KV heads, float16 with 8 KV
-heads last) it times, with `kvcore.triton_decode.bench_case` (a CUDA graph of one launch per layer,
+heads last) it times, with `kvcore.bench.kernels.bench_case` (a CUDA graph of one launch per layer,
 layers rotated so that the cache never sits in L2, checked against float64 at 16K), every
 `tuning_candidates` config plus a few extra ones, and then the config the autotuner picks by
 itself (row "picked": true). Each row carries the fraction of the device-to-device copy
@@ -22,6 +22,7 @@ import time
 import torch
 
 from kvcore import triton_decode as td
+from kvcore.bench import kernels
 
 K = td.KernelConfig
 CASES = [  # (dtype, KV heads, positions), most important first
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     meta = {"card": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "triton": sys.modules["triton"].__version__,
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    copy_gbs = td.measure_copy_gbs(device)
+    copy_gbs = kernels.measure_copy_gbs(device)
     skipped = []
     with open(args.out, "a") as fh:
         fh.write(json.dumps({**meta, "copy_gb_s": copy_gbs}) + "\n")
@@ -70,12 +71,12 @@ def main(argv=None) -> int:
             if time.monotonic() - t0 > args.budget_s:
                 skipped.append([name, hkv, positions])
                 continue
-            storage = td._DTYPE_NAMES[name]
+            storage = kernels._DTYPE_NAMES[name]
             group = 32 // hkv
             configs = [(c, None) for c in configs_for(storage, group)]
-            rows = td.bench_case(storage, hkv, positions=positions, reps=args.reps, copy_gbs=copy_gbs,
+            rows = kernels.bench_case(storage, hkv, positions=positions, reps=args.reps, copy_gbs=copy_gbs,
                                  configs=configs, sdpa=False, check=positions <= 16384, eager=False)
-            picked = td.bench_case(storage, hkv, positions=positions, reps=args.reps, copy_gbs=copy_gbs,
+            picked = kernels.bench_case(storage, hkv, positions=positions, reps=args.reps, copy_gbs=copy_gbs,
                                    configs=None, sdpa=False, check=False, eager=False)
             for r in rows:
                 r["picked"] = False

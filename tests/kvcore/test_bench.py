@@ -1,4 +1,4 @@
-"""Tests of the milestone benchmark (kvcore/bench.py) on the CPU, with a tiny odd model.
+"""Tests of the milestone benchmark (kvcore/bench/) on the CPU, with a tiny odd model.
 
 Run: `python -m pytest tests/kvcore/test_bench.py -q`.
 """
@@ -19,6 +19,9 @@ import torch
 
 import kvcore.attention
 import kvcore.bench as bench
+import kvcore.bench.checks
+import kvcore.bench.timing
+import kvcore.bench.trial
 import kvcore.cache
 import kvcore.peers
 from kvcore.bench import (
@@ -111,13 +114,13 @@ def test_memory_and_environment_figures_on_cpu(tiny_result):
 
 def test_cache_is_full_and_wrapped_before_decode(monkeypatch):
     seen = []
-    real = bench.decode_step
+    real = kvcore.bench.trial.decode_step
 
     def spy(cache, *args):
         seen.append((len(cache), cache.total_appended))
         return real(cache, *args)
 
-    monkeypatch.setattr(bench, "decode_step", spy)
+    monkeypatch.setattr(kvcore.bench.trial, "decode_step", spy)
     run_benchmark(tiny_config(repetitions=1))
     assert seen and all(valid == 37 and total > 37 for valid, total in seen)
 
@@ -256,10 +259,10 @@ def test_a_peer_that_does_not_fit_is_skipped_with_its_need_not_the_trial(monkeyp
 
 
 def test_checks_read_bounded_chunks(monkeypatch):
-    monkeypatch.setattr(bench, "_CHECK_CHUNK_BYTES", 8 * 2 * 5 * 3)  # 3 slots per chunk
+    monkeypatch.setattr(kvcore.bench.checks, "CHECK_CHUNK_BYTES", 8 * 2 * 5 * 3)  # 3 slots per chunk
     calls = []
-    real = bench._layer_values
-    monkeypatch.setattr(bench, "_layer_values", lambda *a, **k: calls.append(a[4:]) or real(*a, **k))
+    real = kvcore.bench.checks.layer_values
+    monkeypatch.setattr(kvcore.bench.checks, "layer_values", lambda *a, **k: calls.append(a[4:]) or real(*a, **k))
     r = run_benchmark(tiny_config(repetitions=1))
     assert r.decode_check_ok and r.retrieve_check_ok, r.invalid_reason
     assert calls and all(b - a <= 3 for a, b in calls)
@@ -293,7 +296,7 @@ def test_plan_units_meets_the_target_within_the_budget():
     assert plan_units(0.001, want=100, target_s=0.02, budget_s=1.0) == 100  # want wins
     assert plan_units(0.1, want=16, target_s=0.02, budget_s=1.0) == 10  # time-boxed
     assert plan_units(5.0, want=16, target_s=0.02, budget_s=1.0) == 1  # at least one
-    assert bench._whole_fills(50, 37, 1) == 74 and bench._whole_fills(20, 37, 8) == 16
+    assert kvcore.bench.trial._whole_fills(50, 37, 1) == 74 and kvcore.bench.trial._whole_fills(20, 37, 8) == 16
 
 
 def test_slow_regions_are_time_boxed_and_say_how_much_was_timed():
@@ -356,7 +359,7 @@ def test_cli_bad_flag_exits_2_with_one_clear_line():
     (["--device", "tpu"], "device must be 'cpu' or 'cuda[:N]', got 'tpu'"),
 ])
 def test_main_rejects_bad_flags_before_running(args, needle, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "run_benchmark", lambda cfg: pytest.fail("ran a bad config"))
+    monkeypatch.setattr(kvcore.bench.trial, "run_benchmark", lambda cfg: pytest.fail("ran a bad config"))
     with pytest.raises(SystemExit) as info:
         bench.main(args)
     out, err = capsys.readouterr()
@@ -383,7 +386,7 @@ def _tracked_cache_class(refs: list):
 
 def test_runs_in_one_process_free_their_memory(monkeypatch):
     refs: list = []
-    monkeypatch.setattr(bench, "StreamingKVCache", _tracked_cache_class(refs))
+    monkeypatch.setattr(kvcore.bench.trial, "StreamingKVCache", _tracked_cache_class(refs))
     cfg = tiny_config(context_length=1024, num_layers=4, head_dim=64, weights_gb=0.15,
                       repetitions=1, rep_budget_s=0.02)  # cache 4.2 MB, weights 150 MB
     run_benchmark(cfg)
@@ -398,7 +401,7 @@ def test_runs_in_one_process_free_their_memory(monkeypatch):
 
 def test_errors_propagate_unchanged_after_cleanup(monkeypatch):
     refs: list = []
-    monkeypatch.setattr(bench, "StreamingKVCache", _tracked_cache_class(refs))
+    monkeypatch.setattr(kvcore.bench.trial, "StreamingKVCache", _tracked_cache_class(refs))
 
     def out_of_memory(self, layer, query):
         raise MemoryError("simulated host out-of-memory")
@@ -448,13 +451,13 @@ def test_cuda_out_of_memory_propagates_after_cleanup():
 
 def test_rates_count_the_units_the_milestones_define(monkeypatch):
     """With a clock that says every timed region took 10 ms, each rate is units / time."""
-    real = bench._timed
+    real = kvcore.bench.timing.timed
 
     def ten_ms(device, fn):
         real(device, fn)
         return 0.01
 
-    monkeypatch.setattr(bench, "_timed", ten_ms)
+    monkeypatch.setattr(kvcore.bench.timing, "timed", ten_ms)
     r = run_benchmark(tiny_config(repetitions=2))
     fills = math.ceil(r.fill_positions_timed / 37)  # each fill of <= 37 positions timed alone
     assert r.fill_rate_pos_s == pytest.approx(r.fill_positions_timed / (fills * 0.01))
@@ -519,3 +522,17 @@ def test_cli_prints_figures_that_were_not_measured_as_dashes(monkeypatch, capsys
     assert fill.split()[-4:] == ["-", "-", "-", "-"]
     assert "(skipped, the peer's head-major torch.float32 copy needs" in out[1]
     assert json.loads(out[-1])["baseline_decode_tok_s"] is None
+
+
+# ---------------------------------------------------------------------- package layout
+
+
+def test_the_names_other_modules_import_from_kvcore_bench_still_resolve():
+    import kvcore.bench.cli
+    import kvcore.bench.probes
+
+    assert bench._parser is kvcore.bench.cli.make_parser and bench.main is kvcore.bench.cli.main
+    assert bench._HostPeak is kvcore.bench.probes.HostPeak and bench._release is kvcore.bench.probes.release
+    for name in ("BenchConfig", "BenchResult", "overhead_bytes", "chunked_reference", "measure_copy_gbps",
+                 "WEIGHT_DTYPES", "resolve_device", "_environment", "_memory_seen"):
+        assert getattr(bench, name) is not None, name

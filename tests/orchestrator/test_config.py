@@ -137,7 +137,7 @@ def test_m13_in_float16_is_skipped_with_need_and_capacity_before_anything_is_all
     import torch
 
     from orchestrator.capacity import devices_from_probe
-    from orchestrator.sweep import split_by_capacity
+    from orchestrator.scheduler import split_by_capacity
 
     allocated = []
     monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a))

@@ -37,9 +37,10 @@ from mlflow_server import MlflowServer, free_port
 from orchestrator.capacity import devices_from_probe, trial_need_bytes
 from orchestrator.config import CONF_DIR, TrialSettings, load_sweep
 from orchestrator.criteria import Criterion
-from orchestrator.scheduling import Cluster
+from orchestrator.ray_cluster import Cluster
 from orchestrator.spool import SYNCED_DIR, read_spool
-from orchestrator.sweep import execute, run_trials
+from orchestrator.scheduler import run_trials
+from orchestrator.sweep import execute
 from orchestrator.sync import main as sync_main
 from orchestrator.trial import FAULT_ENV
 from test_tracking import children, parents, shared_store

@@ -80,7 +80,7 @@ def test_the_sweep_logs_the_grid_values_not_the_base_value():
 
 
 def test_rays_token_notice_does_not_advise_turning_authentication_off():
-    import orchestrator.scheduling  # noqa: F401  (installs the filter)
+    import orchestrator.ray_cluster  # noqa: F401  (installs the filter)
     from ray._private.authentication import authentication_token_setup as setup
 
     class Keep(logging.Handler):

@@ -27,16 +27,11 @@ from orchestrator.config import CONF_DIR, TrialSettings, load_sweep
 from orchestrator.criteria import Criterion
 from orchestrator.grid import TrialSpec
 from orchestrator.record import TrialRecord
-from orchestrator import sweep as sweep_module
-from orchestrator.sweep import (
-    Progress,
-    execute,
-    exit_status,
-    make_record,
-    run_trials,
-    sweep_timing,
-    trial_timeout_s,
-)
+from orchestrator import scheduler
+from orchestrator.progress import Progress
+from orchestrator.scheduler import run_trials, trial_timeout_s
+from orchestrator.sweep import execute, sweep_timing
+from orchestrator.verdict import exit_status, make_record
 from orchestrator.trial import FAULT_ENV, injected_fault
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +56,7 @@ def device(name: str, gb: float) -> Device:
 
 
 class ScriptedCluster:
-    """Stands in for scheduling.Cluster: records submissions, finishes the running trial
+    """Stands in for ray_cluster.Cluster: records submissions, finishes the running trial
     submitted first on each wait, returns a fill rate equal to 100 x the trial's index."""
 
     def __init__(self):
@@ -146,7 +141,7 @@ class HangingCluster:
 
 
 def test_a_trial_past_its_deadline_is_cancelled_and_its_device_waits_until_it_is_gone(monkeypatch):
-    monkeypatch.setattr(sweep_module, "POLL_S", 0.0)
+    monkeypatch.setattr(scheduler, "POLL_S", 0.0)
     cluster = HangingCluster(linger=3)
     trials = [trial(0, 1.0), trial(1, 1.0)]
     records = run_trials(trials, [device("only", 20.0)], cluster, CRITERIA, on_record=lambda r: None,

@@ -1,4 +1,4 @@
-"""Tests of the offline wheelhouse (`python -m orchestrator.wheelhouse`), without network.
+"""Tests of the offline wheelhouse (`python -m orchestrator.tools.wheelhouse`), without network.
 
 Run: python -m pytest tests/orchestrator/test_wheelhouse.py -q
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import wheelhouse as wh
+from orchestrator.tools import wheelhouse as wh
 
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 SPLIT_MIB = 0.01  # 10,485 bytes: tiny-gamma's wheel (~30 KB) comes in 3 or more parts
@@ -396,3 +396,34 @@ def test_stub_sorts_just_above_the_real_release(tmp_path):
     assert path.name == "torch-2.11.0+wheelhouse-py3-none-any.whl" and wh.is_stub(path.name)
     assert wh.stub_version("2.11.0+cu130") == "2.11.0+cu130.wheelhouse"
     assert not wh.is_stub("torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module name a file imports, and every `module.name` it imports from one
+    (a relative import keeps its leading dots)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_no_runtime_module_imports_the_tools():
+    runtime = [p for p in (ROOT / "orchestrator").rglob("*.py") if "tools" not in p.relative_to(ROOT).parts]
+    runtime += list((ROOT / "kvcore").rglob("*.py"))
+    assert len(runtime) > 20
+    offenders = {str(p.relative_to(ROOT)): sorted(n for n in _imported_modules(p) if "wheelhouse" in n or
+                                                   n.startswith("orchestrator.tools"))
+                 for p in runtime}
+    assert {p: names for p, names in offenders.items() if names} == {}
+    # and the check sees such an import where there is one
+    assert "orchestrator.tools.wheelhouse" in _imported_modules(ROOT / "tests/orchestrator/test_wheelhouse.py")
+    assert not (ROOT / "orchestrator" / "wheelhouse.py").exists()

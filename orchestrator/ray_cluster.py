@@ -1,4 +1,5 @@
-"""Ray: connect to a cluster, probe its devices, run trials as tasks. The only module importing ray.
+"""The Ray adapter: connect to a cluster, probe its devices, run trials on its workers. The only
+module importing ray (which trial runs where and when is orchestrator/scheduler.py's).
 
     cluster = Cluster.connect(settings)        # join cluster.address / $RAY_ADDRESS, or start a local Ray
     nodes = cluster.probe()                    # per node: GPUs (name, UUID, total memory), host memory, CPUs
@@ -56,8 +57,6 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.devicestate import cpu_name, gpu_uuid
-
 if TYPE_CHECKING:  # workers import this module to run the probe: keep it light (no torch)
     from orchestrator.capacity import Device
     from orchestrator.config import ClusterSettings
@@ -97,7 +96,13 @@ def _trial_task(spec: TrialSpec, fault: str | None = None) -> dict[str, Any]:
     from orchestrator.trial import run_trial
 
     attempt = _attempt_number()
-    result = run_trial(spec, attempt=attempt, fault=fault)
+    result = _labelled(run_trial(spec, attempt=attempt, fault=fault), attempt)
+    result["info"].update(worker_pid=str(os.getpid()), worker_trials="0")
+    return result
+
+
+def _labelled(result: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """A worker's result with where it ran (node id, device key) and which attempt it was."""
     node_id = ray.get_runtime_context().get_node_id()
     info = result.setdefault("info", {})
     uuid = ""
@@ -106,7 +111,7 @@ def _trial_task(spec: TrialSpec, fault: str | None = None) -> dict[str, Any]:
         with contextlib.suppress(Exception):  # never lose a result over its label
             uuid = _visible_gpus()[0]["uuid"]
     result["attempt"] = attempt
-    info.update(node_id=node_id, device_key=device_key(node_id, uuid), worker_pid=str(os.getpid()), worker_trials="0")
+    info.update(node_id=node_id, device_key=device_key(node_id, uuid))
     return result
 
 
@@ -121,17 +126,7 @@ class _TrialWorker:
         self.worker = Worker()
 
     def run(self, spec: TrialSpec, attempt: int, fault: str | None) -> dict[str, Any]:
-        result = self.worker.run(spec, attempt=attempt, fault=fault)
-        node_id = ray.get_runtime_context().get_node_id()
-        info = result.setdefault("info", {})
-        uuid = ""
-        if info.get("trial_device", "cpu") != "cpu":
-            uuid = f"{node_id}:gpu"
-            with contextlib.suppress(Exception):
-                uuid = _visible_gpus()[0]["uuid"]
-        result["attempt"] = attempt
-        info.update(node_id=node_id, device_key=device_key(node_id, uuid))
-        return result
+        return _labelled(self.worker.run(spec, attempt=attempt, fault=fault), attempt)
 
 
 @dataclass(eq=False)
@@ -176,6 +171,8 @@ def _visible_gpus() -> list[dict[str, Any]]:
     """The CUDA devices this process sees: name, UUID ("GPU-..."), total memory."""
     import torch
 
+    from kvcore.bench.probes import gpu_uuid
+
     gpus = []
     for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         props = torch.cuda.get_device_properties(index)
@@ -185,9 +182,11 @@ def _visible_gpus() -> list[dict[str, Any]]:
 
 @ray.remote(num_cpus=0, max_calls=1)
 def _probe_node(has_gpus: bool) -> dict[str, Any]:
-    """What this node offers: its GPUs (torch is imported only where Ray counts GPUs),
-    available host memory, CPU model."""
+    """What this node offers: its GPUs, available host memory, CPU model (the probe imports
+    kvcore, and so torch, only when it runs)."""
     import psutil
+
+    from kvcore.bench.probes import cpu_name
 
     return {
         "node_id": ray.get_runtime_context().get_node_id(),

@@ -3,12 +3,12 @@ offline target (a GPU server or cluster node without internet access).
 
 Run (on the machine with internet, from the repository root):
 
-    python -m orchestrator.wheelhouse                      # CPython 3.12, manylinux x86_64, no torch
-    python -m orchestrator.wheelhouse --extra pytest,hypothesis --chunks 60
-    python -m orchestrator.wheelhouse --exclude ''         # torch and its CUDA wheels too
-    python -m orchestrator.wheelhouse --exclude-from have.txt   # leave out what the target has
+    python -m orchestrator.tools.wheelhouse                      # CPython 3.12, manylinux x86_64, no torch
+    python -m orchestrator.tools.wheelhouse --extra pytest,hypothesis --chunks 60
+    python -m orchestrator.tools.wheelhouse --exclude ''         # torch and its CUDA wheels too
+    python -m orchestrator.tools.wheelhouse --exclude-from have.txt   # leave out what the target has
 
-where have.txt comes from the target: `python3 -m orchestrator.wheelhouse --freeze-names > have.txt`
+where have.txt comes from the target: `python3 -m orchestrator.tools.wheelhouse --freeze-names > have.txt`
 (from a checkout there) or `python3 -m pip list --format=freeze > have.txt` (the same lines);
 
 then, on the target, with the folder copied over: `sh wheelhouse/install.sh` (into the current
@@ -84,10 +84,11 @@ DEFAULT_EXCLUDE = "torch,triton,nvidia-*,cuda-*"
 DEFAULT_SPLIT_MIB = 60.0
 DEFAULT_CHUNK_MIB = 60.0
 STUB_LABEL = "wheelhouse"
-SCRIPT_MARK = "# Offline install written by: python -m orchestrator.wheelhouse"
+SCRIPT_MARK = "# Offline install written by: python -m orchestrator.tools.wheelhouse"
+_ANY_SCRIPT_MARK = "# Offline install written by: python -m orchestrator."  # this one or before the move
 META_FILES = ("install.sh", "SHA256SUMS", "requirements.txt", "excluded.txt")
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-REPO_PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+REPO_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def normalize(name: str) -> str:
@@ -706,7 +707,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _Parser(
-        prog="python -m orchestrator.wheelhouse",
+        prog="python -m orchestrator.tools.wheelhouse",
         description="Download every wheel the project needs for an offline target, split the big ones, "
                     "and write install.sh.")
     parser.add_argument("--out", type=Path, default=Path("wheelhouse"), help="folder to write (default: wheelhouse)")
@@ -781,7 +782,7 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"expected --out to be a folder, received the file {str(out)!r}")
     if out.is_dir() and any(out.iterdir()):
         scripts = [out / "install.sh", out / "batch0" / "install.sh"]
-        if not any(s.is_file() and SCRIPT_MARK in s.read_text() for s in scripts):
+        if not any(s.is_file() and _ANY_SCRIPT_MARK in s.read_text() for s in scripts):
             raise ValueError(f"expected --out to be empty or a wheelhouse written before, received "
                              f"{str(out)!r} with other files in it: pick another folder or empty it")
 

@@ -1,6 +1,6 @@
 """Memory arithmetic: what a trial needs and which of the cluster's devices can hold it.
 
-Plain functions of plain values (no torch allocations, no Ray): the scheduling module probes
+Plain functions of plain values (no torch allocations, no Ray): the Ray adapter (ray_cluster) probes
 the devices, this module decides, before anything is submitted, which trials fit where.
 
     need = trial_need_bytes(spec.params)        # cache + scales + weights + margin, bytes

@@ -29,9 +29,11 @@ Key decisions:
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import re
+import signal
 import sys
 
 import hydra
@@ -153,6 +155,8 @@ def hydra_error_line(text: str) -> str:
 
 
 def main() -> None:
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr (a driver that seems stuck)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(usage())
         sys.exit(0)

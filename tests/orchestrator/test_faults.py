@@ -44,6 +44,7 @@ from orchestrator.sweep import execute
 from orchestrator.sync import main as sync_main
 from orchestrator.trial import FAULT_ENV
 from test_tracking import children, parents, shared_store
+from drivers import finish
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "tok-5ecr3t-value"
@@ -248,7 +249,7 @@ def test_a_driver_interrupted_while_mlflow_is_away_resumes_from_its_spool(ray_se
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=120)
+        finish(first, log)
     assert first.returncode == 130, log.read_text()
     assert "results go to the spool" in log.read_text() and "MLflow is still away" in log.read_text()
     [spool_file] = spool_dir.glob("*.jsonl")

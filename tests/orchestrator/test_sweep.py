@@ -33,6 +33,7 @@ from orchestrator.scheduler import run_trials, trial_timeout_s
 from orchestrator.sweep import execute, sweep_timing
 from orchestrator.verdict import exit_status, make_record
 from orchestrator.trial import FAULT_ENV, injected_fault
+from drivers import finish
 
 REPO = Path(__file__).resolve().parents[2]
 CRITERIA = (Criterion("fill_rate", "fill_rate_pos_s", ">", 10.0),)
@@ -338,7 +339,7 @@ def test_the_command_interrupted_with_ctrl_c_then_resumed_runs_smoke_end_to_end(
             assert first.poll() is None, log.read_text()
             time.sleep(0.2)
         first.send_signal(signal.SIGINT)
-        out, _ = first.communicate(timeout=120)
+        out = finish(first, log)
     assert first.returncode == 130, log.read_text()
     assert "interrupted: running trials cancelled; the sweep is recorded as KILLED" in log.read_text()
     _, [killed], [done_before] = parent_and_children(uri, "kvbench-smoke")
@@ -378,3 +379,26 @@ def test_the_command_interrupted_with_ctrl_c_then_resumed_runs_smoke_end_to_end(
         assert run.data.params["model.num_layers"] == "3"
         record = TrialRecord.from_json(Path(client.download_artifacts(run.info.run_id, "result.json")).read_text())
         assert record.trial_key == tags["trial_key"] and record.verdict == "PASS"
+
+
+def test_a_running_driver_writes_every_threads_stack_on_sigusr1_and_goes_on(tmp_path):
+    """`kill -USR1 <pid>` on a driver that seems stuck: every thread's stack on its stderr; the
+    sweep is not disturbed (it is then interrupted with Ctrl-C and exits as usual)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", FAULT_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    log = tmp_path / "driver.err"
+    with open(log, "w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "+milestone=smoke"], cwd=tmp_path,
+                                  env={**env, FAULT_ENV: "hang:0"}, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        deadline = time.monotonic() + 240
+        while "[smoke] 0/2 done, 1 running" not in log.read_text() and time.monotonic() < deadline:
+            assert driver.poll() is None, log.read_text()
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        assert driver.poll() is None, log.read_text()
+        driver.send_signal(signal.SIGINT)
+        finish(driver, log)
+    text = log.read_text()
+    assert "Current thread" in text and 'File "' in text, text
+    assert driver.returncode == 130, text

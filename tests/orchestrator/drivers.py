@@ -22,3 +22,10 @@ def finish(process: subprocess.Popen, log: Path, timeout_s: float = 240.0) -> st
         process.communicate()
         raise AssertionError(f"the driver had not exited {timeout_s:.0f} s later; its stderr and stacks:\n"
                              + log.read_text()[-20000:]) from None
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a driver the test will interrupt: SIGINT back to its default action, as
+    for a command typed in a terminal. A child inherits an ignored SIGINT (a test run started as a
+    background job of a script ignores it, POSIX), and Python then installs no Ctrl-C handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

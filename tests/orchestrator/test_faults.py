@@ -44,7 +44,7 @@ from orchestrator.sweep import execute
 from orchestrator.sync import main as sync_main
 from orchestrator.trial import FAULT_ENV
 from test_tracking import children, parents, shared_store
-from drivers import finish
+from drivers import default_sigint, finish
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "tok-5ecr3t-value"
@@ -243,7 +243,8 @@ def test_a_driver_interrupted_while_mlflow_is_away_resumes_from_its_spool(ray_se
                f"spool.dir={spool_dir}"]
     log = tmp_path / "first.err"
     with open(log, "w") as stderr:
-        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                 preexec_fn=default_sigint)
         deadline = time.monotonic() + 300
         while "[smoke] 1/2 done, 1 running" not in log.read_text():
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()

@@ -33,7 +33,7 @@ from orchestrator.scheduler import run_trials, trial_timeout_s
 from orchestrator.sweep import execute, sweep_timing
 from orchestrator.verdict import exit_status, make_record
 from orchestrator.trial import FAULT_ENV, injected_fault
-from drivers import finish
+from drivers import default_sigint, finish
 
 REPO = Path(__file__).resolve().parents[2]
 CRITERIA = (Criterion("fill_rate", "fill_rate_pos_s", ">", 10.0),)
@@ -333,7 +333,7 @@ def test_the_command_interrupted_with_ctrl_c_then_resumed_runs_smoke_end_to_end(
     log = tmp_path / "first.err"
     with open(log, "w") as stderr:
         first = subprocess.Popen(command, cwd=tmp_path, env={**env, FAULT_ENV: "hang:1"},
-                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
+                                 stdout=subprocess.PIPE, stderr=stderr, text=True, preexec_fn=default_sigint)
         deadline = time.monotonic() + 240
         while "[smoke] 1/2 done, 1 running" not in log.read_text() and time.monotonic() < deadline:
             assert first.poll() is None, log.read_text()
@@ -389,7 +389,8 @@ def test_a_running_driver_writes_every_threads_stack_on_sigusr1_and_goes_on(tmp_
     log = tmp_path / "driver.err"
     with open(log, "w") as stderr:
         driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "+milestone=smoke"], cwd=tmp_path,
-                                  env={**env, FAULT_ENV: "hang:0"}, stdout=subprocess.PIPE, stderr=stderr, text=True)
+                                  env={**env, FAULT_ENV: "hang:0"}, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                  preexec_fn=default_sigint)
         deadline = time.monotonic() + 240
         while "[smoke] 0/2 done, 1 running" not in log.read_text() and time.monotonic() < deadline:
             assert driver.poll() is None, log.read_text()

@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from kvcore import triton_gemv
 from kvcore.bench import (WEIGHT_DTYPES, _environment, _HostPeak, _memory_seen, _release,
                           measure_copy_gbps, resolve_device)
+from kvcore.bench.cli import _Parser  # one-line errors, exit status 2
 from kvcore.model_check import judge_logits, logit_tolerance
 from kvcore.peers import free_bytes
 from kvcore.storage import STORAGE_DTYPES, cache_bytes as storage_cache_bytes
@@ -906,11 +907,6 @@ def format_table(result: ModelBenchResult) -> str:
         if d[name]:
             lines.append(f"{name}: {d[name]}")
     return "\n".join(lines)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit status 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:

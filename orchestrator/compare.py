@@ -242,10 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             log_comparison(uri, b.run_id, {f"compare/vs-{a.run_id[:8]}.md": f"```\n{text}```\n",
                                            f"compare/vs-{a.run_id[:8]}.json": to_json(comparison)})
             print(f"logged to B's parent run {b.run_id}: compare/vs-{a.run_id[:8]}.md, .json")
-    except ValueError as error:
-        print(f"compare: error: {error}", file=sys.stderr)
-        return 2
-    except TrackingUnavailable as error:
+    except (ValueError, TrackingUnavailable) as error:
         print(f"compare: error: {error}", file=sys.stderr)
         return 2
     return 1 if comparison.regressed else 0
